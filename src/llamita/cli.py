@@ -1,0 +1,230 @@
+"""The `llamita` command: a table of subcommands, each parsing its arguments and calling one entry function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llamita.config import ConfigError, iter_fields
+
+
+def _type_name(tp: object) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _config_help() -> str:
+    lines = ["config keys (override any with --KEY VALUE, e.g. --optim.lr 3e-4):"]
+    for key, tp, doc in iter_fields():
+        lines.append(f"  --{key} ({_type_name(tp)}): {doc}")
+    return "\n".join(lines)
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """Turn ["--optim.lr", "3e-4", "--train.max_steps=10"] into {"optim.lr": "3e-4", "train.max_steps": "10"}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value")
+            value = args[i + 1]
+            i += 2
+        out[key] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    from llamita.data.sources import expand_inputs
+    from llamita.tokenizer import train_tokenizer
+
+    files = expand_inputs(args.input)
+    tok = train_tokenizer(files, args.vocab_size, Path(args.out), text_field=args.text_field)
+    print(f"trained a {tok.vocab_size}-token BPE tokenizer on {len(files)} file(s) -> {args.out}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from llamita.data.prepare import prepare_source
+
+    manifest = prepare_source(
+        args.name,
+        args.input,
+        Path(args.tokenizer),
+        Path(args.out),
+        text_field=args.text_field,
+        shard_tokens=args.shard_tokens,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        seed=args.seed,
+    )
+    totals = manifest["totals"]
+    print(json.dumps(totals, indent=1))
+
+
+def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> None:
+    from llamita.config import load_config
+    from llamita.pretrain import pretrain
+
+    cfg = load_config(args.config, parse_overrides(extra))
+    result = pretrain(cfg)
+    print(json.dumps(result, indent=1))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import torch
+
+    from llamita.data.prepare import shard_paths
+    from llamita.evaluate.perplexity import validation_loss
+    from llamita.pretrain import pick_device
+    from llamita.pretrained import load_pretrained
+
+    device = pick_device(args.device)
+    pre = load_pretrained(args.checkpoint, device)
+    cfg = pre.run_config
+    dirs = args.data or [s.path for s in cfg.data.sources]
+    shards = [p for d in dirs for p in shard_paths(Path(d), args.split)]
+    seq_len = args.seq_len or cfg.data.seq_len
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    result = validation_loss(
+        pre.model,
+        shards,
+        seq_len=seq_len,
+        batch_size=args.batch_size,
+        max_batches=args.batches or None,
+        device=device,
+        autocast=autocast,
+        vocab_size=pre.model_config.vocab_size,
+    )
+    result = {"checkpoint": str(pre.checkpoint), "step": pre.step, "split": args.split, **result}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from llamita.generate import generate
+    from llamita.pretrain import pick_device
+    from llamita.pretrained import load_pretrained
+
+    pre = load_pretrained(args.checkpoint, pick_device(args.device))
+    prompt_ids = pre.tokenizer.encode(args.prompt, bos=True)
+    new = generate(
+        pre.model,
+        prompt_ids,
+        args.max_new_tokens,
+        temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_id=pre.tokenizer.eos_id,
+        seed=args.seed,
+    )
+    print(args.prompt + pre.tokenizer.decode(new))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from llamita.demo import run_demo
+
+    run_demo(Path(args.out), max_steps=args.steps, corpus_mb=args.corpus_mb)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by input or configuration: printed as one line, without a traceback."""
+    from llamita.data.shards import ShardError
+    from llamita.data.sources import SourceError
+    from llamita.train.checkpoint import CheckpointError
+
+    return (ConfigError, FileNotFoundError, SourceError, ShardError, CheckpointError)
+
+
+# ------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llamita",
+        description="Train, evaluate and sample small Llama-architecture language models.",
+        epilog="pipeline: train-tokenizer -> prepare -> pretrain -> evaluate / generate; `llamita demo` runs it all",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("train-tokenizer", help="train a Llama-style BPE tokenizer (byte fallback) on text files")
+    p.add_argument("--input", nargs="+", required=True, help="files, directories or globs (.txt, .jsonl[.gz|.zst], .parquet)")
+    p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size including special and byte tokens")
+    p.add_argument("--text-field", default="text", help="JSON/parquet field holding the text")
+    p.add_argument("--out", required=True, help="output directory (loadable by transformers.AutoTokenizer)")
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("prepare", help="tokenize a source into token shards with a manifest and a validation split")
+    p.add_argument("--name", required=True, help="source name used in the mixture (e.g. slimpajama)")
+    p.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
+    p.add_argument("--text-field", default="text", help="JSON/parquet field holding the text (Starcoderdata: content)")
+    p.add_argument("--shard-tokens", type=int, default=2**24, help="tokens per shard")
+    p.add_argument("--val-fraction", type=float, default=0.001, help="fraction of documents held out for validation")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a model from a YAML recipe plus --section.key overrides",
+        epilog=_config_help(),
+        formatter_class=fmt,
+    )
+    p.add_argument("--config", help="recipe file or bundled recipe name (demo, debug, tinyllama-1.1b)")
+    p.set_defaults(func=cmd_pretrain, takes_overrides=True)
+
+    p = sub.add_parser("evaluate", help="validation loss and perplexity of a checkpoint on held-out shards")
+    p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")
+    p.add_argument("--data", nargs="*", help="prepared source directories (default: the run's sources)")
+    p.add_argument("--split", default="val", choices=["val", "train"], help="which shards to score")
+    p.add_argument("--batches", type=int, default=0, help="batches to score (0: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    p.add_argument("--seq-len", type=int, default=0, help="window length (default: the run's data.seq_len)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--out", help="also write the result JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="sample a continuation of a prompt (KV cache; greedy or top-k/top-p)")
+    p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling probability mass")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded corpus (Python's stdlib code and docs), CPU")
+    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo recipe's)")
+    p.add_argument("--corpus-mb", type=float, default=None, help="cap the corpus size in MB (default: demo's)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if getattr(args, "takes_overrides", False):
+            args.func(args, extra)
+        else:
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.func(args)
+    except user_errors() as e:
+        print(f"llamita {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+

@@ -1,0 +1,290 @@
+"""Run configuration: nested dataclasses grouped by concern, loaded from a YAML recipe plus dotted overrides.
+
+A recipe is a YAML file whose top-level keys are the sections below (``data``, ``model``, ``optim``, ...). The CLI
+applies ``--config recipe.yaml`` and then overrides such as ``--optim.lr 3e-4``. Every field carries a one-line
+docstring (the string literal under it); :func:`field_docs` reads them so that ``llamita pretrain --help`` can
+list every key. YAML is parsed with ``yaml.safe_load``: a recipe cannot import or run code.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be applied; the message names the file and the field."""
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    """Name of the source, used in mixture weights and logs (e.g. slimpajama)."""
+    path: str = ""
+    """Directory written by `llamita prepare` (holds manifest.json, train/ and val/ shards)."""
+    weight: float = 1.0
+    """Sampling weight of this source when no `data.stages` are given."""
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Prepared sources to train on, each {name, path, weight}."""
+    stages: list[dict] = field(default_factory=list)
+    """Optional mixture schedule: list of {steps, weights, end_weights}; a stage with end_weights ramps linearly."""
+    tokenizer: str = ""
+    """Tokenizer directory (tokenizer.json or tokenizer.model); copied into the run directory."""
+    seq_len: int = 2048
+    """Training sequence length in tokens."""
+    prefetch: int = 4
+    """Batches the loader prepares ahead of the trainer."""
+
+
+@dataclass
+class ModelSection:
+    preset: str = "demo"
+    """Model preset: debug, demo, tinyllama-120m, tinyllama-1.1b."""
+    vocab_size: int | None = None
+    """Vocabulary size; default: the tokenizer's vocabulary size."""
+    tie_embeddings: bool | None = None
+    """Share the input embedding and the output head; default: the preset's choice."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4
+    """Peak learning rate after warmup."""
+    min_lr: float = 4e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 2000
+    """Linear warmup steps from 0 to `lr`."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices (not to norm weights)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+
+
+@dataclass
+class TrainConfig:
+    global_batch_tokens: int = 2_097_152
+    """Tokens per optimizer step over all ranks; gradient accumulation is derived from it."""
+    micro_batch: int = 8
+    """Sequences per forward/backward on one rank."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 derives it from `max_tokens`."""
+    max_tokens: int = 0
+    """Total training tokens (used when `max_steps` is 0)."""
+    seed: int = 42
+    """Seed for initialisation and data order."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)."""
+    dtype: str = "auto"
+    """Compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32."""
+    threads: int = 0
+    """CPU threads for torch (0 keeps torch's default)."""
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 1000
+    """Run validation every this many steps (0 disables; always run at the end)."""
+    batches: int = 20
+    """Validation batches per evaluation."""
+    batch_size: int = 8
+    """Sequences per validation batch."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000
+    """Save a checkpoint every this many steps (0: only at the end)."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints (0 keeps all)."""
+    resume: str = "auto"
+    """auto (latest complete checkpoint in the run directory, if any), none, or a checkpoint path."""
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10
+    """Log loss, lr, grad norm and throughput every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard events to <out_dir>/tb."""
+    progress: bool = True
+    """Show a progress bar on the console."""
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    """Run directory: checkpoints, metrics.jsonl, TensorBoard events, tokenizer copy, loss plot."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Return {field name: docstring} from the string literals written under each dataclass field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def iter_fields(cls: type = RunConfig, prefix: str = "") -> typing.Iterator[tuple[str, Any, str]]:
+    """Yield (dotted key, type, help) for every leaf field of a config dataclass tree."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp, docs.get(f.name, "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML or command-line value to the field type `tp`, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _convert(value, args[0], where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    try:
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, str):
+                value = float(value) if any(c in value for c in ".eE") else int(value.replace("_", ""))
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def _build(cls: type, values: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """Return the recipe file for a path or a bundled recipe name (``demo``, ``tinyllama-1.1b``, ...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = RECIPES_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if bundled.is_file():
+        return bundled
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(f"recipe {name_or_path!r} not found: not a file, and not one of the bundled recipes {names}")
+
+
+def load_config(recipe: str | None = None, overrides: dict[str, str] | None = None) -> RunConfig:
+    """Build a RunConfig from an optional YAML recipe and dotted overrides (``{"optim.lr": "3e-4"}``)."""
+    values: dict = {}
+    where = "config"
+    if recipe is not None:
+        path = resolve_recipe(recipe)
+        where = str(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(values).__name__}")
+    cfg = _build(RunConfig, values, "")
+    for key, raw in (overrides or {}).items():
+        set_by_path(cfg, key, raw)
+    return cfg
+
+
+def set_by_path(cfg: Any, key: str, raw: Any) -> None:
+    """Set a dotted key (``optim.lr``) on a config tree, converting `raw` to the field's type."""
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+            raise ConfigError(f"unknown config key {key!r} (no section {part!r}); see `llamita pretrain --help`")
+        node = getattr(node, part)
+    hints = typing.get_type_hints(type(node)) if dataclasses.is_dataclass(node) else {}
+    if leaf not in hints or dataclasses.is_dataclass(hints[leaf]):
+        raise ConfigError(f"unknown config key {key!r}; see `llamita pretrain --help` for the valid keys")
+    setattr(node, leaf, _convert(raw, hints[leaf], key))
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config tree as plain dicts and lists (for YAML/JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML; `load_config(str(path))` reads it back."""
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    """Rebuild a RunConfig from `to_dict`'s output (e.g. the copy saved with a checkpoint)."""
+    return _build(RunConfig, values, "")

@@ -1,0 +1,469 @@
+"""Deterministic, resumable (input, target) batches drawn from a mixture of token sources.
+
+Each source is its list of shards read as one token stream, cut into ``n = tokens // (seq_len + 1)``
+non-overlapping windows (the tail remainder is unused; ``stats()`` reports it). A source's c-th draw is window
+``perm(c mod n)`` of epoch ``c // n``, where ``perm`` is a Feistel permutation keyed by (seed, source, epoch):
+every window is used once before any repeats, and the permutation needs O(1) memory however many windows.
+
+Global sample g belongs to optimizer step ``g // global_batch``; its source is picked from
+``mixture.weights(step)`` with a uniform number hashed from (seed, g). Every rank computes the picks for the
+whole global batch, so the per-source draw counters are the same on all ranks; rank r takes the positions
+``p`` of each step with ``p % world_size == r``. The state is therefore global: (next sample, draw counters),
+and a run saved on 2 ranks resumes on 1 in the same global order.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llamita.data.mixture import Mixture
+from llamita.data.shards import read_shard
+
+logger = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+_FEISTEL_ROUNDS = 6
+_MASK64 = (1 << 64) - 1
+_TAG_SOURCE_PICK = 1
+_TAG_WINDOW_PERM = 2
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: a bijective, well-mixing hash of uint64 values (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _key(*parts: int) -> int:
+    """Hash a tuple of integers to one 64-bit key."""
+    h = np.zeros(1, dtype=np.uint64)
+    for p in parts:
+        h = _mix64(h ^ np.uint64(p & _MASK64))
+    return int(h[0])
+
+
+def feistel_permute(idx: np.ndarray, n: int, key: int) -> np.ndarray:
+    """Apply a keyed pseudo-random bijection of ``[0, n)`` to indices, in O(1) memory.
+
+    A balanced Feistel network permutes ``[0, 4**k)`` with ``4**k >= n``; cycle-walking (re-applying it until
+    the value falls below ``n``) restricts that to a bijection of ``[0, n)``. Since ``4**k < 4 * n``, each
+    index needs under four passes on average.
+
+    Args:
+        idx: Integer indices in ``[0, n)``, any shape.
+        n: Size of the domain, >= 1.
+        key: 64-bit key; different keys give unrelated permutations.
+
+    Returns:
+        The permuted indices, int64, same shape as ``idx``.
+    """
+    if n < 1:
+        raise ValueError(f"feistel_permute: n must be >= 1, got {n}")
+    x = np.asarray(idx, dtype=np.uint64).copy()
+    if x.size and int(x.max()) >= n:
+        raise ValueError(f"feistel_permute: indices must be in [0, {n}), got max {int(x.max())}")
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+    round_keys = [np.uint64(_key(key, r)) for r in range(_FEISTEL_ROUNDS)]
+
+    def rounds(v: np.ndarray) -> np.ndarray:
+        left, right = v >> shift, v & mask
+        for rk in round_keys:
+            left, right = right, left ^ (_mix64(right ^ rk) & mask)
+        return (left << shift) | right
+
+    todo = np.ones(x.shape, dtype=bool)
+    while todo.any():
+        x[todo] = rounds(x[todo])
+        todo = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
+class _TokenStream:
+    """A list of shards read as one logical token sequence."""
+
+    def __init__(self, paths: Sequence[Path], vocab_size: int | None) -> None:
+        if not paths:
+            raise ValueError("no shard files given")
+        self.paths = [Path(p) for p in paths]
+        self.arrays = [read_shard(p, vocab_size=vocab_size) for p in self.paths]
+        self.counts = [int(a.shape[0]) for a in self.arrays]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        self.total = int(self.offsets[-1])
+
+    def read(self, start: int, out: np.ndarray) -> None:
+        """Copy tokens ``[start, start + len(out))`` into ``out``, crossing shard boundaries as needed."""
+        pos, filled = start, 0
+        shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while filled < out.shape[0]:
+            local = pos - int(self.offsets[shard])
+            take = min(out.shape[0] - filled, self.counts[shard] - local)
+            out[filled : filled + take] = self.arrays[shard][local : local + take]
+            filled += take
+            pos += take
+            shard += 1
+
+    def fingerprint(self) -> dict[str, list]:
+        return {"shards": [p.name for p in self.paths], "tokens": list(self.counts)}
+
+
+@dataclass(frozen=True)
+class _Position:
+    """Where the global sample stream stands at an optimizer-step boundary."""
+
+    sample: int
+    draws: tuple[int, ...]
+
+
+class DataLoader:
+    """Infinite iterator of (inputs, targets) micro-batches for one rank, resumable exactly.
+
+    Args:
+        sources: Shard files per source name (train split), in stream order.
+        mixture: Source weights per optimizer step; must name exactly the sources in ``sources``.
+        seq_len: Tokens per sequence; each sample reads a window of ``seq_len + 1`` tokens.
+        micro_batch: Sequences per yielded batch on this rank.
+        global_batch: Sequences per optimizer step, summed over all ranks and micro-steps.
+        rank: This rank's index.
+        world_size: Number of data-parallel ranks.
+        seed: Seeds the source picks and the window permutations.
+        vocab_size: If given, shards are checked against it.
+        prefetch: Batches a background thread prepares ahead; 0 reads in the caller's thread.
+        pin_memory: Pin the batches' host memory (for faster copies to the GPU); ignored without CUDA.
+
+    Raises:
+        ValueError: If the sizes do not divide, the mixture and sources disagree, or a source is too short.
+    """
+
+    def __init__(
+        self,
+        sources: dict[str, list[Path]],
+        mixture: Mixture,
+        seq_len: int,
+        micro_batch: int,
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        vocab_size: int | None = None,
+        prefetch: int = 2,
+        pin_memory: bool = False,
+    ) -> None:
+        for name, value in [("seq_len", seq_len), ("micro_batch", micro_batch), ("world_size", world_size)]:
+            if value < 1:
+                raise ValueError(f"DataLoader: {name} must be >= 1, got {value}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"DataLoader: rank must be in [0, {world_size}), got {rank}")
+        if global_batch < 1 or global_batch % (micro_batch * world_size):
+            raise ValueError(
+                f"DataLoader: global_batch ({global_batch}) must be a positive multiple of "
+                f"micro_batch * world_size ({micro_batch} * {world_size} = {micro_batch * world_size}); "
+                "adjust the batch sizes or the number of ranks"
+            )
+        if prefetch < 0:
+            raise ValueError(f"DataLoader: prefetch must be >= 0, got {prefetch}")
+        if set(sources) != set(mixture.sources):
+            raise ValueError(
+                f"DataLoader: the mixture names sources {sorted(mixture.sources)} but data was given for "
+                f"{sorted(sources)}; make them match"
+            )
+        self.names: tuple[str, ...] = mixture.sources
+        self.mixture = mixture
+        self.seq_len = seq_len
+        self.micro_batch = micro_batch
+        self.global_batch = global_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.prefetch = prefetch
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+
+        self._streams: list[_TokenStream] = []
+        for name in self.names:
+            try:
+                stream = _TokenStream(sources[name], vocab_size)
+            except ValueError as e:
+                raise ValueError(f"DataLoader: source {name!r}: {e}") from e
+            if stream.total < seq_len + 1:
+                raise ValueError(
+                    f"DataLoader: source {name!r} has {stream.total} tokens, fewer than seq_len + 1 = "
+                    f"{seq_len + 1}; add data or remove the source"
+                )
+            self._streams.append(stream)
+        self._windows = np.array([s.total // (seq_len + 1) for s in self._streams], dtype=np.int64)
+        for name, stream, n in zip(self.names, self._streams, self._windows, strict=True):
+            logger.info(
+                "source %s: %d tokens in %d shards -> %d windows of %d (%d tail tokens unused)",
+                name,
+                stream.total,
+                len(stream.paths),
+                n,
+                seq_len + 1,
+                stream.total - int(n) * (seq_len + 1),
+            )
+        self._pick_key = _key(seed, _TAG_SOURCE_PICK)
+        self._consumed = _Position(sample=0, draws=(0,) * len(self.names))
+        self._mid_step = False
+        self._batches: Iterator[tuple[torch.Tensor, torch.Tensor, _Position | None]] | None = None
+        self._queue: queue.Queue | None = None
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def micro_steps_per_step(self) -> int:
+        """Micro-batches each rank yields per optimizer step (gradient accumulation steps)."""
+        return self.global_batch // (self.micro_batch * self.world_size)
+
+    def __iter__(self) -> DataLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prefetch == 0:
+            if self._batches is None:
+                self._batches = self._generate(self._consumed)
+            inputs, targets, boundary = next(self._batches)
+        else:
+            if self._thread is None:
+                self._start_thread()
+            assert self._queue is not None
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            inputs, targets, boundary = item
+        self._mid_step = boundary is None
+        if boundary is not None:
+            self._consumed = boundary
+        return inputs, targets
+
+    def state_dict(self) -> dict:
+        """The position after the last batch handed to the caller, in plain Python types.
+
+        The state is global (not per rank), so it can be loaded with a different ``world_size`` or
+        ``micro_batch`` as long as ``global_batch`` is unchanged.
+
+        Raises:
+            RuntimeError: If called in the middle of an optimizer step on this rank.
+        """
+        if self._mid_step:
+            raise RuntimeError(
+                "DataLoader.state_dict: called in the middle of an optimizer step; save only after the last of "
+                f"the {self.micro_steps_per_step} micro-batches of a step"
+            )
+        return {
+            "version": _STATE_VERSION,
+            "sample": self._consumed.sample,
+            "draws": {name: self._consumed.draws[i] for i, name in enumerate(self.names)},
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "global_batch": self.global_batch,
+            "sources": self.fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a position saved by ``state_dict``.
+
+        Raises:
+            ValueError: If the state comes from a run with a different seed, seq_len, global_batch or data.
+        """
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"DataLoader state: version {state.get('version')!r}, expected {_STATE_VERSION}")
+        for field in ("seed", "seq_len", "global_batch"):
+            if state[field] != getattr(self, field):
+                raise ValueError(
+                    f"DataLoader state: {field} changed from {state[field]} (checkpoint) to "
+                    f"{getattr(self, field)} (now); resuming needs the same {field}"
+                )
+        saved, now = state["sources"], self.fingerprint()
+        if set(saved) != set(now):
+            raise ValueError(
+                f"DataLoader state: sources changed from {sorted(saved)} (checkpoint) to {sorted(now)} (now)"
+            )
+        for name in self.names:
+            if dict(saved[name]) != now[name]:
+                raise ValueError(
+                    f"DataLoader state: the shards of source {name!r} changed since the checkpoint "
+                    f"(names or token counts differ: {_diff(saved[name], now[name])}); resume with the same data"
+                )
+        if state["sample"] % self.global_batch:
+            raise ValueError(
+                f"DataLoader state: sample {state['sample']} is not at an optimizer-step boundary "
+                f"(global_batch {self.global_batch})"
+            )
+        self.close()
+        self._batches = None
+        self._mid_step = False
+        self._consumed = _Position(
+            sample=int(state["sample"]), draws=tuple(int(state["draws"][name]) for name in self.names)
+        )
+
+    def fingerprint(self) -> dict[str, dict[str, list]]:
+        """Fingerprint of each source: its shard file names and token counts."""
+        return {name: s.fingerprint() for name, s in zip(self.names, self._streams, strict=True)}
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per source: tokens, windows, unused tail tokens, draws and completed epochs (as handed out)."""
+        out = {}
+        for i, (name, stream) in enumerate(zip(self.names, self._streams, strict=True)):
+            n = int(self._windows[i])
+            draws = self._consumed.draws[i]
+            out[name] = {
+                "tokens": stream.total,
+                "windows": n,
+                "unused_tail_tokens": stream.total - n * (self.seq_len + 1),
+                "draws": draws,
+                "epochs": draws // n,
+            }
+        return out
+
+    def close(self) -> None:
+        """Stop the prefetch thread; iterating again restarts it from the last handed-out batch."""
+        if self._thread is not None:
+            assert self._stop is not None
+            self._stop.set()
+            self._thread.join()
+        self._thread = self._queue = self._stop = None
+        self._batches = None
+
+    def _start_thread(self) -> None:
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=_produce,
+            args=(self._generate(self._consumed), self._queue, self._stop),
+            name="llamita-dataloader",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _plan_step(self, pos: _Position) -> tuple[np.ndarray, np.ndarray, _Position]:
+        """Source and window of every global position of the step starting at ``pos``, and the next position."""
+        step = pos.sample // self.global_batch
+        weights = self.mixture.weights(step)
+        cum = np.cumsum([weights[name] for name in self.names])
+        cum[-1] = 1.0  # rounding must not leave a gap above the last source
+        g = np.arange(pos.sample, pos.sample + self.global_batch, dtype=np.uint64)
+        u = (_mix64(g ^ np.uint64(self._pick_key)) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        src = np.searchsorted(cum, u, side="right")
+        window = np.empty(self.global_batch, dtype=np.int64)
+        draws = list(pos.draws)
+        for i in range(len(self.names)):
+            where = np.flatnonzero(src == i)
+            if where.size == 0:
+                continue
+            n = int(self._windows[i])
+            c = draws[i] + np.arange(where.size, dtype=np.int64)
+            epoch = c // n
+            for e in np.unique(epoch):
+                sel = epoch == e
+                window[where[sel]] = feistel_permute(c[sel] % n, n, _key(self.seed, _TAG_WINDOW_PERM, i, int(e)))
+            draws[i] += where.size
+        return src, window, _Position(sample=pos.sample + self.global_batch, draws=tuple(draws))
+
+    def _generate(self, pos: _Position) -> Iterator[tuple[torch.Tensor, torch.Tensor, _Position | None]]:
+        """Yield this rank's micro-batches from ``pos`` on, each with the step-end position after a step's last."""
+        span = self.seq_len + 1
+        while True:
+            src, window, nxt = self._plan_step(pos)
+            mine = np.arange(self.rank, self.global_batch, self.world_size)
+            for m in range(self.micro_steps_per_step):
+                buf = np.empty((self.micro_batch, span), dtype=np.int64)
+                for row, p in enumerate(mine[m * self.micro_batch : (m + 1) * self.micro_batch]):
+                    self._streams[src[p]].read(int(window[p]) * span, buf[row])
+                inputs = torch.from_numpy(np.ascontiguousarray(buf[:, :-1]))
+                targets = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
+                if self.pin_memory:
+                    inputs, targets = inputs.pin_memory(), targets.pin_memory()
+                yield inputs, targets, nxt if m == self.micro_steps_per_step - 1 else None
+            pos = nxt
+
+
+def _produce(batches: Iterator, out: queue.Queue, stop: threading.Event) -> None:
+    """Background thread body: move batches into ``out`` until told to stop; forward any error."""
+    try:
+        for item in batches:
+            if not _put(out, item, stop):
+                return
+    except BaseException as e:  # re-raised in the consumer's thread
+        _put(out, e, stop)
+
+
+def _put(out: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Put ``item`` unless stopped first (a full queue must not block ``close()``); True if it was put."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _diff(saved: dict, now: dict) -> str:
+    a = list(zip(saved["shards"], saved["tokens"], strict=True))
+    b = list(zip(now["shards"], now["tokens"], strict=True))
+    gone = [f"{n}:{t}" for n, t in a if (n, t) not in b]
+    new = [f"{n}:{t}" for n, t in b if (n, t) not in a]
+    return f"only in checkpoint {gone[:5]}, only now {new[:5]}"
+
+
+def eval_batches(
+    shards: list[Path],
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    vocab_size: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic sequential (inputs, targets) batches from validation shards.
+
+    The shards are read as one stream cut into non-overlapping windows of ``seq_len + 1`` tokens; window i
+    goes to rank ``i % world_size``. Every rank gets the same number of windows (the few left over are
+    dropped), so every rank yields the same number of batches; the last batch may be smaller.
+
+    Args:
+        shards: Validation shard files, in stream order.
+        seq_len: Tokens per sequence.
+        batch_size: Sequences per batch.
+        max_batches: Stop after this many batches per rank (None: all).
+        rank: This rank's index.
+        world_size: Number of data-parallel ranks.
+        vocab_size: If given, shards are checked against it.
+
+    Yields:
+        (inputs, targets) int64 tensors of shape [batch, seq_len].
+    """
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"eval_batches: seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"eval_batches: rank must be in [0, {world_size}), got {rank}")
+    stream = _TokenStream(shards, vocab_size)
+    span = seq_len + 1
+    per_rank = (stream.total // span) // world_size
+    if per_rank == 0:
+        raise ValueError(
+            f"eval_batches: {stream.total} validation tokens give fewer than one window of {span} per rank "
+            f"(world_size {world_size}); add validation data or lower seq_len"
+        )
+    n_batches = -(-per_rank // batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    for b in range(n_batches):
+        local = range(b * batch_size, min((b + 1) * batch_size, per_rank))
+        buf = np.empty((len(local), span), dtype=np.int64)
+        for row, j in enumerate(local):
+            stream.read((j * world_size + rank) * span, buf[row])
+        yield torch.from_numpy(np.ascontiguousarray(buf[:, :-1])), torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))

@@ -1,0 +1,284 @@
+"""A Llama-architecture decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, blocks, static KV cache.
+
+Single-device math only. Module names are transformers' LlamaForCausalLM's, and RoPE uses its rotate-half
+layout, so `Llama(cfg).state_dict()` loads into `LlamaForCausalLM` with strict=True and vice versa.
+
+Shapes: B batch, T new tokens, S cached positions, D dim, H query heads, KV key/value heads, hd head dim,
+I intermediate size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llamita.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back: exactly transformers' LlamaRMSNorm."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()  # [..., D]: squares of bf16 activations need fp32
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # [..., D]
+        return self.weight * x32.to(x.dtype)  # [..., D]
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the RoPE angles in fp32, rotate-half layout, on the default device.
+
+    Args:
+        head_dim: Size of one attention head (even).
+        max_seq_len: Number of positions to cover.
+        theta: RoPE base.
+
+    Returns:
+        (cos, sin), each [max_seq_len, head_dim]; the two halves of a head share the same angles.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # [hd/2]
+    positions = torch.arange(max_seq_len, dtype=torch.float32)  # [S]
+    angles = positions[:, None] * inv_freq[None, :]  # [S, hd/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [S, hd]
+    return angles.cos(), angles.sin()  # [S, hd] each
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate query or key heads by their positions' angles.
+
+    Args:
+        x: [B, heads, T, hd].
+        cos: [T, hd] rows of `rope_tables` for x's positions.
+        sin: [T, hd] likewise.
+
+    Returns:
+        [B, heads, T, hd], in x's dtype (the tables are cast to it, as transformers does).
+    """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # [T, hd] each
+    x1, x2 = x.chunk(2, dim=-1)  # [B, heads, T, hd/2] each
+    rotated = torch.cat([-x2, x1], dim=-1)  # [B, heads, T, hd]
+    return x * cos + rotated * sin  # [B, heads, T, hd]
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding: one [B, KV, max_len, hd] pair per layer.
+
+    `Llama.forward(tokens, cache, start_pos)` writes positions start_pos .. start_pos + T - 1 and attends
+    to everything before them.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Allocate zeroed caches.
+
+        Args:
+            config: The model's config.
+            batch_size: Number of sequences decoded together.
+            max_len: Positions to hold; defaults to (and may not exceed) `config.max_seq_len`.
+            device: Where to allocate; use the model's device.
+            dtype: Element type; use the model's parameter dtype.
+        """
+        max_len = config.max_seq_len if max_len is None else max_len
+        if not 0 < max_len <= config.max_seq_len:
+            raise ValueError(f"KVCache max_len must be in 1..{config.max_seq_len} (max_seq_len), got {max_len}")
+        self.batch_size = batch_size
+        self.max_len = max_len
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention through F.scaled_dot_product_attention."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None = None, start_pos: int = 0
+    ) -> Tensor:
+        """Attend from x's T positions (start_pos onwards) to themselves and, with a cache, to earlier ones.
+
+        Args:
+            x: [B, T, D] normed hidden states.
+            cos: [T, hd] RoPE table rows for positions start_pos .. start_pos + T - 1.
+            sin: [T, hd] likewise.
+            kv: This layer's (keys, values) cache buffers, each [B, KV, max_len, hd], updated in place.
+            start_pos: Position of x's first token; must be 0 without a cache.
+
+        Returns:
+            [B, T, D].
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, T, hd], [B, KV, T, hd]
+
+        mask = None
+        if kv is not None:
+            end = start_pos + T
+            k_cache, v_cache = kv  # [B, KV, max_len, hd] each
+            k_cache[:, :, start_pos:end] = k  # [B, KV, T, hd] written in place
+            v_cache[:, :, start_pos:end] = v  # [B, KV, T, hd] written in place
+            if start_pos > 0:
+                k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # [B, KV, end, hd] each: past + new
+                if T > 1:
+                    # Query i sits at position start_pos + i and may see keys 0 .. start_pos + i.
+                    mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(start_pos)  # [T, end]
+        # start_pos == 0: queries and keys are the same T positions, so the plain causal mask is right.
+        # A single decoded token at start_pos > 0 may see every cached key, so it needs no mask at all.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=start_pos == 0, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # [B, H, T, hd]
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H * hd]
+        return self.o_proj(y)  # [B, T, D]
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # [B, T, I]
+        return self.down_proj(h)  # [B, T, D]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None = None, start_pos: int = 0
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start_pos)  # [B, T, D]
+        return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, D]
+
+
+class Llama(nn.Module):
+    """Llama-architecture causal LM with transformers' LlamaForCausalLM parameter names.
+
+    `Llama(cfg)` is initialised and ready to train. To build big models without allocating twice:
+    `with torch.device("meta"): m = Llama(cfg)`, then `m.to_empty(device=...)` and `m.init_weights()`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(
+            {
+                "embed_tokens": nn.Embedding(config.vocab_size, config.dim),
+                "layers": nn.ModuleList(Block(config) for _ in range(config.n_layers)),
+                "norm": RMSNorm(config.dim, config.norm_eps),
+            }
+        )
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Non-persistent: derived from the config, and keeps state_dict() identical to transformers'.
+        self.register_buffer("rope_cos", torch.empty(config.max_seq_len, config.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(config.max_seq_len, config.head_dim), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """TinyLlama's initialisation, the RoPE tables and embedding tying; call it after `to_empty()`.
+
+        Embedding and linear weights ~ N(0, sqrt(2 / (5 * dim))); the residual-branch outputs (o_proj,
+        down_proj) ~ N(0, 1 / sqrt(dim) / n_layers); norm weights = 1.
+
+        Args:
+            generator: Random source for reproducible weights; must be on the parameters' device.
+        """
+        if self.config.tie_embeddings:
+            # to_empty() from the meta device gives each module a fresh Parameter, which unties them.
+            self.lm_head.weight = self.model.embed_tokens.weight
+        std = math.sqrt(2.0 / (5 * self.config.dim))
+        residual_std = 1.0 / math.sqrt(self.config.dim) / self.config.n_layers
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module_std = residual_std if name.endswith(("o_proj", "down_proj")) else std
+                nn.init.normal_(module.weight, mean=0.0, std=module_std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        # to_empty() leaves buffers uninitialised too, so the tables are rebuilt here, in fp32.
+        with torch.device(self.rope_cos.device):
+            cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def hidden_states(self, tokens: Tensor, cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
+        """Final-normed hidden states (the lm_head's input).
+
+        Args:
+            tokens: [B, T] token ids at positions start_pos .. start_pos + T - 1.
+            cache: KV cache to read earlier positions from and write these into; None for training.
+            start_pos: Position of the first token; must be 0 without a cache.
+
+        Returns:
+            [B, T, D].
+        """
+        B, T = tokens.shape
+        end = start_pos + T
+        if end > self.config.max_seq_len:
+            raise ValueError(
+                f"positions {start_pos}..{end - 1} exceed the model's max_seq_len ({self.config.max_seq_len}); "
+                "pass shorter sequences"
+            )
+        if cache is None and start_pos != 0:
+            raise ValueError(f"start_pos={start_pos} needs a KVCache holding the earlier positions")
+        if cache is not None and (B != cache.batch_size or end > cache.max_len):
+            raise ValueError(
+                f"batch of {B} sequences up to position {end - 1} does not fit a KVCache of batch "
+                f"{cache.batch_size} and max_len {cache.max_len}; allocate a larger cache"
+            )
+        x = self.model.embed_tokens(tokens)  # [B, T, D]
+        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]  # [T, hd] each
+        for i, layer in enumerate(self.model.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x = layer(x, cos, sin, kv, start_pos)  # [B, T, D]
+        return self.model.norm(x)  # [B, T, D]
+
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
+        """Next-token logits at every position.
+
+        Args:
+            tokens: [B, T] token ids at positions start_pos .. start_pos + T - 1.
+            cache: KV cache for incremental decoding; None for training.
+            start_pos: Position of the first token; must be 0 without a cache.
+
+        Returns:
+            [B, T, V] logits.
+        """
+        return self.lm_head(self.hidden_states(tokens, cache, start_pos))  # [B, T, V]

@@ -1,0 +1,137 @@
+"""Pretraining entry: tokenizer -> data -> model -> parallelize -> optimizer -> trainer -> fit."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llamita.config import ConfigError, RunConfig, save_config
+from llamita.data.loader import DataLoader
+from llamita.data.mixture import Mixture
+from llamita.data.prepare import load_manifest, shard_paths
+from llamita.model import Llama, ModelConfig, get_preset
+from llamita.tokenizer import Tokenizer
+from llamita.train.optim import build_optimizer
+from llamita.train.trainer import Trainer
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` means CUDA when available, else CPU; an explicit `cuda` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA device is available; use cpu or auto")
+    return torch.device(name)
+
+
+def build_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """The preset, with the vocabulary taken from the tokenizer and the context covering `data.seq_len`."""
+    preset = get_preset(cfg.model.preset)
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
+        )
+    changes: dict[str, Any] = {"vocab_size": vocab, "max_seq_len": max(preset.max_seq_len, cfg.data.seq_len)}
+    if cfg.model.tie_embeddings is not None:
+        changes["tie_embeddings"] = cfg.model.tie_embeddings
+    return dataclasses.replace(preset, **changes)
+
+
+def build_model(config: ModelConfig, device: torch.device, seed: int) -> Llama:
+    """Build on the meta device (no memory), materialise on `device`, then initialise from `seed`."""
+    with torch.device("meta"):
+        model = Llama(config)
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    model.init_weights(generator)
+    return model
+
+
+def resolve_steps(cfg: RunConfig) -> int:
+    """Optimizer steps of the run from `train.max_steps` or `train.max_tokens`."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    if cfg.train.max_tokens > 0:
+        return max(1, cfg.train.max_tokens // cfg.train.global_batch_tokens)
+    raise ConfigError("set train.max_steps or train.max_tokens to a positive number")
+
+
+def global_batch_sequences(cfg: RunConfig, world_size: int) -> int:
+    """Sequences per optimizer step; the global token batch must split into whole micro-batches on every rank."""
+    per_micro = cfg.data.seq_len * cfg.train.micro_batch * world_size
+    if cfg.train.global_batch_tokens % per_micro:
+        raise ConfigError(
+            f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not a multiple of "
+            f"data.seq_len x train.micro_batch x ranks = {cfg.data.seq_len} x {cfg.train.micro_batch} x "
+            f"{world_size} = {per_micro}; pick a multiple such as "
+            f"{max(1, round(cfg.train.global_batch_tokens / per_micro)) * per_micro}"
+        )
+    return cfg.train.global_batch_tokens // cfg.data.seq_len
+
+
+def build_data(
+    cfg: RunConfig, tokenizer: Tokenizer, rank: int, world_size: int, device: torch.device
+) -> tuple[DataLoader, list[Path]]:
+    """The training loader over the mixture of prepared sources, and the validation shards of all sources."""
+    if not cfg.data.sources:
+        raise ConfigError("data.sources is empty; add prepared sources ({name, path, weight}) to the recipe")
+    train, val = {}, []
+    for i, src in enumerate(cfg.data.sources):
+        if not src.name or not src.path:
+            raise ConfigError(f"data.sources[{i}]: both name and path are required")
+        manifest = load_manifest(Path(src.path))
+        if manifest["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
+            raise ConfigError(
+                f"data.sources[{i}] ({src.path}) was prepared with a different tokenizer than "
+                f"{cfg.data.tokenizer}; run `llamita prepare` again with this tokenizer"
+            )
+        train[src.name] = shard_paths(Path(src.path), "train")
+        val += shard_paths(Path(src.path), "val")
+    if cfg.data.stages:
+        mixture = Mixture.from_config(cfg.data.stages)
+    else:
+        mixture = Mixture.constant({s.name: s.weight for s in cfg.data.sources})
+    loader = DataLoader(
+        train,
+        mixture,
+        seq_len=cfg.data.seq_len,
+        micro_batch=cfg.train.micro_batch,
+        global_batch=global_batch_sequences(cfg, world_size),
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.train.seed,
+        vocab_size=tokenizer.vocab_size,
+        prefetch=cfg.data.prefetch,
+        pin_memory=device.type == "cuda",
+    )
+    return loader, val
+
+
+def pretrain(cfg: RunConfig) -> dict[str, Any]:
+    """Run (or resume) the pretraining described by `cfg`; return the final metrics."""
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    rank, world_size = 0, 1
+    torch.manual_seed(cfg.train.seed)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    if not cfg.data.tokenizer:
+        raise ConfigError("data.tokenizer is empty; point it at a tokenizer directory (llamita train-tokenizer)")
+    tokenizer = Tokenizer.load(cfg.data.tokenizer)
+    tokenizer.save(out_dir / "tokenizer")
+    loader, val_shards = build_data(cfg, tokenizer, rank, world_size, device)
+    max_steps = resolve_steps(cfg)
+
+    model_config = build_model_config(cfg, tokenizer)
+    model = build_model(model_config, device, cfg.train.seed)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    save_config(cfg, out_dir / "config.yaml")
+
+    trainer = Trainer(cfg, model, model_config, optimizer, loader, val_shards, device, max_steps)
+    return trainer.fit()

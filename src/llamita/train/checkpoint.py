@@ -1,0 +1,180 @@
+"""Checkpoints: model and optimizer through torch.distributed.checkpoint (DCP), plus trainer state and RNG.
+
+Layout of one checkpoint folder ``<run>/checkpoints/step_00000100/``::
+
+    .metadata, __0_0.distcp, ...   DCP files: {"model": ..., "optim": ...} (sharded when the model is)
+    trainer_state.json             step, tokens, loader state, model config, resolved run config
+    rng_rank<R>.pt                 each rank's torch RNG states (loaded with weights_only=True)
+
+A checkpoint is written to ``step_XXXXXXXX.tmp`` and renamed when every file is in place, so a folder without
+the suffix is always complete; an interrupted save leaves only a ``.tmp`` folder, which resume ignores.
+DCP state dicts come from ``torch.distributed.checkpoint.state_dict``, so the same code saves a plain model
+and an FSDP2-sharded one, and a checkpoint can be loaded with a different number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+STATE_FILE = "trainer_state.json"
+PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A missing, incomplete or unreadable checkpoint; the message names the path."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """The folder of the checkpoint taken after optimizer step `step`."""
+    return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    """True for a finished checkpoint folder (renamed from .tmp, with DCP metadata and trainer state)."""
+    return (
+        path.is_dir()
+        and path.name.startswith(PREFIX)
+        and not path.name.endswith(".tmp")
+        and (path / ".metadata").is_file()
+        and (path / STATE_FILE).is_file()
+    )
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if is_complete(p))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a run directory (its latest complete checkpoint) or one checkpoint folder."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run directory or checkpoint folder")
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    if path.name.endswith(".tmp"):
+        raise CheckpointError(f"{path}: an interrupted save (.tmp); use a complete checkpoint folder instead")
+    raise CheckpointError(
+        f"{path}: not a checkpoint folder (expected .metadata and {STATE_FILE}) and no complete checkpoint "
+        f"under {path / 'checkpoints'}; pass a run directory or a step_XXXXXXXX folder"
+    )
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The trainer_state.json of a checkpoint folder."""
+    try:
+        return json.loads((Path(path) / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{Path(path) / STATE_FILE}: unreadable trainer state ({e})") from None
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]
+) -> Path:
+    """Save model, optimizer, trainer state and RNG to `path` atomically; every rank calls this."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        # DCP warns that it runs without a process group on a single process; that is intended.
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    _barrier()
+    return path
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Load a checkpoint into `model` (and `optimizer`, and this rank's RNG); return the trainer state."""
+    path = resolve_checkpoint(path)
+    state = read_state(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            if optimizer is None:
+                model_sd = get_model_state_dict(model)
+                dcp.load({"model": model_sd}, checkpoint_id=path)
+                set_model_state_dict(model, model_sd)
+            else:
+                model_sd, optim_sd = get_state_dict(model, optimizer)
+                sd = {"model": model_sd, "optim": optim_sd}
+                dcp.load(sd, checkpoint_id=path)
+                set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: cannot load checkpoint: {e}") from e
+    if optimizer is not None:
+        rng_file = path / f"rng_rank{_rank()}.pt"
+        if rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the `keep_last` newest complete checkpoints (0 keeps all); return what was deleted.
+
+    Called only after a new checkpoint is complete. A failed delete is reported, not raised: losing disk space
+    must not stop a training run.
+    """
+    if keep_last <= 0 or _rank() != 0:
+        return []
+    old = list_checkpoints(run_dir)[:-keep_last]
+    deleted = []
+    for p in old:
+        try:
+            shutil.rmtree(p)
+            deleted.append(p)
+        except OSError as e:
+            warnings.warn(f"could not delete old checkpoint {p}: {e}", stacklevel=2)
+    return deleted

@@ -1,0 +1,157 @@
+"""Throughput and MFU, metrics.jsonl, TensorBoard events, the console progress bar and the loss plot."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) used for MFU; MFU is not reported on other devices.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The bf16 peak of the GPU by name, or None when unknown (CPU, other GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class MetricsLogger:
+    """Write one JSON object per logged step to metrics.jsonl, mirror scalars to TensorBoard, show progress.
+
+    Only rank 0 writes; other ranks get a logger that does nothing.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        total_steps: int,
+        *,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        progress: bool = True,
+        enabled: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self._tb = None
+        self._progress = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if start_step == 0 and self.path.exists():
+            self.path.unlink()
+        elif start_step > 0 and self.path.exists():
+            # A resumed run rewrites the rows after its checkpoint so the file has each step once.
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r.get("step", 0) <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=start_step or None)
+        if progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
+            self._progress.start()
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Record one row (must hold `step`); scalars go to TensorBoard under their key."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        step = row["step"]
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+        if self._progress is not None and "loss" in row:
+            info = f"loss {row['loss']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:,.0f} tok/s"
+            if row.get("mfu") is not None:
+                info += f" MFU {100 * row['mfu']:.1f}%"
+            self._progress.update(self._task, completed=step, info=info)
+
+    def advance(self, step: int) -> None:
+        """Move the progress bar without writing a row."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def print(self, message: str) -> None:
+        """Print above the progress bar (rank 0 only)."""
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.console.print(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.stop()
+        if self._tb is not None:
+            self._tb.close()
+        self._file.close()
+
+
+class Throughput:
+    """Tokens/s over the interval since the last call, and MFU from FLOPs/token and the device peak."""
+
+    def __init__(self, flops_per_token: float, peak: float | None) -> None:
+        self.flops_per_token = flops_per_token
+        self.peak = peak
+        self._t = time.perf_counter()
+        self._tokens = 0
+
+    def update(self, tokens: int) -> tuple[float, float | None]:
+        now = time.perf_counter()
+        rate = (tokens - self._tokens) / max(now - self._t, 1e-9)
+        self._t, self._tokens = now, tokens
+        mfu = rate * self.flops_per_token / self.peak if self.peak else None
+        return rate, mfu
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_loss(metrics_path: Path, out_png: Path) -> Path:
+    """Plot training loss (and validation loss when present) against tokens seen to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

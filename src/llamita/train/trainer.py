@@ -1,0 +1,276 @@
+"""The training loop: micro-steps with gradient accumulation, clipping, schedule, validation, logging, checkpoints.
+
+The trainer receives a model that is already built, initialised and (for multi-GPU) wrapped from outside; it
+never constructs parallelism itself. Host-device synchronisation happens only at log, eval and checkpoint
+intervals: per-step losses stay on the device until a log interval flushes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from llamita.config import RunConfig, to_dict
+from llamita.evaluate.perplexity import validation_loss
+from llamita.model.config import ModelConfig
+from llamita.train import checkpoint as ckpt
+from llamita.train.metrics import MetricsLogger, Throughput, peak_flops
+from llamita.train.optim import lr_at, set_lr
+
+
+def causal_lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; inputs and targets are [B, T] token ids."""
+    logits = model(inputs)  # [B, T, V]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # scalar
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps completed."""
+    tokens: int = 0
+    """Training tokens consumed over all ranks."""
+
+
+class Trainer:
+    """Runs `max_steps` optimizer steps of `model` on `loader`, resuming from the run directory when asked.
+
+    Args:
+        cfg: the resolved run config (saved with every checkpoint).
+        model: the model, initialised and already placed/wrapped for its device(s).
+        model_config: the architecture, for FLOPs/token and for the checkpoint.
+        optimizer: built over `model`'s parameters.
+        loader: yields (inputs, targets) micro-batches for this rank; has state_dict()/load_state_dict().
+        val_shards: held-out shards for validation loss (may be empty).
+        device: the compute device of this rank.
+        max_steps: optimizer steps of the whole run.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: nn.Module,
+        model_config: ModelConfig,
+        optimizer: torch.optim.Optimizer,
+        loader: Any,
+        val_shards: list[Path],
+        device: torch.device,
+        max_steps: int,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.model_config = model_config
+        self.optimizer = optimizer
+        self.loader = loader
+        self.val_shards = val_shards
+        self.device = device
+        self.max_steps = max_steps
+        self.out_dir = Path(cfg.out_dir)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.accum = loader.micro_steps_per_step
+        self.tokens_per_step = cfg.train.global_batch_tokens
+        self.state = TrainState()
+        self.autocast = self._autocast_context()
+        self._batches: Iterator | None = None
+
+    def _autocast_context(self) -> contextlib.AbstractContextManager:
+        dtype = self.cfg.train.dtype
+        if dtype == "auto":
+            dtype = "bf16" if self.device.type == "cuda" else "fp32"
+        if dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if dtype == "fp32":
+            return contextlib.nullcontext()
+        raise ValueError(f"train.dtype: expected auto, bf16 or fp32, got {dtype!r}")
+
+    # ----------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs besides model and optimizer tensors (plain JSON types)."""
+        return {
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "loader": self.loader.state_dict(),
+            "world_size": self.world_size,
+            "model_config": dataclasses.asdict(self.model_config),
+            "run_config": to_dict(self.cfg),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(
+            ckpt.checkpoint_path(self.out_dir, self.state.step), self.model, self.optimizer, self.state_dict()
+        )
+        ckpt.prune_checkpoints(self.out_dir, self.cfg.checkpoint.keep_last)
+        return path
+
+    def resume(self) -> Path | None:
+        """Load the checkpoint named by `checkpoint.resume` (auto: the latest in the run directory, if any)."""
+        choice = self.cfg.checkpoint.resume
+        if choice == "none":
+            return None
+        if choice == "auto":
+            found = ckpt.list_checkpoints(self.out_dir)
+            if not found:
+                return None
+            path = found[-1]
+        else:
+            path = ckpt.resolve_checkpoint(choice)
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        if state["model_config"] != dataclasses.asdict(self.model_config):
+            raise ckpt.CheckpointError(
+                f"{path}: the checkpoint's model config differs from this run's; "
+                "resume with the same model settings or start a new run directory"
+            )
+        self.loader.load_state_dict(state["loader"])
+        self.state = TrainState(step=state["step"], tokens=state["tokens"])
+        return path
+
+    # ------------------------------------------------------------------------------------------ loop
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm) as device tensors."""
+        assert self._batches is not None
+        set_lr(self.optimizer, lr_at(self.state.step, self.cfg.optim, self.max_steps))
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            inputs, targets = next(self._batches)
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            if hasattr(self.model, "set_requires_gradient_sync"):
+                # FSDP2: reduce-scatter gradients only on the last micro-batch of the step.
+                self.model.set_requires_gradient_sync(micro == self.accum - 1)
+            with self.autocast:
+                loss = causal_lm_loss(self.model, inputs, targets)
+            (loss / self.accum).backward()
+            loss_sum += loss.detach()
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens += self.tokens_per_step
+        return loss_sum / self.accum, grad_norm
+
+    def validate(self) -> dict[str, float]:
+        """Validation loss and perplexity on the held-out shards (mean over ranks)."""
+        ev = self.cfg.eval
+        result = validation_loss(
+            self.model,
+            self.val_shards,
+            seq_len=self.cfg.data.seq_len,
+            batch_size=ev.batch_size,
+            max_batches=ev.batches,
+            device=self.device,
+            autocast=self.autocast,
+            vocab_size=self.model_config.vocab_size,
+        )
+        self.model.train()
+        return result
+
+    def _flush(self, pending: list, logger: MetricsLogger, meter: Throughput) -> dict[str, float]:
+        """Bring buffered per-step losses to the host (one sync) and write one metrics row per step."""
+        losses = torch.stack([p[1] for p in pending])
+        norms = torch.stack([p[2] for p in pending]).float()
+        if self.world_size > 1:
+            dist.all_reduce(losses, op=dist.ReduceOp.SUM)
+            losses /= self.world_size
+        tokens_per_s, mfu = meter.update(self.state.tokens)
+        row: dict[str, Any] = {}
+        for (step, _, _, lr, tokens), loss, norm in zip(pending, losses.tolist(), norms.tolist()):
+            row = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": norm,
+                "tokens": tokens,
+                "tokens_per_s": tokens_per_s,
+            }
+            if mfu is not None:
+                row["mfu"] = mfu
+            logger.log(row)
+        pending.clear()
+        if not math.isfinite(row["loss"]):
+            raise FloatingPointError(
+                f"training loss is {row['loss']} at step {row['step']}; lower optim.lr or check the data, "
+                f"then resume from the last checkpoint in {self.out_dir / 'checkpoints'}"
+            )
+        return row
+
+    def _log_validation(self, logger: MetricsLogger) -> dict[str, float]:
+        result = self.validate()
+        logger.log({"step": self.state.step, "tokens": self.state.tokens, **result})
+        logger.print(
+            f"step {self.state.step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}"
+        )
+        return result
+
+    def fit(self) -> dict[str, Any]:
+        """Train to `max_steps`; return the last metrics (loss, val_loss, tokens/s, ...)."""
+        resumed = self.resume()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log = self.cfg.log
+        logger = MetricsLogger(
+            self.out_dir,
+            self.max_steps,
+            start_step=self.state.step,
+            tensorboard=log.tensorboard,
+            progress=log.progress,
+            enabled=self.rank == 0,
+        )
+        mc = self.model_config
+        logger.print(
+            f"model {mc.num_params / 1e6:.2f}M params ({mc.num_non_embedding_params / 1e6:.2f}M non-embedding), "
+            f"{mc.flops_per_token(self.cfg.data.seq_len) / 1e6:.1f} MFLOPs/token | "
+            f"{self.tokens_per_step:,} tokens/step = {self.cfg.train.micro_batch} seq x {self.accum} accum x "
+            f"{self.world_size} ranks x {self.cfg.data.seq_len} tokens | {self.max_steps:,} steps on "
+            f"{self.device.type}"
+        )
+        if resumed is not None:
+            logger.print(f"resumed from {resumed} at step {self.state.step}")
+        meter = Throughput(mc.flops_per_token(self.cfg.data.seq_len), peak_flops(self.device))
+        meter.update(self.state.tokens)
+        self.model.train()
+        self._batches = iter(self.loader)
+        pending: list = []
+        last: dict[str, Any] = {}
+        try:
+            if self.state.step == 0 and self.val_shards and self.cfg.eval.interval > 0:
+                last.update(self._log_validation(logger))
+                meter.update(self.state.tokens)
+            while self.state.step < self.max_steps:
+                loss, grad_norm = self.train_step()
+                lr = self.optimizer.param_groups[0]["lr"]
+                pending.append((self.state.step, loss, grad_norm, lr, self.state.tokens))
+                step, done = self.state.step, self.state.step == self.max_steps
+                if step % log.interval == 0 or done:
+                    last.update(self._flush(pending, logger, meter))
+                eval_due = self.cfg.eval.interval > 0 and step % self.cfg.eval.interval == 0
+                if self.val_shards and (eval_due or done):
+                    if pending:
+                        last.update(self._flush(pending, logger, meter))
+                    last.update(self._log_validation(logger))
+                    meter.update(self.state.tokens)  # keep eval time out of training throughput
+                ckpt_due = self.cfg.checkpoint.interval > 0 and step % self.cfg.checkpoint.interval == 0
+                if ckpt_due or done:
+                    if pending:
+                        last.update(self._flush(pending, logger, meter))
+                    self.save()
+                    meter.update(self.state.tokens)
+                logger.advance(step)
+        finally:
+            close = getattr(self.loader, "close", None)
+            if close is not None:
+                close()
+            logger.close()
+        last["step"] = self.state.step
+        return last

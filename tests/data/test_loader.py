@@ -1,0 +1,240 @@
+"""Loader tests. Every token of a test source is unique (source i holds ``i * BASE + arange``), so a window's
+source and index can be read back from its first token."""
+
+import json
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llamita.data.loader import DataLoader, eval_batches, feistel_permute
+from llamita.data.mixture import Mixture, Stage
+from llamita.data.shards import write_shard
+
+BASE = 1_000_000
+VOCAB = 1 << 22
+
+
+def make_source(root: Path, index: int, lengths: list[int]) -> list[Path]:
+    """Shards of a source whose tokens are ``index * BASE + 0, 1, 2, ...`` across all its shards."""
+    paths, start = [], index * BASE
+    for k, n in enumerate(lengths):
+        path = root / f"src{index}" / f"shard_{k:05d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_shard(path, np.arange(start, start + n, dtype=np.int64), VOCAB)
+        paths.append(path)
+        start += n
+    return paths
+
+
+def decode(inputs: torch.Tensor, seq_len: int) -> list[tuple[int, int]]:
+    """(source index, window index) of each row."""
+    first = inputs[:, 0].tolist()
+    return [(t // BASE, (t % BASE) // (seq_len + 1)) for t in first]
+
+
+def rows(loader: DataLoader, n_batches: int) -> list[tuple[int, int]]:
+    out = []
+    for inputs, _ in islice(loader, n_batches):
+        out += decode(inputs, loader.seq_len)
+    return out
+
+
+@pytest.fixture
+def two_sources(tmp_path):
+    return {"a": make_source(tmp_path, 0, [400, 333, 267]), "b": make_source(tmp_path, 1, [500, 501])}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 16, 17, 97, 1000, 4099])
+def test_feistel_is_a_bijection(n):
+    for key in (0, 1, 123456789):
+        perm = feistel_permute(np.arange(n), n, key)
+        assert sorted(perm.tolist()) == list(range(n))
+
+
+def test_feistel_keys_give_different_permutations():
+    a, b = feistel_permute(np.arange(1000), 1000, 1), feistel_permute(np.arange(1000), 1000, 2)
+    assert not np.array_equal(a, b)
+    assert not np.array_equal(a, np.arange(1000))
+
+
+def test_realised_proportions_match_weights(tmp_path):
+    sources = {"slimpajama": make_source(tmp_path, 0, [8000]), "starcoderdata": make_source(tmp_path, 1, [8000])}
+    weights = {"slimpajama": 0.693584, "starcoderdata": 0.306416}
+    loader = DataLoader(sources, Mixture.constant(weights), seq_len=7, micro_batch=50, global_batch=100, prefetch=0)
+    picks = np.array([s for s, _ in rows(loader, 200)])
+    assert picks.size == 10_000
+    assert abs((picks == 0).mean() - weights["slimpajama"]) < 0.01
+
+
+def test_ranks_interleaved_reproduce_the_single_rank_order(two_sources):
+    mix = Mixture.constant({"a": 0.6, "b": 0.4})
+    steps, gb = 6, 16
+    single = rows(DataLoader(two_sources, mix, seq_len=9, micro_batch=4, global_batch=gb, prefetch=0), steps * 4)
+    for world, micro in [(4, 2), (2, 2)]:
+        loaders = [
+            DataLoader(two_sources, mix, 9, micro, gb, rank=r, world_size=world, seed=0, prefetch=1)
+            for r in range(world)
+        ]
+        assert loaders[0].micro_steps_per_step == gb // (micro * world)
+        per_rank = [rows(ld, steps * ld.micro_steps_per_step) for ld in loaders]
+        merged = [None] * (steps * gb)
+        for r, got in enumerate(per_rank):
+            per_step = gb // world
+            for j, item in enumerate(got):
+                step, k = divmod(j, per_step)
+                merged[step * gb + k * world + r] = item
+        assert merged == single, f"world_size {world}"
+        for ld in loaders:
+            ld.close()
+
+
+def test_ramp_changes_proportions(two_sources):
+    mix = Mixture([Stage(100, {"a": 1, "b": 0}, end_weights={"a": 0, "b": 1}), Stage(None, {"a": 0, "b": 1})])
+    loader = DataLoader(two_sources, mix, seq_len=9, micro_batch=20, global_batch=20, prefetch=0)
+    picks = np.array([s for s, _ in rows(loader, 110)]).reshape(110, 20)
+    # Mean weight of b over steps 0-19 is 0.096, over steps 80-99 is 0.904.
+    assert abs(picks[:20].mean() - 0.096) < 0.05
+    assert abs(picks[80:100].mean() - 0.904) < 0.05
+    assert picks[0].sum() == 0
+    assert picks[100:].min() == 1
+
+
+def test_every_window_once_per_epoch(tmp_path):
+    n = 37  # prime, and not a multiple of global_batch, so epochs change mid-batch
+    sources = {"a": make_source(tmp_path, 0, [n * 8 + 3]), "b": make_source(tmp_path, 1, [13 * 8])}
+    loader = DataLoader(sources, Mixture.constant({"a": 3, "b": 1}), seq_len=7, micro_batch=6, global_batch=6)
+    got = rows(loader, 60)
+    loader.close()
+    a = [w for s, w in got if s == 0]
+    b = [w for s, w in got if s == 1]
+    assert len(a) >= 3 * n and len(b) >= 2 * 13
+    epochs = [a[e * n : (e + 1) * n] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(n))
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert sorted(b[:13]) == sorted(b[13:26]) == list(range(13))
+    stats = loader.stats()
+    assert stats["a"]["windows"] == n and stats["a"]["unused_tail_tokens"] == 3
+    assert stats["a"]["epochs"] == len(a) // n and stats["b"]["draws"] == len(b)
+
+
+def test_windows_span_shard_boundaries(tmp_path):
+    seq_len = 4  # windows of 5 tokens over shards of 3, 11, 7, 26 tokens: 47 tokens -> 9 windows, tail 2
+    sources = {"a": make_source(tmp_path, 0, [3, 11, 7, 26])}
+    loader = DataLoader(sources, Mixture.constant({"a": 1}), seq_len=seq_len, micro_batch=3, global_batch=9)
+    inputs, targets = (torch.cat(t) for t in zip(*islice(loader, 3), strict=True))
+    loader.close()
+    assert inputs.dtype == targets.dtype == torch.int64 and inputs.shape == (9, seq_len)
+    starts = inputs[:, 0]
+    assert sorted(starts.tolist()) == list(range(0, 45, 5))
+    expected = starts[:, None] + torch.arange(seq_len)
+    assert torch.equal(inputs, expected) and torch.equal(targets, expected + 1)
+    assert loader.stats()["a"]["unused_tail_tokens"] == 2
+
+
+def test_prefetch_does_not_change_the_stream(two_sources):
+    mix = Mixture.constant({"a": 1, "b": 1})
+    eager = DataLoader(two_sources, mix, 9, 4, 8, seed=3, prefetch=0)
+    threaded = DataLoader(two_sources, mix, 9, 4, 8, seed=3, prefetch=3)
+    for (x0, y0), (x1, y1) in zip(islice(eager, 20), islice(threaded, 20), strict=True):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    threaded.close()
+    assert rows(eager, 10) == rows(threaded, 10)  # close() then iterating again resumes where it left off
+    threaded.close()
+
+
+def test_seed_changes_the_stream(two_sources):
+    mix = Mixture.constant({"a": 1, "b": 1})
+    a = rows(DataLoader(two_sources, mix, 9, 4, 8, seed=0, prefetch=0), 10)
+    b = rows(DataLoader(two_sources, mix, 9, 4, 8, seed=1, prefetch=0), 10)
+    assert a != b
+
+
+def test_resume_continues_exactly(two_sources):
+    mix = Mixture([Stage(3, {"a": 1, "b": 3}), Stage(None, {"a": 3, "b": 1})])
+    args = dict(seq_len=9, micro_batch=2, global_batch=8, seed=7, prefetch=2)
+    reference = DataLoader(two_sources, mix, **args)
+    expected = list(islice(reference, 40))
+    reference.close()
+
+    first = DataLoader(two_sources, mix, **args)
+    list(islice(first, 12))  # 3 full steps of 4 micro-batches, with more prefetched behind them
+    state = json.loads(json.dumps(first.state_dict()))  # plain Python types only
+    first.close()
+    assert state["sample"] == 24
+
+    resumed = DataLoader(two_sources, mix, **args)
+    resumed.load_state_dict(state)
+    for (x, y), (ex, ey) in zip(islice(resumed, 28), expected[12:], strict=True):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    resumed.close()
+
+
+def test_state_mid_step_is_refused(two_sources):
+    loader = DataLoader(two_sources, Mixture.constant({"a": 1, "b": 1}), 9, 2, 8, prefetch=0)
+    next(loader)
+    with pytest.raises(RuntimeError, match="middle of an optimizer step"):
+        loader.state_dict()
+    list(islice(loader, 3))
+    assert loader.state_dict()["sample"] == 8
+
+
+def test_resume_on_fewer_ranks_continues_global_order(two_sources):
+    mix = Mixture.constant({"a": 0.3, "b": 0.7})
+    single = DataLoader(two_sources, mix, 9, 4, 8, seed=5, prefetch=0)
+    expected = rows(single, 20)  # 10 steps of 8
+    ranks = [DataLoader(two_sources, mix, 9, 2, 8, rank=r, world_size=2, seed=5) for r in range(2)]
+    for ld in ranks:
+        list(islice(ld, 2 * 4))  # 4 steps of 2 micro-batches
+    states = [ld.state_dict() for ld in ranks]
+    assert states[0] == states[1]
+    for ld in ranks:
+        ld.close()
+    resumed = DataLoader(two_sources, mix, 9, 4, 8, seed=5, prefetch=0)
+    resumed.load_state_dict(states[0])
+    assert rows(resumed, 12) == expected[32:]
+
+
+def test_changed_settings_or_data_are_refused(tmp_path, two_sources):
+    mix = Mixture.constant({"a": 1, "b": 1})
+    state = DataLoader(two_sources, mix, 9, 2, 8, seed=1, prefetch=0).state_dict()
+    cases = [
+        (DataLoader(two_sources, mix, 9, 2, 8, seed=2, prefetch=0), "seed changed from 1"),
+        (DataLoader(two_sources, mix, 8, 2, 8, seed=1, prefetch=0), "seq_len changed from 9"),
+        (DataLoader(two_sources, mix, 9, 2, 16, seed=1, prefetch=0), "global_batch changed from 8"),
+    ]
+    grown = {"a": two_sources["a"], "b": make_source(tmp_path / "other", 1, [500, 502])}
+    cases.append((DataLoader(grown, mix, 9, 2, 8, seed=1, prefetch=0), "shards of source 'b' changed"))
+    for loader, match in cases:
+        with pytest.raises(ValueError, match=match):
+            loader.load_state_dict(state)
+
+
+def test_bad_configuration_is_refused(tmp_path, two_sources):
+    mix = Mixture.constant({"a": 1, "b": 1})
+    with pytest.raises(ValueError, match=r"multiple of micro_batch \* world_size"):
+        DataLoader(two_sources, mix, 9, 3, 8, world_size=2)
+    with pytest.raises(ValueError, match="mixture names sources"):
+        DataLoader(two_sources, Mixture.constant({"a": 1}), 9, 2, 8)
+    with pytest.raises(ValueError, match="source 'a' has 10 tokens"):
+        DataLoader({"a": make_source(tmp_path / "short", 0, [10])}, Mixture.constant({"a": 1}), 10, 1, 1)
+
+
+def test_eval_batches_are_deterministic_and_rank_strided(tmp_path):
+    shards = make_source(tmp_path, 0, [50, 27, 30])  # 107 tokens, seq_len 4 -> 21 windows
+    everything = list(eval_batches(shards, seq_len=4, batch_size=4))
+    again = list(eval_batches(shards, seq_len=4, batch_size=4))
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(everything, again, strict=True))
+    starts = torch.cat([x for x, _ in everything])[:, 0].tolist()
+    assert starts == list(range(0, 105, 5))
+    x, y = everything[1]
+    assert torch.equal(y, x + 1) and x.shape == (4, 4)
+
+    per_rank = [list(eval_batches(shards, 4, 4, rank=r, world_size=2)) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 3  # 10 windows each; the 21st is dropped
+    for r in range(2):
+        assert torch.cat([x for x, _ in per_rank[r]])[:, 0].tolist() == list(range(5 * r, 100, 10))
+    assert len(list(eval_batches(shards, 4, 4, max_batches=2))) == 2

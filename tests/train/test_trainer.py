@@ -1,0 +1,121 @@
+"""The training loop: exact resume, metrics rows, checkpoints, batch-size arithmetic."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamita.config import ConfigError, load_config
+from llamita.pretrain import global_batch_sequences, pretrain
+from llamita.pretrained import load_pretrained
+from llamita.train import checkpoint as ckpt
+from llamita.train.metrics import read_metrics
+
+
+def debug_config(prepared: dict[str, Path], out: Path, **overrides: str):
+    sources = (
+        f"[{{name: prose, path: '{prepared['prose']}', weight: 0.7}}, "
+        f"{{name: code, path: '{prepared['code']}', weight: 0.3}}]"
+    )
+    values = {
+        "out_dir": str(out),
+        "data.tokenizer": str(prepared["tokenizer"]),
+        "data.sources": sources,
+        "log.interval": "1",
+        **overrides,
+    }
+    return load_config("debug", values)
+
+
+def _state(run: Path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load_pretrained(run).model.state_dict().items()}
+
+
+def test_resume_equals_uninterrupted_run(prepared, tmp_path):
+    """40 steps straight vs the same run cut at step 20 and resumed: per-step losses and weights are equal."""
+    run = tmp_path / "run"
+    cfg = debug_config(prepared, run, **{"train.max_steps": "40", "checkpoint.interval": "20", "checkpoint.keep_last": "0"})
+    pretrain(cfg)
+    straight = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in straight] == list(range(1, 41))
+    final_straight = _state(run)
+
+    # Interrupt: forget everything after step 20, then resume automatically from the step-20 checkpoint.
+    shutil.rmtree(ckpt.checkpoint_path(run, 40))
+    resumed_result = pretrain(cfg)
+    assert resumed_result["step"] == 40
+    resumed = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in resumed] == list(range(1, 41))
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == b["loss"], (a, b)
+        assert a["grad_norm"] == b["grad_norm"], (a, b)
+        assert a["lr"] == b["lr"]
+    final_resumed = _state(run)
+    assert final_straight.keys() == final_resumed.keys()
+    for k in final_straight:
+        assert torch.equal(final_straight[k], final_resumed[k]), k
+
+
+def test_metrics_checkpoints_and_pruning(prepared, tmp_path):
+    run = tmp_path / "run"
+    cfg = debug_config(
+        prepared,
+        run,
+        **{"train.max_steps": "12", "checkpoint.interval": "4", "checkpoint.keep_last": "2", "eval.interval": "6",
+           "log.tensorboard": "true", "log.interval": "5"},
+    )
+    result = pretrain(cfg)
+    rows = read_metrics(run / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))  # one row per step even when logging every 5
+    for r in train_rows:
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= r.keys()
+        assert r["tokens"] == r["step"] * cfg.train.global_batch_tokens
+    val_steps = [r["step"] for r in rows if "val_loss" in r]
+    assert val_steps == [0, 6, 12]
+    assert result["val_loss"] < [r["val_loss"] for r in rows if "val_loss" in r][0]
+    kept = [p.name for p in ckpt.list_checkpoints(run)]
+    assert kept == ["step_00000008", "step_00000012"]
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    state = ckpt.read_state(ckpt.resolve_checkpoint(run))
+    assert state["step"] == 12 and state["run_config"]["out_dir"] == str(run)
+    assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_partial_checkpoint_is_ignored(prepared, tmp_path):
+    run = tmp_path / "run"
+    cfg = debug_config(prepared, run, **{"train.max_steps": "4", "checkpoint.interval": "2"})
+    pretrain(cfg)
+    partial = run / "checkpoints" / "step_00000006.tmp"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"half")
+    assert ckpt.resolve_checkpoint(run).name == "step_00000004"
+    with pytest.raises(ckpt.CheckpointError, match="interrupted save"):
+        ckpt.resolve_checkpoint(partial)
+    with pytest.raises(ckpt.CheckpointError, match="no such"):
+        ckpt.resolve_checkpoint(run / "missing")
+
+
+def test_batch_arithmetic_is_checked(prepared, tmp_path):
+    cfg = debug_config(prepared, tmp_path, **{"train.global_batch_tokens": "500"})
+    with pytest.raises(ConfigError, match="global_batch_tokens=500"):
+        global_batch_sequences(cfg, world_size=1)
+    cfg = debug_config(prepared, tmp_path, **{"train.global_batch_tokens": "1024", "train.micro_batch": "4"})
+    assert global_batch_sequences(cfg, world_size=2) == 16
+
+
+def test_other_tokenizer_is_refused(prepared, tmp_path):
+    from llamita.tokenizer import train_tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("completely different text " * 200)
+    other = tmp_path / "other-tok"
+    train_tokenizer([corpus], 300, other)
+    cfg = debug_config(prepared, tmp_path / "run", **{"data.tokenizer": str(other)})
+    with pytest.raises(ConfigError, match="different tokenizer"):
+        pretrain(cfg)
+    assert json.loads((prepared["prose"] / "manifest.json").read_text())  # untouched
