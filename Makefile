@@ -20,7 +20,8 @@ demo: venv
 	$(BIN)/llamita demo --out runs/demo
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -q --durations=10
 
 lint: venv
 	$(BIN)/ruff check src tests bench

@@ -45,18 +45,25 @@ def _write_corpus(root: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> dict[str, Path]:
-    """A trained 512-token tokenizer and two prepared sources: {"tokenizer": dir, "prose": dir, "code": dir}."""
+    """A trained 400-token tokenizer and two prepared sources: {"tokenizer": dir, "prose": dir, "code": dir}."""
     from llamita.data.prepare import prepare_source
     from llamita.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("prepared")
     corpus = _write_corpus(root)
     tok_dir = root / "tokenizer"
-    train_tokenizer(sorted(corpus.values()), 512, tok_dir)
+    train_tokenizer(sorted(corpus.values()), 400, tok_dir)
     out = {"tokenizer": tok_dir}
     for name, path in corpus.items():
         out[name] = root / "data" / name
         prepare_source(
-            name, [str(path)], tok_dir, out[name], shard_tokens=4096, val_fraction=0.05, workers=1, progress=False
+            name,
+            [str(path)],
+            tok_dir,
+            out[name],
+            shard_tokens=4096,
+            val_fraction=0.05,
+            workers=1,
+            progress=False,
         )
     return out

@@ -69,13 +69,42 @@ def test_pipeline_through_the_cli(tmp_path, capsys):
         for i in range(300):
             f.write(json.dumps({"text": f"Item {i}: the quick brown fox jumps over {i % 7} lazy dogs."}) + "\n")
     tok = tmp_path / "tok"
-    main(["train-tokenizer", "--input", str(docs), "--vocab-size", "400", "--out", str(tok)])
+    main(["train-tokenizer", "--input", str(docs), "--vocab-size", "330", "--out", str(tok)])
     data = tmp_path / "data"
-    main(["prepare", "--name", "fox", "--input", str(docs), "--tokenizer", str(tok), "--out", str(data),
-          "--val-fraction", "0.1", "--shard-tokens", "2048"])
+    main(
+        [
+            "prepare",
+            "--name",
+            "fox",
+            "--input",
+            str(docs),
+            "--tokenizer",
+            str(tok),
+            "--out",
+            str(data),
+            "--val-fraction",
+            "0.1",
+            "--shard-tokens",
+            "2048",
+        ]
+    )
     run = tmp_path / "run"
-    main(["pretrain", "--config", "debug", "--out_dir", str(run), "--data.tokenizer", str(tok),
-          f"--data.sources=[{{name: fox, path: '{data}'}}]", "--train.max_steps", "6", "--eval.interval", "3"])
+    main(
+        [
+            "pretrain",
+            "--config",
+            "debug",
+            "--out_dir",
+            str(run),
+            "--data.tokenizer",
+            str(tok),
+            f"--data.sources=[{{name: fox, path: '{data}'}}]",
+            "--train.max_steps",
+            "6",
+            "--eval.interval",
+            "3",
+        ]
+    )
     capsys.readouterr()
     main(["evaluate", "--checkpoint", str(run), "--out", str(tmp_path / "eval.json")])
     result = json.loads(capsys.readouterr().out)

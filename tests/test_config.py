@@ -23,7 +23,12 @@ def test_bundled_recipes_load():
     tl = load_config("tinyllama-1.1b")
     assert tl.optim.lr == 4e-4 and tl.optim.min_lr == 4e-5 and tl.optim.warmup_steps == 2000
     assert tl.train.global_batch_tokens == 2 * 1024 * 1024 and tl.data.seq_len == 2048
-    assert (tl.optim.beta1, tl.optim.beta2, tl.optim.weight_decay, tl.optim.grad_clip) == (0.9, 0.95, 0.1, 1.0)
+    assert (tl.optim.beta1, tl.optim.beta2, tl.optim.weight_decay, tl.optim.grad_clip) == (
+        0.9,
+        0.95,
+        0.1,
+        1.0,
+    )
     assert tl.train.max_tokens == 3 * 10**12
     weights = {s.name: s.weight for s in tl.data.sources}
     assert weights == {"slimpajama": 0.693584, "starcoderdata": 0.306416}

@@ -156,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser("train-tokenizer", help="train a Llama-style BPE tokenizer (byte fallback) on text files")
-    p.add_argument("--input", nargs="+", required=True, help="files, directories or globs (.txt, .jsonl[.gz|.zst], .parquet)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="files, directories or globs (.txt, .jsonl[.gz|.zst], .parquet)",
+    )
     p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size including special and byte tokens")
     p.add_argument("--text-field", default="text", help="JSON/parquet field holding the text")
     p.add_argument("--out", required=True, help="output directory (loadable by transformers.AutoTokenizer)")
@@ -227,4 +232,3 @@ def main(argv: list[str] | None = None) -> None:
     except user_errors() as e:
         print(f"llamita {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-

@@ -245,10 +245,8 @@ def resolve_recipe(name_or_path: str) -> Path:
 def load_config(recipe: str | None = None, overrides: dict[str, str] | None = None) -> RunConfig:
     """Build a RunConfig from an optional YAML recipe and dotted overrides (``{"optim.lr": "3e-4"}``)."""
     values: dict = {}
-    where = "config"
     if recipe is not None:
         path = resolve_recipe(recipe)
-        where = str(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -16,7 +16,7 @@ from llamita.data.prepare import prepare_source
 from llamita.tokenizer import Tokenizer, train_tokenizer
 
 DEMO_VOCAB = 4096
-DEMO_CORPUS_MB = {"prose": 6.0, "code": 6.0}
+DEMO_CORPUS_MB = {"prose": 3.0, "code": 6.0}
 PROMPTS = ["The list type", "def read_file(path):"]
 
 
@@ -33,7 +33,7 @@ def run_demo(
     Args:
         out: run directory (corpus/, tokenizer/, data/, checkpoints/, metrics.jsonl, tb/, loss.png).
         max_steps: optimizer steps (default: the demo recipe's).
-        corpus_mb: cap per source in MB (default: 6 MB of prose and 6 MB of code).
+        corpus_mb: cap per source in MB (default: all ~2.3 MB of prose, 6 MB of code).
         vocab_size: tokenizer vocabulary size.
         overrides: further dotted config overrides (used by the tests to shrink the run).
     """
@@ -61,7 +61,7 @@ def run_demo(
     for name, path in corpus.items():
         data_dirs[name] = out / "data" / name
         m = prepare_source(
-            name, [str(path)], tok_dir, data_dirs[name], shard_tokens=2**20, val_fraction=0.02, workers=2
+            name, [str(path)], tok_dir, data_dirs[name], shard_tokens=2**20, val_fraction=0.02, workers=1
         )
         t = m["totals"]
         print(f"[3/5] prepared {name}: {t}")
@@ -87,7 +87,13 @@ def run_demo(
     print("[5/5] samples (temperature 0.8, top-k 50):")
     for i, prompt in enumerate(PROMPTS):
         ids = generate(
-            pre.model, pre.tokenizer.encode(prompt, bos=True), 60, temperature=0.8, top_k=50, eos_id=pre.tokenizer.eos_id, seed=i
+            pre.model,
+            pre.tokenizer.encode(prompt, bos=True),
+            60,
+            temperature=0.8,
+            top_k=50,
+            eos_id=pre.tokenizer.eos_id,
+            seed=i,
         )
         print(f"--- {prompt!r}\n{prompt}{pre.tokenizer.decode(ids)}\n")
 

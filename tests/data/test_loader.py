@@ -61,7 +61,10 @@ def test_feistel_keys_give_different_permutations():
 
 
 def test_realised_proportions_match_weights(tmp_path):
-    sources = {"slimpajama": make_source(tmp_path, 0, [8000]), "starcoderdata": make_source(tmp_path, 1, [8000])}
+    sources = {
+        "slimpajama": make_source(tmp_path, 0, [8000]),
+        "starcoderdata": make_source(tmp_path, 1, [8000]),
+    }
     weights = {"slimpajama": 0.693584, "starcoderdata": 0.306416}
     loader = DataLoader(sources, Mixture.constant(weights), seq_len=7, micro_batch=50, global_batch=100, prefetch=0)
     picks = np.array([s for s, _ in rows(loader, 200)])
@@ -139,10 +142,11 @@ def test_prefetch_does_not_change_the_stream(two_sources):
     mix = Mixture.constant({"a": 1, "b": 1})
     eager = DataLoader(two_sources, mix, 9, 4, 8, seed=3, prefetch=0)
     threaded = DataLoader(two_sources, mix, 9, 4, 8, seed=3, prefetch=3)
-    for (x0, y0), (x1, y1) in zip(islice(eager, 20), islice(threaded, 20), strict=True):
+    for (x0, y0), (x1, y1) in zip(islice(eager, 21), islice(threaded, 21), strict=True):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    # Closed mid-step with batches prefetched: iterating again resumes after the last one handed out.
     threaded.close()
-    assert rows(eager, 10) == rows(threaded, 10)  # close() then iterating again resumes where it left off
+    assert rows(eager, 10) == rows(threaded, 10)
     threaded.close()
 
 

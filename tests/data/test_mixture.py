@@ -47,7 +47,10 @@ def test_ramp_is_linear_from_first_to_last_step_and_holds_after_a_finite_last_st
         ([Stage(5, {"a": 1, "b": 1}), Stage(None, {"a": 1})], r"stage 1: .*missing \['b'\]"),
         ([Stage(5, {"a": 1}), Stage(None, {"a": 1, "c": 1})], r"stage 1: .*unknown \['c'\]"),
         ([Stage(5, {"a": 1}, end_weights={"b": 1})], r"stage 0: field 'end_weights'.*missing \['a'\]"),
-        ([Stage(None, {"a": 1, "b": -0.5})], "stage 0: field 'weights' weight of 'b' must be a finite number >= 0"),
+        (
+            [Stage(None, {"a": 1, "b": -0.5})],
+            "stage 0: field 'weights' weight of 'b' must be a finite number >= 0",
+        ),
         ([Stage(None, {"a": float("nan")})], "finite number"),
         ([Stage(None, {"a": 0, "b": 0})], "all weights zero"),
     ],
@@ -80,7 +83,10 @@ def test_from_config_parses_stages():
     [
         ({"weights": {"a": 1}}, "expected a list of stages"),
         ([["a", 1]], "stage 0: expected a mapping"),
-        ([{"steps": 3, "weights": {"a": 1}}, {"weight": {"a": 1}}], r"stage 1: unknown field\(s\) \['weight'\]"),
+        (
+            [{"steps": 3, "weights": {"a": 1}}, {"weight": {"a": 1}}],
+            r"stage 1: unknown field\(s\) \['weight'\]",
+        ),
         ([{"steps": 3}], "stage 0: missing field 'weights'"),
         ([{"steps": "10", "weights": {"a": 1}}], "stage 0: field 'steps' must be an integer"),
         ([{"steps": True, "weights": {"a": 1}}], "stage 0: field 'steps' must be an integer"),

@@ -38,7 +38,9 @@ def _state(run: Path) -> dict[str, torch.Tensor]:
 def test_resume_equals_uninterrupted_run(prepared, tmp_path):
     """40 steps straight vs the same run cut at step 20 and resumed: per-step losses and weights are equal."""
     run = tmp_path / "run"
-    cfg = debug_config(prepared, run, **{"train.max_steps": "40", "checkpoint.interval": "20", "checkpoint.keep_last": "0"})
+    cfg = debug_config(
+        prepared, run, **{"train.max_steps": "40", "checkpoint.interval": "20", "checkpoint.keep_last": "0"}
+    )
     pretrain(cfg)
     straight = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in straight] == list(range(1, 41))
@@ -65,8 +67,14 @@ def test_metrics_checkpoints_and_pruning(prepared, tmp_path):
     cfg = debug_config(
         prepared,
         run,
-        **{"train.max_steps": "12", "checkpoint.interval": "4", "checkpoint.keep_last": "2", "eval.interval": "6",
-           "log.tensorboard": "true", "log.interval": "5"},
+        **{
+            "train.max_steps": "12",
+            "checkpoint.interval": "4",
+            "checkpoint.keep_last": "2",
+            "eval.interval": "6",
+            "log.tensorboard": "true",
+            "log.interval": "5",
+        },
     )
     result = pretrain(cfg)
     rows = read_metrics(run / "metrics.jsonl")
@@ -112,9 +120,9 @@ def test_other_tokenizer_is_refused(prepared, tmp_path):
     from llamita.tokenizer import train_tokenizer
 
     corpus = tmp_path / "c.txt"
-    corpus.write_text("completely different text " * 200)
+    corpus.write_text(" ".join(f"other{i} words{i % 17} here" for i in range(3000)))
     other = tmp_path / "other-tok"
-    train_tokenizer([corpus], 300, other)
+    train_tokenizer([corpus], 330, other)
     cfg = debug_config(prepared, tmp_path / "run", **{"data.tokenizer": str(other)})
     with pytest.raises(ConfigError, match="different tokenizer"):
         pretrain(cfg)

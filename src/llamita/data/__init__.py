@@ -1,1 +1,1 @@
-"""Data pipeline: raw documents -> token shards (sources, shards, prepare) -> training batches (mixture, loader)."""
+"""Data pipeline: raw documents -> token shards (sources, shards, prepare) -> batches (mixture, loader)."""

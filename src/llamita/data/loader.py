@@ -98,7 +98,9 @@ class _TokenStream:
         if not paths:
             raise ValueError("no shard files given")
         self.paths = [Path(p) for p in paths]
-        self.arrays = [read_shard(p, vocab_size=vocab_size) for p in self.paths]
+        # Headers and sizes are checked; scanning every token (terabytes, at each start) is left to
+        # write_shard, which refuses out-of-range ids.
+        self.arrays = [read_shard(p, vocab_size=vocab_size, check_tokens=False) for p in self.paths]
         self.counts = [int(a.shape[0]) for a in self.arrays]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
         self.total = int(self.offsets[-1])
@@ -214,8 +216,9 @@ class DataLoader:
                 stream.total - int(n) * (seq_len + 1),
             )
         self._pick_key = _key(seed, _TAG_SOURCE_PICK)
+        # Handed to the caller so far: the last step boundary, plus micro-batches of the step after it.
         self._consumed = _Position(sample=0, draws=(0,) * len(self.names))
-        self._mid_step = False
+        self._micro = 0
         self._batches: Iterator[tuple[torch.Tensor, torch.Tensor, _Position | None]] | None = None
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
@@ -232,7 +235,7 @@ class DataLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.prefetch == 0:
             if self._batches is None:
-                self._batches = self._generate(self._consumed)
+                self._batches = self._generate(self._consumed, self._micro)
             inputs, targets, boundary = next(self._batches)
         else:
             if self._thread is None:
@@ -243,9 +246,10 @@ class DataLoader:
                 self.close()
                 raise item
             inputs, targets, boundary = item
-        self._mid_step = boundary is None
-        if boundary is not None:
-            self._consumed = boundary
+        if boundary is None:
+            self._micro += 1
+        else:
+            self._consumed, self._micro = boundary, 0
         return inputs, targets
 
     def state_dict(self) -> dict:
@@ -257,10 +261,10 @@ class DataLoader:
         Raises:
             RuntimeError: If called in the middle of an optimizer step on this rank.
         """
-        if self._mid_step:
+        if self._micro:
             raise RuntimeError(
-                "DataLoader.state_dict: called in the middle of an optimizer step; save only after the last of "
-                f"the {self.micro_steps_per_step} micro-batches of a step"
+                "DataLoader.state_dict: called in the middle of an optimizer step; save only after the last "
+                f"of the {self.micro_steps_per_step} micro-batches of a step"
             )
         return {
             "version": _STATE_VERSION,
@@ -292,10 +296,13 @@ class DataLoader:
                 f"DataLoader state: sources changed from {sorted(saved)} (checkpoint) to {sorted(now)} (now)"
             )
         for name in self.names:
-            if dict(saved[name]) != now[name]:
+            # A checkpoint round trip may turn lists into tuples; compare the values.
+            old = {"shards": list(saved[name]["shards"]), "tokens": [int(t) for t in saved[name]["tokens"]]}
+            if old != now[name]:
                 raise ValueError(
                     f"DataLoader state: the shards of source {name!r} changed since the checkpoint "
-                    f"(names or token counts differ: {_diff(saved[name], now[name])}); resume with the same data"
+                    f"(names or token counts differ: {_diff(old, now[name])}); "
+                    "resume with the same data"
                 )
         if state["sample"] % self.global_batch:
             raise ValueError(
@@ -303,8 +310,7 @@ class DataLoader:
                 f"(global_batch {self.global_batch})"
             )
         self.close()
-        self._batches = None
-        self._mid_step = False
+        self._micro = 0
         self._consumed = _Position(
             sample=int(state["sample"]), draws=tuple(int(state["draws"][name]) for name in self.names)
         )
@@ -314,7 +320,10 @@ class DataLoader:
         return {name: s.fingerprint() for name, s in zip(self.names, self._streams, strict=True)}
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per source: tokens, windows, unused tail tokens, draws and completed epochs (as handed out)."""
+        """Per source: tokens, windows, unused tail tokens, draws and completed epochs.
+
+        Draws and epochs count the optimizer steps handed out in full (those a checkpoint would resume after).
+        """
         out = {}
         for i, (name, stream) in enumerate(zip(self.names, self._streams, strict=True)):
             n = int(self._windows[i])
@@ -342,14 +351,14 @@ class DataLoader:
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=_produce,
-            args=(self._generate(self._consumed), self._queue, self._stop),
+            args=(self._generate(self._consumed, self._micro), self._queue, self._stop),
             name="llamita-dataloader",
             daemon=True,
         )
         self._thread.start()
 
     def _plan_step(self, pos: _Position) -> tuple[np.ndarray, np.ndarray, _Position]:
-        """Source and window of every global position of the step starting at ``pos``, and the next position."""
+        """Source and window of each global position of the step starting at ``pos``; the next position."""
         step = pos.sample // self.global_batch
         weights = self.mixture.weights(step)
         cum = np.cumsum([weights[name] for name in self.names])
@@ -372,13 +381,16 @@ class DataLoader:
             draws[i] += where.size
         return src, window, _Position(sample=pos.sample + self.global_batch, draws=tuple(draws))
 
-    def _generate(self, pos: _Position) -> Iterator[tuple[torch.Tensor, torch.Tensor, _Position | None]]:
-        """Yield this rank's micro-batches from ``pos`` on, each with the step-end position after a step's last."""
+    def _generate(self, pos: _Position, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, _Position | None]]:
+        """Yield this rank's micro-batches from step boundary ``pos`` on, less the first ``skip``.
+
+        Each step's last micro-batch carries the position of the next step boundary; the others carry None.
+        """
         span = self.seq_len + 1
+        mine = np.arange(self.rank, self.global_batch, self.world_size)
         while True:
             src, window, nxt = self._plan_step(pos)
-            mine = np.arange(self.rank, self.global_batch, self.world_size)
-            for m in range(self.micro_steps_per_step):
+            for m in range(skip, self.micro_steps_per_step):
                 buf = np.empty((self.micro_batch, span), dtype=np.int64)
                 for row, p in enumerate(mine[m * self.micro_batch : (m + 1) * self.micro_batch]):
                     self._streams[src[p]].read(int(window[p]) * span, buf[row])
@@ -387,7 +399,7 @@ class DataLoader:
                 if self.pin_memory:
                     inputs, targets = inputs.pin_memory(), targets.pin_memory()
                 yield inputs, targets, nxt if m == self.micro_steps_per_step - 1 else None
-            pos = nxt
+            pos, skip = nxt, 0
 
 
 def _produce(batches: Iterator, out: queue.Queue, stop: threading.Event) -> None:
@@ -466,4 +478,7 @@ def eval_batches(
         buf = np.empty((len(local), span), dtype=np.int64)
         for row, j in enumerate(local):
             stream.read((j * world_size + rank) * span, buf[row])
-        yield torch.from_numpy(np.ascontiguousarray(buf[:, :-1])), torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
+        yield (
+            torch.from_numpy(np.ascontiguousarray(buf[:, :-1])),
+            torch.from_numpy(np.ascontiguousarray(buf[:, 1:])),
+        )

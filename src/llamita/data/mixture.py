@@ -21,7 +21,8 @@ class Stage:
     """One phase of a mixture.
 
     Attributes:
-        steps: How many optimizer steps the stage lasts; None means until the end of training (last stage only).
+        steps: How many optimizer steps the stage lasts; None means until the end of training (last
+            stage only).
         weights: Relative weight of each source at the start of the stage (normalised when used).
         end_weights: If given, the weights ramp linearly from ``weights`` on the stage's first step to
             ``end_weights`` on its last step.
@@ -39,8 +40,9 @@ class Mixture:
         stages: The stages in order. All stages must name the same sources (use weight 0 to switch one off).
 
     Raises:
-        ValueError: If the stages are empty, name different sources, have negative, non-finite or all-zero
-            weights, a non-positive step count, a ramp without an end, or a stage without an end that is not last.
+        ValueError: If the stages are empty, name different sources, have negative, non-finite or
+            all-zero weights, a non-positive step count, a ramp without an end, or a stage without an end
+            that is not last.
     """
 
     def __init__(self, stages: Sequence[Stage]) -> None:
@@ -152,13 +154,13 @@ class Mixture:
             if missing or unknown:
                 raise ValueError(
                     f"mixture stage {i}: field '{field}' must name the same sources as stage 0 "
-                    f"{list(self.sources)}; missing {missing}, unknown {unknown} (use weight 0 to disable one)"
+                    f"{list(self.sources)}; missing {missing}, unknown {unknown} "
+                    "(use weight 0 to disable one)"
                 )
             for name, w in weights.items():
                 if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
                     raise ValueError(
-                        f"mixture stage {i}: field '{field}' weight of {name!r} must be a finite number >= 0, "
-                        f"got {w!r}"
+                        f"mixture stage {i}: field '{field}' weight of {name!r} must be a finite number >= 0, got {w!r}"
                     )
             if sum(weights.values()) <= 0:
                 raise ValueError(f"mixture stage {i}: field '{field}' has all weights zero; give one a weight > 0")

@@ -65,8 +65,9 @@ def prepare_source(
 ) -> dict:
     """Tokenize the files of one source into ``out_dir`` (see the module docstring for the layout).
 
-    If ``out_dir`` already holds a manifest for the same inputs (paths, sizes, mtimes), tokenizer and settings,
-    nothing is done and that manifest is returned; otherwise the old shards are removed and all is rebuilt.
+    If ``out_dir`` already holds a manifest for the same inputs (paths, sizes, mtimes), tokenizer and
+    settings, nothing is done and that manifest is returned; otherwise the old shards are removed and all is
+    rebuilt.
 
     Args:
         name: the source's name, recorded in the manifest.
@@ -210,7 +211,7 @@ def load_manifest(source_dir: Path) -> dict:
     """Read the manifest of a prepared source.
 
     Raises:
-        FileNotFoundError: ``source_dir`` has no manifest (it was not prepared, or preparation did not finish).
+        FileNotFoundError: ``source_dir`` has no manifest (never prepared, or preparation did not finish).
         ManifestError: the manifest is unreadable or from an unsupported format version.
     """
     path = Path(source_dir) / MANIFEST_NAME
@@ -291,9 +292,7 @@ def _tokenize_task(task: _Task, tokenizer: Tokenizer, dtype: np.dtype) -> _Resul
         if text is None:
             continue
         split = (
-            "val"
-            if task.val_fraction > 0 and _is_val(task.rel, position, task.seed, task.val_fraction)
-            else "train"
+            "val" if task.val_fraction > 0 and _is_val(task.rel, position, task.seed, task.val_fraction) else "train"
         )
         texts[split].append(text)
         if len(texts[split]) >= _ENCODE_BATCH:
@@ -337,9 +336,7 @@ def _run_tasks(
     with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir), dtype.name)) as pool:
         todo = iter(tasks)
         # A bounded window of tasks in flight, so finished results cannot pile up behind a slow one.
-        pending = collections.deque(
-            pool.apply_async(_worker_task, (t,)) for t in itertools.islice(todo, 2 * workers)
-        )
+        pending = collections.deque(pool.apply_async(_worker_task, (t,)) for t in itertools.islice(todo, 2 * workers))
         while pending:
             result = pending.popleft().get()
             nxt = next(todo, None)
@@ -388,12 +385,12 @@ class _SplitWriter:
         return doc
 
     def finish(self) -> list[dict]:
-        """Write everything still pending (the last shard may be short); return the manifest's shard entries."""
+        """Write all that is pending (the last shard may be short); return the manifest's shard entries."""
         self._write(self.pending_tokens, final=True)
         return self.shards
 
     def _write(self, available: int, final: bool) -> None:
-        """Write the full shards among the first ``available`` pending tokens, and the rest too if ``final``."""
+        """Write the full shards among the first ``available`` pending tokens, and the rest if ``final``."""
         n_full = available // self.shard_tokens
         if n_full == 0 and not (final and self.pending_tokens):
             return

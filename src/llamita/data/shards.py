@@ -11,10 +11,10 @@ Layout (all integers little-endian)::
         32    32  zero padding   (the header is 64 bytes so the tokens start aligned)
         64     -  tokens         count * itemsize bytes, nothing after them
 
-The dtype is uint16 when the vocabulary fits (``vocab_size <= 65536``), else uint32, so a reader can check that
-the two agree. Shards are written to a temporary file in the same directory, fsynced and renamed into place,
-so a shard that exists is complete. :func:`read_shard` checks every header field and the file size before
-handing out a read-only memmap, and by default that every token id is below the vocabulary size.
+The dtype is uint16 when the vocabulary fits (``vocab_size <= 65536``), else uint32, so a reader can check
+that the two agree. Shards are written to a temporary file in the same directory, fsynced and renamed into
+place, so a shard that exists is complete. :func:`read_shard` checks every header field and the file size
+before handing out a read-only memmap, and by default that every token id is below the vocabulary size.
 """
 
 from __future__ import annotations
@@ -79,9 +79,7 @@ def write_shard(path: Path, tokens: np.ndarray, vocab_size: int) -> str:
     path = Path(path)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ShardError(
-            f"{path}: tokens must be a 1-D integer array, got {tokens.dtype} of shape {tokens.shape}"
-        )
+        raise ShardError(f"{path}: tokens must be a 1-D integer array, got {tokens.dtype} of shape {tokens.shape}")
     dtype = dtype_for_vocab(vocab_size)
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
         bad = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
@@ -134,9 +132,7 @@ def shard_header(path: Path) -> ShardHeader:
     except FileNotFoundError:
         raise ShardError(f"{path}: shard not found; re-run `llamita prepare` for its source") from None
     if len(raw) < HEADER_BYTES:
-        raise ShardError(
-            f"{path}: file is {len(raw)} bytes, shorter than the {HEADER_BYTES}-byte shard header"
-        )
+        raise ShardError(f"{path}: file is {len(raw)} bytes, shorter than the {HEADER_BYTES}-byte shard header")
     magic, version, code, count, vocab_size = _HEADER.unpack_from(raw)
     if magic != MAGIC:
         raise ShardError(f"{path}: not a llamita token shard (magic {magic!r}, expected {MAGIC!r})")
@@ -174,8 +170,8 @@ def read_shard(path: Path, vocab_size: int | None = None, check_tokens: bool = T
     if size != header.expected_file_bytes:
         problem = "truncated" if size < header.expected_file_bytes else "has trailing bytes"
         raise ShardError(
-            f"{path}: {problem}: {size} bytes, but the header's {header.num_tokens} {header.dtype} tokens need "
-            f"{header.expected_file_bytes}; re-run `llamita prepare` for its source"
+            f"{path}: {problem}: {size} bytes, but the header's {header.num_tokens} {header.dtype} tokens "
+            f"need {header.expected_file_bytes}; re-run `llamita prepare` for its source"
         )
     if vocab_size is not None and vocab_size != header.vocab_size:
         raise ShardError(

@@ -5,7 +5,7 @@ Supported formats, chosen by file suffix:
 - ``.txt``: the whole file is one document.
 - ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``: one JSON object per line, the text in ``text_field``
   (SlimPajama ships ``.jsonl.zst``). Blank lines carry no record and are skipped.
-- ``.parquet``: the text in column ``text_field`` (Starcoderdata uses ``"content"``), read one batch at a time.
+- ``.parquet``: the text in column ``text_field`` (Starcoderdata uses ``"content"``), read batch by batch.
 
 A record that cannot become a document is never dropped silently: it is counted in :class:`Rejects` under its
 file and one of the reasons in :data:`REJECT_REASONS`. Errors that make a whole file unreadable (a truncated
@@ -23,7 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-import zstandard
+try:
+    import zstandard
+except ImportError:  # a core dependency, but images that run llamita from source may lack it
+    zstandard = None
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 REJECT_REASONS = ("invalid_json", "missing_field", "not_a_string", "invalid_utf8", "empty")
@@ -207,9 +210,7 @@ def iter_records(
     rejects = rejects if rejects is not None else Rejects()
     fmt = source_format(path)
     if fmt is None:
-        raise SourceError(
-            f"{path}: unsupported file type; supported suffixes are {', '.join(SUPPORTED_SUFFIXES)}"
-        )
+        raise SourceError(f"{path}: unsupported file type; supported suffixes are {', '.join(SUPPORTED_SUFFIXES)}")
     if not path.is_file():
         raise SourceError(f"{path}: no such file")
     if fmt == ".txt":
@@ -283,7 +284,7 @@ def _jsonl_records(
                 # Line numbers are only known when reading from the start of the file.
                 where = f"line {lineno}" if not start else f"byte {line_pos}"
                 yield line_pos, _json_text(raw, text_field, path, where, rejects)
-    except (EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile) as err:
+    except _ARCHIVE_ERRORS as err:
         raise SourceError(
             f"{path}: truncated or corrupt {fmt} archive ({err}); re-download or re-compress the file"
         ) from err
@@ -319,6 +320,12 @@ def _json_text(raw: bytes, text_field: str, path: Path, where: str, rejects: Rej
         rejects.add(path, "empty", where)
         return None
     return text
+
+
+# What a truncated or corrupt compressed file raises while it is being read.
+_ARCHIVE_ERRORS: tuple[type[Exception], ...] = (EOFError, zlib.error, gzip.BadGzipFile) + (
+    (zstandard.ZstdError,) if zstandard is not None else ()
+)
 
 
 def _open_lines(path: Path, fmt: str) -> BinaryIO:
@@ -358,6 +365,8 @@ class _ZstdReader(io.RawIOBase):
         super().close()
 
     def _decompressed_chunks(self) -> Iterator[bytes]:
+        if zstandard is None:
+            raise SourceError(f"{self._path}: reading .zst needs the zstandard package: pip install zstandard")
         dctx = zstandard.ZstdDecompressor()
         dobj, in_frame = dctx.decompressobj(), False
         while data := self._fh.read(_READ_CHUNK):
@@ -400,9 +409,7 @@ def _parquet_records(
     groups = range(pf.metadata.num_row_groups) if span is None else range(*span)
     row = sum(pf.metadata.row_group(g).num_rows for g in range(groups.start))
     try:
-        batches = pf.iter_batches(
-            batch_size=_PARQUET_BATCH_ROWS, row_groups=list(groups), columns=[text_field]
-        )
+        batches = pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=list(groups), columns=[text_field])
         for batch in batches:
             for value in batch.column(0).to_pylist():
                 yield row, _parquet_text(value, path, f"row {row}", rejects)

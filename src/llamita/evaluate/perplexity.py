@@ -40,7 +40,13 @@ def validation_loss(
     world = dist.get_world_size() if dist.is_initialized() else 1
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, tokens]
     batches = eval_batches(
-        shards, seq_len, batch_size, max_batches=max_batches, rank=rank, world_size=world, vocab_size=vocab_size
+        shards,
+        seq_len,
+        batch_size,
+        max_batches=max_batches,
+        rank=rank,
+        world_size=world,
+        vocab_size=vocab_size,
     )
     for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)

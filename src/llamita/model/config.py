@@ -8,7 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-_POSITIVE_INTS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "max_seq_len")
+_POSITIVE_INTS = (
+    "vocab_size",
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "intermediate_size",
+    "max_seq_len",
+)
 _POSITIVE_FLOATS = ("rope_theta", "norm_eps", "init_std")
 
 
@@ -144,7 +152,13 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # TinyLlama's tiny_LLaMA_120M (multi-query attention).
     "tinyllama-120m": ModelConfig(
-        vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=1, intermediate_size=2048, max_seq_len=2048
+        vocab_size=32000,
+        dim=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=1,
+        intermediate_size=2048,
+        max_seq_len=2048,
     ),
     # TinyLlama-1.1B, as in the paper and its HF config.json.
     "tinyllama-1.1b": ModelConfig(
@@ -177,4 +191,3 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[name]
-

@@ -94,7 +94,7 @@ class KVCache:
         """
         max_len = config.max_seq_len if max_len is None else max_len
         if not 0 < max_len <= config.max_seq_len:
-            raise ValueError(f"KVCache max_len must be in 1..{config.max_seq_len} (max_seq_len), got {max_len}")
+            raise ValueError(f"KVCache max_len must be in 1..max_seq_len ({config.max_seq_len}), got {max_len}")
         self.batch_size = batch_size
         self.max_len = max_len
         shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
@@ -253,8 +253,8 @@ class Llama(nn.Module):
         end = start_pos + T
         if end > self.config.max_seq_len:
             raise ValueError(
-                f"positions {start_pos}..{end - 1} exceed the model's max_seq_len ({self.config.max_seq_len}); "
-                "pass shorter sequences"
+                f"positions {start_pos}..{end - 1} exceed the model's max_seq_len "
+                f"({self.config.max_seq_len}); pass shorter sequences"
             )
         if cache is None and start_pos != 0:
             raise ValueError(f"start_pos={start_pos} needs a KVCache holding the earlier positions")

@@ -131,9 +131,7 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
-) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Load a checkpoint into `model` (and `optimizer`, and this rank's RNG); return the trainer state."""
     path = resolve_checkpoint(path)
     state = read_state(path)

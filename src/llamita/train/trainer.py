@@ -209,9 +209,7 @@ class Trainer:
     def _log_validation(self, logger: MetricsLogger) -> dict[str, float]:
         result = self.validate()
         logger.log({"step": self.state.step, "tokens": self.state.tokens, **result})
-        logger.print(
-            f"step {self.state.step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}"
-        )
+        logger.print(f"step {self.state.step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}")
         return result
 
     def fit(self) -> dict[str, Any]:

@@ -1,0 +1,110 @@
+"""The demo corpus, built from the running Python's own standard library: nothing to download.
+
+Two sources, one JSON line ``{"text": ...}`` per document:
+
+- ``prose.jsonl``: the reference manual's help topics (``pydoc_data``), then, per stdlib module, its module,
+  class and function docstrings joined into one document (read with :mod:`ast`; nothing is imported).
+- ``code.jsonl``: the source of each stdlib ``.py`` file, tests and site-packages left out.
+
+Files are visited in sorted order, so the same interpreter always writes the same bytes. A cap stops a source
+once its document text has reached that many UTF-8 bytes (the last document may cross it).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sysconfig
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from pydoc_data.topics import topics
+
+_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+_DOCSTRING_OWNERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_BLOCKS = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
+def write_demo_corpus(
+    out_dir: Path, max_code_bytes: int | None = None, max_prose_bytes: int | None = None
+) -> dict[str, Path]:
+    """Write the demo corpus as JSONL files.
+
+    Args:
+        out_dir: directory to write into (created if missing).
+        max_code_bytes: cap on the code source's text bytes; None for all of the standard library.
+        max_prose_bytes: cap on the prose source's text bytes; None for everything.
+
+    Returns:
+        ``{"prose": out_dir / "prose.jsonl", "code": out_dir / "code.jsonl"}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"prose": out_dir / "prose.jsonl", "code": out_dir / "code.jsonl"}
+    _write_jsonl(paths["prose"], _prose_documents(), max_prose_bytes)
+    _write_jsonl(paths["code"], (source for source, _ in _stdlib_modules()), max_code_bytes)
+    return paths
+
+
+def demo_corpus_stats(paths: dict[str, Path]) -> dict[str, dict[str, int]]:
+    """Documents and text bytes per source, e.g. ``{"prose": {"docs": 812, "bytes": 6000000}, ...}``."""
+    stats = {}
+    for name, path in paths.items():
+        docs = n_bytes = 0
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                docs += 1
+                n_bytes += len(json.loads(line)["text"].encode("utf-8"))
+        stats[name] = {"docs": docs, "bytes": n_bytes}
+    return stats
+
+
+def _write_jsonl(path: Path, documents: Iterator[str], max_bytes: int | None) -> None:
+    """Write documents until ``max_bytes`` is reached; through a temporary file, so no half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    total = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for text in documents:
+            if max_bytes is not None and total >= max_bytes:
+                break
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            total += len(text.encode("utf-8"))
+    os.replace(tmp, path)
+
+
+def _prose_documents() -> Iterator[str]:
+    for key in sorted(topics):
+        yield topics[key]
+    for _, tree in _stdlib_modules():
+        docstrings = list(_docstrings(tree))
+        if docstrings:
+            yield "\n\n".join(docstrings)
+
+
+def _docstrings(node: ast.AST) -> Iterator[str]:
+    """Docstrings of ``node`` and the definitions inside it, in source order."""
+    if isinstance(node, _DOCSTRING_OWNERS) and (doc := ast.get_docstring(node, clean=True)):
+        yield doc
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, _BLOCKS):  # definitions live in statement blocks, never in expressions
+            yield from _docstrings(child)
+
+
+def _stdlib_modules() -> Iterator[tuple[str, ast.Module]]:
+    """Source and syntax tree of each standard-library file that is UTF-8 and parses, in sorted path order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        (path for path in root.rglob("*.py") if not _SKIPPED_DIRS.intersection(path.relative_to(root).parts[:-1])),
+        key=lambda path: path.relative_to(root).as_posix(),
+    )
+    for path in files:
+        try:
+            source = path.read_text(encoding="utf-8")
+            with warnings.catch_warnings():  # e.g. invalid escapes: the file's business, not the reader's
+                warnings.simplefilter("ignore", SyntaxWarning)
+                tree = ast.parse(source, filename=str(path))
+        except (UnicodeDecodeError, SyntaxError, ValueError):
+            continue  # a data file posing as Python (some ship deliberately broken ones) teaches nothing
+        if source.strip():
+            yield source, tree

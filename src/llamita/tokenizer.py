@@ -1,0 +1,396 @@
+"""The tokenizer: load a Llama tokenizer, train a Llama-style byte-fallback BPE, save it for Hugging Face.
+
+Llama's tokenizer is a SentencePiece BPE: spaces become ``▁``, one ``▁`` is prepended to the text, digits are
+single tokens, and a character outside the vocabulary falls back to its UTF-8 bytes ``<0x00>``..``<0xFF>``, so
+every string round-trips. The ids are ``<unk>`` = 0, ``<s>`` = 1, ``</s>`` = 2, then the 256 byte tokens, then
+the learned pieces. :func:`train_tokenizer` builds the same thing with the ``tokenizers`` library, and
+:meth:`Tokenizer.save` writes a directory that ``transformers.AutoTokenizer`` loads and encodes identically.
+
+Text is data: a document containing the characters ``</s>`` is encoded as those characters, never as the EOS
+id (as SentencePiece does); BOS/EOS ids are added only through ``encode(bos=..., eos=...)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as Backend
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
+
+from llamita.data.sources import Rejects, iter_documents
+
+UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
+SPACE = "▁"
+MIN_VOCAB_SIZE = 3 + len(BYTE_TOKENS) + 64
+"""Special tokens, byte tokens, and room for an alphabet and some merges."""
+CHARACTER_COVERAGE = 0.99995
+"""Share of training characters that get their own token (Llama 2's value); the rarest fall back to bytes."""
+MAX_TOKEN_CHARS = 16
+"""Longest learned token in characters (SentencePiece's default), so boilerplate does not become one token."""
+DEFAULT_MODEL_MAX_LENGTH = 2048
+
+
+class Tokenizer:
+    """A loaded tokenizer: text <-> token ids, with explicit BOS/EOS.
+
+    Args:
+        backend: the ``tokenizers`` pipeline (normalizer, pre-tokenizer, model, decoder).
+        bos_token: the beginning-of-sequence token; must be in the vocabulary.
+        eos_token: the end-of-sequence token; must be in the vocabulary.
+        unk_token: the unknown token, or None if the vocabulary has none.
+        model_max_length: context length written to ``tokenizer_config.json``.
+        source: where the tokenizer came from, for error messages.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        bos_token: str = BOS,
+        eos_token: str = EOS,
+        unk_token: str | None = UNK,
+        model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+        source: str = "tokenizer",
+    ) -> None:
+        self._backend = backend
+        # Special-token strings in text stay text (as in SentencePiece; saved as split_special_tokens).
+        self._backend.encode_special_tokens = True
+        self._tokens = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token}
+        self._ids = {field: self._token_id(token, field, source) for field, token in self._tokens.items()}
+        self.model_max_length = model_max_length
+
+    def _token_id(self, token: str | None, field: str, source: str) -> int | None:
+        if token is None:
+            if field == "unk_token":
+                return None
+            raise ValueError(f"{source}: no {field} is set; add `{field}` to tokenizer_config.json")
+        token_id = self._backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(
+                f"{source}: {field} {token!r} is not in the vocabulary; fix `{field}` in tokenizer_config.json"
+            )
+        return token_id
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a tokenizer directory, a ``tokenizer.json`` file or a SentencePiece ``tokenizer.model`` file.
+
+        A directory is read as ``tokenizer.json`` when present, else ``tokenizer.model`` (Meta's Llama 2).
+        Special tokens come from ``tokenizer_config.json`` or ``special_tokens_map.json`` beside the file,
+        else from the SentencePiece model, else ``<s>``, ``</s>``, ``<unk>``.
+
+        Args:
+            path: the directory or file.
+
+        Raises:
+            FileNotFoundError: the path does not exist, or the directory holds neither file.
+            ImportError: a ``.model`` file needs the ``spm`` extra.
+            ValueError: a config file is not valid JSON or names a token missing from the vocabulary.
+        """
+        path = Path(path)
+        if path.is_dir():
+            directory = path
+            file = next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()), None)
+            if file is None:
+                raise FileNotFoundError(
+                    f"{path}: no tokenizer.json or tokenizer.model in this directory; point to a directory "
+                    "written by `llamita train-tokenizer` or a Hugging Face / Meta Llama tokenizer directory"
+                )
+        elif path.is_file():
+            directory, file = path.parent, path
+        else:
+            raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
+
+        if file.suffix == ".model":
+            backend, tokens = _backend_from_sentencepiece(file)
+        else:
+            try:
+                backend = Backend.from_file(str(file))
+            except Exception as e:  # the Rust side raises a bare Exception for malformed files
+                raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from e
+            tokens = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
+        config = _read_config(directory)
+        if "unk_token" not in config and backend.token_to_id(tokens["unk_token"] or "") is None:
+            tokens["unk_token"] = None  # byte-level vocabularies (GPT-2 style) have no unknown token
+        tokens.update((field, config[field]) for field in tokens if field in config)
+        return cls(
+            backend,
+            **tokens,
+            model_max_length=config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH),
+            source=str(file),
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        """Id of the beginning-of-sequence token."""
+        return self._ids["bos_token"]
+
+    @property
+    def eos_id(self) -> int:
+        """Id of the end-of-sequence token."""
+        return self._ids["eos_token"]
+
+    @property
+    def unk_id(self) -> int | None:
+        """Id of the unknown token (0 for Llama), or None if the vocabulary has none."""
+        return self._ids["unk_token"]
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of ``text``, with BOS prepended and EOS appended when asked."""
+        return self._wrap(self._backend.encode(text, add_special_tokens=False).ids, bos, eos)
+
+    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+        """:meth:`encode` for many texts, in parallel threads."""
+        encodings = self._backend.encode_batch_fast(texts, add_special_tokens=False)
+        return [self._wrap(e.ids, bos, eos) for e in encodings]
+
+    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``; special tokens (BOS, EOS, UNK) are dropped, byte tokens become characters."""
+        return self._backend.decode(list(map(int, ids)), skip_special_tokens=True)
+
+    def fingerprint(self) -> str:
+        """SHA-256 hex digest of the serialized pipeline and special tokens: same digest, same token ids."""
+        state = self._backend.to_str() + json.dumps(self._tokens, sort_keys=True)
+        return hashlib.sha256(state.encode("utf-8")).hexdigest()
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` to ``out_dir``.
+
+        ``transformers.AutoTokenizer.from_pretrained(out_dir)`` then encodes and decodes exactly as this
+        object, adding BOS by default (``tok(text)`` equals ``encode(text, bos=True)``).
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(out_dir / "tokenizer.json"))
+        special = {field: token for field, token in self._tokens.items() if token is not None}
+        config = {
+            # Not LlamaTokenizerFast: transformers 5 rebuilds that class's pipeline instead of reading ours.
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "model_max_length": self.model_max_length,
+            "legacy": False,
+            "clean_up_tokenization_spaces": False,
+            "split_special_tokens": True,
+        }
+        _write_json(out_dir / "tokenizer_config.json", config)
+        _write_json(out_dir / "special_tokens_map.json", special)
+
+
+def train_tokenizer(
+    files: list[Path], vocab_size: int, out_dir: Path | None = None, *, text_field: str = "text"
+) -> Tokenizer:
+    """Train a Llama-style byte-fallback BPE tokenizer on text files; the same inputs give the same tokenizer.
+
+    Learned pieces never cross a digit (digits are single tokens, as in Llama), a newline, or the end of a
+    word; a run of spaces may join the word that follows it, which keeps code indentation cheap.
+
+    Args:
+        files: training files in any format :func:`llamita.data.sources.iter_documents` reads.
+        vocab_size: total vocabulary, special and byte tokens included.
+        out_dir: if given, where to :meth:`Tokenizer.save` the result.
+        text_field: JSON key or parquet column holding the text.
+
+    Raises:
+        ValueError: ``vocab_size`` is below :data:`MIN_VOCAB_SIZE`, or the files hold no document.
+        llamita.data.sources.SourceError: a file cannot be read.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: it must be at least {MIN_VOCAB_SIZE} "
+            f"(3 special + {len(BYTE_TOKENS)} byte tokens + room for characters and merges)"
+        )
+    paths = [Path(f) for f in files]
+    rejects = Rejects()
+    learned = vocab_size - len(BYTE_TOKENS)  # the trainer's budget: special tokens, characters and merges
+    alphabet = _choose_alphabet(_documents(paths, text_field, rejects), max_chars=(learned - 3) // 2)
+    if not alphabet:
+        raise ValueError(f"no documents to train on in {[str(p) for p in paths]} ({rejects.summary()})")
+    if rejects.total:
+        warnings.warn(f"tokenizer training skipped records: {rejects.summary()}", stacklevel=2)
+
+    backend = Backend(BPE(unk_token=UNK, fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+    backend.pre_tokenizer = _training_pre_tokenizer()
+    trainer = BpeTrainer(
+        vocab_size=learned,
+        special_tokens=[UNK, BOS, EOS],
+        # Our own alphabet, exactly: the trainer's limit_alphabet breaks count ties in hash order.
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
+        max_token_length=MAX_TOKEN_CHARS,
+        show_progress=False,
+    )
+    backend.train_from_iterator(_documents(paths, text_field, Rejects()), trainer=trainer)
+    backend = _insert_byte_tokens(backend)
+    backend.decoder = _decoder(strip_prefix=True)
+    backend.post_processor = _bos_template(backend)
+    if backend.get_vocab_size() < vocab_size:
+        warnings.warn(
+            f"the corpus only supports {backend.get_vocab_size()} of the {vocab_size} tokens asked for; "
+            "train on more text for a larger vocabulary",
+            stacklevel=2,
+        )
+    tokenizer = Tokenizer(backend, source="trained tokenizer")
+    if out_dir is not None:
+        tokenizer.save(out_dir)
+    return tokenizer
+
+
+def _documents(paths: list[Path], text_field: str, rejects: Rejects) -> Iterator[str]:
+    for path in paths:
+        yield from iter_documents(path, text_field, rejects)
+
+
+def _choose_alphabet(documents: Iterable[str], max_chars: int) -> list[str]:
+    """The most frequent characters (after spaces become ``▁``) covering :data:`CHARACTER_COVERAGE`."""
+    counts: Counter[str] = Counter()
+    n_docs = 0
+    for text in documents:
+        counts.update(text)
+        n_docs += 1
+    counts[SPACE] += counts.pop(" ", 0) + n_docs  # the normalizer's replacement and its prepended ▁
+    need = CHARACTER_COVERAGE * sum(counts.values())
+    chosen: list[str] = []
+    covered = 0
+    for char, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if covered >= need or len(chosen) == max_chars:
+            break
+        chosen.append(char)
+        covered += n
+    return chosen
+
+
+def _training_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Where learned pieces may not cross.
+
+    Kept in tokenizer.json because short words hit the BPE cache; no merge crosses these splits, so
+    whole-text BPE (as in Llama 2's own tokenizer.json) gives the same ids.
+    """
+    return pre_tokenizers.Sequence(
+        [
+            # `>` after `<s`, `</s`, `<unk` stands alone, so no learned piece spells a special token.
+            pre_tokenizers.Split(Regex(r"(?<=<s|</s|<unk)>"), behavior="isolated"),
+            # Words with their leading spaces, runs of trailing spaces, runs of newlines.
+            pre_tokenizers.Split(Regex(rf"{SPACE}*[^{SPACE}\n]+|{SPACE}+|\n+"), behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+
+
+def _insert_byte_tokens(backend: Backend) -> Backend:
+    """Renumber the trained vocabulary as Llama's: specials 0-2, ``<0x00>``..``<0xFF>`` 3-258, then pieces."""
+    state = json.loads(backend.to_str())
+    trained = state["model"]["vocab"]
+    special = {token: i for token, i in trained.items() if i < 3}
+    pieces = {token: i + len(BYTE_TOKENS) for token, i in trained.items() if i >= 3}
+    # Pieces never contain a digit next to anything, so none can be spelled like a byte token.
+    assert not set(pieces) & set(BYTE_TOKENS)
+    state["model"]["vocab"] = {**special, **{b: 3 + i for i, b in enumerate(BYTE_TOKENS)}, **pieces}
+    return Backend.from_str(json.dumps(state))
+
+
+def _decoder(strip_prefix: bool) -> decoders.Decoder:
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if strip_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))  # the ▁ the normalizer prepended
+    return decoders.Sequence(steps)
+
+
+def _bos_template(backend: Backend, bos: str = BOS) -> processors.TemplateProcessing:
+    """Llama's post-processor, so Hugging Face ``tok(text)`` starts with BOS; our encode() does not use it."""
+    return processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0",
+        pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+        special_tokens=[(bos, backend.token_to_id(bos))],
+    )
+
+
+def _backend_from_sentencepiece(model_file: Path) -> tuple[Backend, dict[str, str | None]]:
+    """Convert a Llama SentencePiece BPE model with transformers, then set SentencePiece's exact pipeline."""
+    try:
+        from sentencepiece import SentencePieceProcessor
+        from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+        from transformers import LlamaTokenizerFast
+    except ImportError as e:
+        raise ImportError(
+            f"{model_file} is a SentencePiece model; reading it needs transformers, sentencepiece and "
+            "protobuf: pip install 'llamita[spm]' (or convert it once to tokenizer.json elsewhere)"
+        ) from e
+    try:
+        proto = spm_pb2.ModelProto.FromString(
+            SentencePieceProcessor(model_file=str(model_file)).serialized_model_proto()
+        )
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{model_file}: not a readable SentencePiece model ({e})") from e
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    if trainer.model_type != spm_pb2.TrainerSpec.BPE:
+        kind = spm_pb2.TrainerSpec.ModelType.Name(trainer.model_type)
+        raise ValueError(f"{model_file}: a SentencePiece {kind} model; only BPE models (Llama's) are supported")
+    if norm.name != "identity" or norm.remove_extra_whitespaces:
+        raise ValueError(
+            f"{model_file}: normalization {norm.name!r} (remove_extra_whitespaces="
+            f"{norm.remove_extra_whitespaces}) is not supported; Llama models use 'identity' and keep spaces"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        # Alone in a directory, so no stray tokenizer.json or config beside the model changes the conversion.
+        shutil.copyfile(model_file, Path(tmp) / "tokenizer.model")
+        backend = LlamaTokenizerFast.from_pretrained(tmp, legacy=False).backend_tokenizer
+    # transformers' Metaspace(prepend_scheme="first") adds no ▁ before a leading space; SentencePiece does.
+    replace = normalizers.Replace(" ", SPACE)
+    backend.normalizer = (
+        normalizers.Sequence([normalizers.Prepend(SPACE), replace]) if norm.add_dummy_prefix else replace
+    )
+    backend.pre_tokenizer = None
+    backend.decoder = _decoder(strip_prefix=norm.add_dummy_prefix)
+    tokens = {
+        "bos_token": trainer.bos_piece if trainer.bos_id >= 0 else None,
+        "eos_token": trainer.eos_piece if trainer.eos_id >= 0 else None,
+        "unk_token": trainer.unk_piece if trainer.unk_id >= 0 else None,
+    }
+    if tokens["bos_token"] is not None:
+        backend.post_processor = _bos_template(backend, tokens["bos_token"])
+    return backend, tokens
+
+
+def _read_config(directory: Path) -> dict:
+    """Special tokens and ``model_max_length`` from tokenizer_config.json, then special_tokens_map.json."""
+    found: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: not valid JSON ({e}); fix or delete it") from e
+        for field in ("bos_token", "eos_token", "unk_token"):
+            if field in config:
+                value = config[field]
+                # Older files store {"content": "<s>", "lstrip": ..., ...} (AddedToken), newer a plain string.
+                found[field] = value.get("content") if isinstance(value, dict) else value
+        if isinstance(config.get("model_max_length"), int) and config["model_max_length"] < 1 << 31:
+            found["model_max_length"] = config["model_max_length"]
+    return found
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
