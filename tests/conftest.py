@@ -1,4 +1,7 @@
-"""Shared fixtures: global state reset around every test, and a small prepared two-source corpus."""
+"""Shared fixtures: global state reset around every test, a small prepared two-source corpus and run configs on it.
+
+Tests marked `gpu` are skipped where CUDA is unavailable.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -67,3 +79,26 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
             progress=False,
         )
     return out
+
+
+@pytest.fixture(scope="session")
+def debug_config(prepared):
+    """A factory of `debug`-recipe run configs on the prepared corpus: ``debug_config(out_dir, **{"key": "value"})``."""
+    from llamita.config import RunConfig, load_config
+
+    sources = (
+        f"[{{name: prose, path: '{prepared['prose']}', weight: 0.7}}, "
+        f"{{name: code, path: '{prepared['code']}', weight: 0.3}}]"
+    )
+
+    def make(out: Path, **overrides: str) -> RunConfig:
+        values = {
+            "out_dir": str(out),
+            "data.tokenizer": str(prepared["tokenizer"]),
+            "data.sources": sources,
+            "log.interval": "1",
+            **overrides,
+        }
+        return load_config("debug", values)
+
+    return make

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import typing
 from pathlib import Path
 
 from llamita.config import ConfigError, iter_fields
 
 
 def _type_name(tp: object) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "|".join(map(str, typing.get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -76,7 +80,8 @@ def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> None:
 
     cfg = load_config(args.config, parse_overrides(extra))
     result = pretrain(cfg)
-    print(json.dumps(result, indent=1))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns the same result
+        print(json.dumps(result, indent=1))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -84,8 +89,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from llamita.data.prepare import shard_paths
     from llamita.evaluate.perplexity import validation_loss
-    from llamita.pretrain import pick_device
     from llamita.pretrained import load_pretrained
+    from llamita.train.parallel import pick_device
 
     device = pick_device(args.device)
     pre = load_pretrained(args.checkpoint, device)
@@ -112,8 +117,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from llamita.generate import generate
-    from llamita.pretrain import pick_device
     from llamita.pretrained import load_pretrained
+    from llamita.train.parallel import pick_device
 
     pre = load_pretrained(args.checkpoint, pick_device(args.device))
     prompt_ids = pre.tokenizer.encode(args.prompt, bos=True)
@@ -232,3 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     except user_errors() as e:
         print(f"llamita {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -96,10 +96,26 @@ class TrainConfig:
     """Seed for initialisation and data order."""
     device: str = "auto"
     """cpu, cuda, or auto (cuda when available)."""
-    dtype: str = "auto"
-    """Compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32."""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32; weights and optimizer state stay fp32."""
     threads: int = 0
     """CPU threads for torch (0 keeps torch's default)."""
+
+
+@dataclass
+class ParallelConfig:
+    fsdp: Literal["auto", "on", "off"] = "auto"
+    """FSDP2 sharding: auto (on with >1 process or on CUDA, where it casts fp32 weights to bf16), on, off."""
+    dp_replicate: int = 1
+    """HSDP replicas: shard within groups of world/dp_replicate ranks, replicate across them (= nodes)."""
+    reshard_after_forward: bool = True
+    """Free gathered block weights after forward (ZeRO-3); false keeps them for backward (ZeRO-2, more memory)."""
+    activation_checkpoint: Literal["none", "selective", "full"] = "none"
+    """Recompute activations in backward: none, selective (keep matmul/attention outputs), full (every block)."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    float8: bool = False
+    """float8 matmuls in the blocks' linear layers through torchao (GPUs with compute capability >= 8.9)."""
 
 
 @dataclass
@@ -107,7 +123,7 @@ class EvalConfig:
     interval: int = 1000
     """Run validation every this many steps (0 disables; always run at the end)."""
     batches: int = 20
-    """Validation batches per evaluation."""
+    """Validation batches per evaluation, over all ranks (a multiple of the ranks gives the same windows)."""
     batch_size: int = 8
     """Sequences per validation batch."""
 
@@ -140,6 +156,7 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -190,6 +207,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+        if value not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")

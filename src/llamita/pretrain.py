@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from llamita.config import ConfigError, RunConfig, save_config
 from llamita.data.loader import DataLoader
@@ -15,16 +16,8 @@ from llamita.data.prepare import load_manifest, shard_paths
 from llamita.model import Llama, ModelConfig, get_preset
 from llamita.tokenizer import Tokenizer
 from llamita.train.optim import build_optimizer
+from llamita.train.parallel import build_mesh, init_distributed, parallelize, plan_parallel
 from llamita.train.trainer import Trainer
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` means CUDA when available, else CPU; an explicit `cuda` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but no CUDA device is available; use cpu or auto")
-    return torch.device(name)
 
 
 def build_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> ModelConfig:
@@ -42,7 +35,11 @@ def build_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> ModelConfig:
 
 
 def build_model(config: ModelConfig, device: torch.device, seed: int) -> Llama:
-    """Build on the meta device (no memory), materialise on `device`, then initialise from `seed`."""
+    """Build on the meta device (no memory), materialise on `device`, then initialise from `seed`.
+
+    Every rank draws the same full weights before FSDP2 shards them, so a run starts from the same model whatever
+    the number of ranks.
+    """
     with torch.device("meta"):
         model = Llama(config)
     model.to_empty(device=device)
@@ -112,11 +109,23 @@ def build_data(
 
 
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
-    """Run (or resume) the pretraining described by `cfg`; return the final metrics."""
+    """Run (or resume) the pretraining described by `cfg`, on this process's rank; return the final metrics.
+
+    Launched by torchrun, every process calls this; it leaves no process group behind that it created.
+    """
+    had_group = dist.is_initialized()
+    try:
+        return _pretrain(cfg)
+    finally:
+        if not had_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _pretrain(cfg: RunConfig) -> dict[str, Any]:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
-    rank, world_size = 0, 1
+    env = init_distributed(cfg.train.device)
+    plan = plan_parallel(cfg, env)
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,14 +133,20 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer is empty; point it at a tokenizer directory (llamita train-tokenizer)")
     tokenizer = Tokenizer.load(cfg.data.tokenizer)
-    tokenizer.save(out_dir / "tokenizer")
-    loader, val_shards = build_data(cfg, tokenizer, rank, world_size, device)
+    if env.rank == 0:
+        tokenizer.save(out_dir / "tokenizer")
+    loader, val_shards = build_data(cfg, tokenizer, env.rank, env.world_size, env.device)
     max_steps = resolve_steps(cfg)
 
     model_config = build_model_config(cfg, tokenizer)
-    model = build_model(model_config, device, cfg.train.seed)
-    optimizer = build_optimizer(model, cfg.optim, device)
-    save_config(cfg, out_dir / "config.yaml")
+    model = build_model(model_config, env.device, cfg.train.seed)
+    mesh = build_mesh(env.world_size, cfg.parallel.dp_replicate, env.device.type) if plan.fsdp else None
+    parallelize(model, cfg.parallel, mesh, env.device, param_dtype=plan.compute_dtype)
+    optimizer = build_optimizer(model, cfg.optim, env.device)
+    if env.rank == 0:
+        save_config(cfg, out_dir / "config.yaml")
 
-    trainer = Trainer(cfg, model, model_config, optimizer, loader, val_shards, device, max_steps)
+    trainer = Trainer(
+        cfg, model, model_config, optimizer, loader, val_shards, env.device, max_steps, autocast=plan.autocast_dtype
+    )
     return trainer.fit()

@@ -9,38 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamita.config import ConfigError, load_config
+from llamita.config import ConfigError
 from llamita.pretrain import global_batch_sequences, pretrain
 from llamita.pretrained import load_pretrained
 from llamita.train import checkpoint as ckpt
 from llamita.train.metrics import read_metrics
 
 
-def debug_config(prepared: dict[str, Path], out: Path, **overrides: str):
-    sources = (
-        f"[{{name: prose, path: '{prepared['prose']}', weight: 0.7}}, "
-        f"{{name: code, path: '{prepared['code']}', weight: 0.3}}]"
-    )
-    values = {
-        "out_dir": str(out),
-        "data.tokenizer": str(prepared["tokenizer"]),
-        "data.sources": sources,
-        "log.interval": "1",
-        **overrides,
-    }
-    return load_config("debug", values)
-
-
 def _state(run: Path) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in load_pretrained(run).model.state_dict().items()}
 
 
-def test_resume_equals_uninterrupted_run(prepared, tmp_path):
+def test_resume_equals_uninterrupted_run(debug_config, tmp_path):
     """40 steps straight vs the same run cut at step 20 and resumed: per-step losses and weights are equal."""
     run = tmp_path / "run"
-    cfg = debug_config(
-        prepared, run, **{"train.max_steps": "40", "checkpoint.interval": "20", "checkpoint.keep_last": "0"}
-    )
+    cfg = debug_config(run, **{"train.max_steps": "40", "checkpoint.interval": "20", "checkpoint.keep_last": "0"})
     pretrain(cfg)
     straight = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in straight] == list(range(1, 41))
@@ -62,10 +45,9 @@ def test_resume_equals_uninterrupted_run(prepared, tmp_path):
         assert torch.equal(final_straight[k], final_resumed[k]), k
 
 
-def test_metrics_checkpoints_and_pruning(prepared, tmp_path):
+def test_metrics_checkpoints_and_pruning(debug_config, tmp_path):
     run = tmp_path / "run"
     cfg = debug_config(
-        prepared,
         run,
         **{
             "train.max_steps": "12",
@@ -94,9 +76,9 @@ def test_metrics_checkpoints_and_pruning(prepared, tmp_path):
     assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
 
 
-def test_partial_checkpoint_is_ignored(prepared, tmp_path):
+def test_partial_checkpoint_is_ignored(debug_config, tmp_path):
     run = tmp_path / "run"
-    cfg = debug_config(prepared, run, **{"train.max_steps": "4", "checkpoint.interval": "2"})
+    cfg = debug_config(run, **{"train.max_steps": "4", "checkpoint.interval": "2"})
     pretrain(cfg)
     partial = run / "checkpoints" / "step_00000006.tmp"
     partial.mkdir()
@@ -108,22 +90,22 @@ def test_partial_checkpoint_is_ignored(prepared, tmp_path):
         ckpt.resolve_checkpoint(run / "missing")
 
 
-def test_batch_arithmetic_is_checked(prepared, tmp_path):
-    cfg = debug_config(prepared, tmp_path, **{"train.global_batch_tokens": "500"})
+def test_batch_arithmetic_is_checked(debug_config, tmp_path):
+    cfg = debug_config(tmp_path, **{"train.global_batch_tokens": "500"})
     with pytest.raises(ConfigError, match="global_batch_tokens=500"):
         global_batch_sequences(cfg, world_size=1)
-    cfg = debug_config(prepared, tmp_path, **{"train.global_batch_tokens": "1024", "train.micro_batch": "4"})
+    cfg = debug_config(tmp_path, **{"train.global_batch_tokens": "1024", "train.micro_batch": "4"})
     assert global_batch_sequences(cfg, world_size=2) == 16
 
 
-def test_other_tokenizer_is_refused(prepared, tmp_path):
+def test_other_tokenizer_is_refused(prepared, debug_config, tmp_path):
     from llamita.tokenizer import train_tokenizer
 
     corpus = tmp_path / "c.txt"
     corpus.write_text(" ".join(f"other{i} words{i % 17} here" for i in range(3000)))
     other = tmp_path / "other-tok"
     train_tokenizer([corpus], 330, other)
-    cfg = debug_config(prepared, tmp_path / "run", **{"data.tokenizer": str(other)})
+    cfg = debug_config(tmp_path / "run", **{"data.tokenizer": str(other)})
     with pytest.raises(ConfigError, match="different tokenizer"):
         pretrain(cfg)
     assert json.loads((prepared["prose"] / "manifest.json").read_text())  # untouched

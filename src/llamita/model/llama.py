@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llamita.model.config import ModelConfig
+from llamita.model.loss import chunked_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -270,15 +271,25 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, kv, start_pos)  # [B, T, D]
         return self.model.norm(x)  # [B, T, D]
 
-    def forward(self, tokens: Tensor, cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
-        """Next-token logits at every position.
+    def forward(
+        self, tokens: Tensor, cache: KVCache | None = None, start_pos: int = 0, targets: Tensor | None = None
+    ) -> Tensor:
+        """Next-token logits at every position, or with `targets` the mean cross-entropy against them.
+
+        The loss is computed here, through the output head's weight in row chunks (`chunked_cross_entropy`), so
+        the [B, T, V] logits never exist whole; it being inside forward also means that a wrapper which gathers
+        parameters around forward (FSDP2) has gathered lm_head for it.
 
         Args:
             tokens: [B, T] token ids at positions start_pos .. start_pos + T - 1.
             cache: KV cache for incremental decoding; None for training.
             start_pos: Position of the first token; must be 0 without a cache.
+            targets: [B, T] next-token ids (-100 to skip a position); None for logits.
 
         Returns:
-            [B, T, V] logits.
+            [B, T, V] logits, or the scalar fp32 mean loss when `targets` is given.
         """
-        return self.lm_head(self.hidden_states(tokens, cache, start_pos))  # [B, T, V]
+        h = self.hidden_states(tokens, cache, start_pos)  # [B, T, D]
+        if targets is None:
+            return self.lm_head(h)  # [B, T, V]
+        return chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())  # scalar

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from llamita.config import RunConfig, to_dict
 from llamita.evaluate.perplexity import validation_loss
@@ -29,9 +29,11 @@ from llamita.train.optim import lr_at, set_lr
 
 
 def causal_lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32; inputs and targets are [B, T] token ids."""
-    logits = model(inputs)  # [B, T, V]
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # scalar
+    """Mean next-token cross-entropy in fp32; inputs and targets are [B, T] token ids.
+
+    The model computes it (chunked, from its output head) so the full logits are never materialised.
+    """
+    return model(inputs, targets=targets)  # scalar
 
 
 @dataclasses.dataclass
@@ -54,6 +56,8 @@ class Trainer:
         val_shards: held-out shards for validation loss (may be empty).
         device: the compute device of this rank.
         max_steps: optimizer steps of the whole run.
+        autocast: autocast forward passes to this dtype; None when the weights already have the compute dtype
+            (fp32, or bf16 cast by FSDP2): `parallel.plan_parallel` decides.
     """
 
     def __init__(
@@ -66,6 +70,8 @@ class Trainer:
         val_shards: list[Path],
         device: torch.device,
         max_steps: int,
+        *,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -81,18 +87,10 @@ class Trainer:
         self.accum = loader.micro_steps_per_step
         self.tokens_per_step = cfg.train.global_batch_tokens
         self.state = TrainState()
-        self.autocast = self._autocast_context()
+        self.autocast: contextlib.AbstractContextManager = (
+            contextlib.nullcontext() if autocast is None else torch.autocast(device.type, dtype=autocast)
+        )
         self._batches: Iterator | None = None
-
-    def _autocast_context(self) -> contextlib.AbstractContextManager:
-        dtype = self.cfg.train.dtype
-        if dtype == "auto":
-            dtype = "bf16" if self.device.type == "cuda" else "fp32"
-        if dtype == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        if dtype == "fp32":
-            return contextlib.nullcontext()
-        raise ValueError(f"train.dtype: expected auto, bf16 or fp32, got {dtype!r}")
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -155,6 +153,8 @@ class Trainer:
             loss_sum += loss.detach()
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()  # FSDP2: the norm over every rank's gradient shards
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
@@ -169,7 +169,8 @@ class Trainer:
             self.val_shards,
             seq_len=self.cfg.data.seq_len,
             batch_size=ev.batch_size,
-            max_batches=ev.batches,
+            # Rank r scores windows r, r + world, ...: batches / world per rank covers the same windows as one rank.
+            max_batches=-(-ev.batches // self.world_size),
             device=self.device,
             autocast=self.autocast,
             vocab_size=self.model_config.vocab_size,
@@ -235,7 +236,8 @@ class Trainer:
         )
         if resumed is not None:
             logger.print(f"resumed from {resumed} at step {self.state.step}")
-        meter = Throughput(mc.flops_per_token(self.cfg.data.seq_len), peak_flops(self.device))
+        peak = peak_flops(self.device)  # one GPU's; tokens/s counts every rank's tokens
+        meter = Throughput(mc.flops_per_token(self.cfg.data.seq_len), peak * self.world_size if peak else None)
         meter.update(self.state.tokens)
         self.model.train()
         self._batches = iter(self.loader)

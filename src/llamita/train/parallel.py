@@ -1,0 +1,271 @@
+"""Processes, device mesh and the parallelisms wrapped around a built model, applied from outside in a fixed order.
+
+`init_distributed` joins the process group that `torchrun` describes (or does nothing in a plain process);
+`plan_parallel` decides once whether FSDP2 wraps the model and in which dtype it computes; `parallelize` applies
+float8 -> activation checkpointing -> compile -> FSDP2 (HSDP on a 2-D mesh), as torchtitan does. The model code
+(`model/llama.py`) knows none of this, and every step keeps the parameter names, so checkpoints stay named like
+Hugging Face's LlamaForCausalLM whatever was applied.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from llamita.config import ConfigError, ParallelConfig, RunConfig
+from llamita.model.llama import Llama
+
+# Selective activation checkpointing keeps these ops' outputs and recomputes the cheap rest of a block (norms,
+# RoPE, SiLU, products): the matmuls and attention are what is expensive to redo.
+_SAC_SAVE_OPS = [
+    torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_mm.default,  # float8 matmuls
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits among the training processes."""
+
+    rank: int
+    """Global rank (0 in a plain process)."""
+    local_rank: int
+    """Rank on this node; picks the GPU."""
+    world_size: int
+    """Number of processes (1 in a plain process)."""
+    device: torch.device
+    """This process's compute device."""
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """The decisions that follow from the config and the launch; made once, in `plan_parallel`."""
+
+    fsdp: bool
+    """Wrap the model with FSDP2 (it then holds fp32 shards and casts them to `compute_dtype` for compute)."""
+    compute_dtype: torch.dtype
+    """Dtype of forward and backward matmuls."""
+    autocast_dtype: torch.dtype | None
+    """Autocast to this dtype in the trainer; None when FSDP2 already casts the weights, or in fp32."""
+
+
+def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`auto` means CUDA when available, else CPU; under torchrun (`local_rank` given) CUDA is GPU `local_rank`.
+
+    Raises:
+        ConfigError: An explicit `cuda` without a GPU.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA device is available; use cpu or auto")
+    if name.startswith("cuda") and local_rank is not None:
+        return torch.device("cuda", local_rank)  # one GPU per process
+    return torch.device(name)
+
+
+def _backend(device_type: str) -> str:
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); in a plain process return rank 0 of 1.
+
+    torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for each process it starts. A group
+    that already exists (a test harness's, a second call) is used as it is.
+
+    Args:
+        device: `train.device`: auto, cpu or cuda.
+    """
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not launched and not dist.is_initialized():
+        return DistEnv(rank=0, local_rank=0, world_size=1, device=pick_device(device))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(_backend(dev.type), device_id=dev if dev.type == "cuda" else None)
+    return DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=dev)
+
+
+def plan_parallel(cfg: RunConfig, env: DistEnv) -> ParallelPlan:
+    """Check `cfg.parallel` against the launch and decide FSDP and the compute dtype, in one place.
+
+    With FSDP2 its mixed-precision policy casts the fp32 shards to bf16 when it gathers them, so the trainer must
+    not autocast as well; without FSDP2, bf16 comes from autocast over fp32 weights.
+
+    Raises:
+        ConfigError: A value that cannot work with this launch; the message names the field.
+    """
+    par = cfg.parallel
+    if par.dp_replicate < 1 or env.world_size % par.dp_replicate:
+        raise ConfigError(
+            f"parallel.dp_replicate={par.dp_replicate} must be >= 1 and divide the number of processes "
+            f"({env.world_size}); set it to the number of nodes (1 on one node)"
+        )
+    if par.fsdp == "off" and env.world_size > 1:
+        raise ConfigError(
+            f"parallel.fsdp=off with {env.world_size} processes would train {env.world_size} separate models; "
+            "use parallel.fsdp auto or on"
+        )
+    if par.float8:
+        _check_float8(env.device)
+    fsdp = par.fsdp == "on" or (par.fsdp == "auto" and (env.world_size > 1 or env.device.type == "cuda"))
+    if par.dp_replicate > 1 and not fsdp:
+        raise ConfigError("parallel.dp_replicate > 1 needs FSDP2; set parallel.fsdp on")
+    name = cfg.train.dtype
+    if name == "auto":
+        name = "bf16" if env.device.type == "cuda" else "fp32"
+    compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    autocast = None if fsdp or compute_dtype == torch.float32 else compute_dtype
+    return ParallelPlan(fsdp=fsdp, compute_dtype=compute_dtype, autocast_dtype=autocast)
+
+
+def build_mesh(world_size: int, dp_replicate: int, device_type: str) -> DeviceMesh:
+    """The data-parallel mesh: 1-D ("dp_shard",), or 2-D ("dp_replicate", "dp_shard") for HSDP.
+
+    torchrun numbers ranks node by node, so with `dp_replicate` = nodes each row of the 2-D mesh is one node:
+    parameters are sharded inside a node (fast links) and replicated across nodes, which then exchange only one
+    gradient all-reduce per step. A plain process gets a private one-process group, since FSDP2 needs one.
+    """
+    if not dist.is_initialized():
+        if world_size != 1:
+            raise RuntimeError(f"build_mesh: {world_size} ranks but no process group; launch with torchrun")
+        dist.init_process_group(_backend(device_type), store=dist.HashStore(), rank=0, world_size=1)
+    if dp_replicate == 1:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp_shard",))
+    return init_device_mesh(
+        device_type, (dp_replicate, world_size // dp_replicate), mesh_dim_names=("dp_replicate", "dp_shard")
+    )
+
+
+def _check_float8(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ConfigError(f"parallel.float8 needs a CUDA GPU (compute capability >= 8.9), not {device.type}")
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        raise ConfigError("parallel.float8 needs torchao: pip install torchao") from None
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"parallel.float8 needs compute capability >= 8.9 (H100, L40S, ...); {name} has less")
+
+
+def float8_filter(module: nn.Module, fqn: str) -> bool:
+    """Convert a block's linear layer when both dims are multiples of 16 (float8 matmul tiles); lm_head stays."""
+    return (
+        isinstance(module, nn.Linear)
+        and fqn.startswith("model.layers.")
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def apply_float8(model: Llama, device: torch.device) -> None:
+    """Swap the blocks' big nn.Linear layers for torchao's Float8Linear (dynamic tensorwise scaling), in place.
+
+    Weights stay high-precision parameters with the same names; inputs, weights and gradients are cast to float8
+    for the matmuls. It pays off with `parallel.compile`, which fuses the casts.
+    """
+    _check_float8(device)
+    from torchao.float8 import convert_to_float8_training
+
+    convert_to_float8_training(model, module_filter_fn=float8_filter)
+
+
+def apply_activation_checkpointing(model: Llama, mode: str) -> None:
+    """Wrap every block so backward recomputes its activations: `full` all of them, `selective` the cheap ones.
+
+    The wrapper's state_dict hooks and DCP's `get_state_dict` drop its `_checkpoint_wrapped_module.` prefix, so
+    checkpoints keep their names.
+    """
+    if mode == "none":
+        return
+    if mode not in ("selective", "full"):
+        raise ConfigError(f"parallel.activation_checkpoint: expected none, selective or full, got {mode!r}")
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    # The blocks have no dropout, so recomputation draws no random numbers and needs no RNG bookkeeping.
+    kwargs: dict = {"preserve_rng_state": False}
+    if mode == "selective":
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _SAC_SAVE_OPS)
+    layers = model.model.layers
+    for i, block in enumerate(layers):
+        layers[i] = checkpoint_wrapper(block, **kwargs)
+
+
+def apply_compile(model: Llama) -> None:
+    """torch.compile each block in place (`Module.compile`), so no `_orig_mod.` enters parameter names.
+
+    Blocks are identical, so one compiled graph serves all of them; compiling per block keeps compile time short
+    and leaves FSDP2's per-block communication outside the graphs.
+    """
+    for block in model.model.layers:
+        block.compile()
+
+
+def apply_fsdp(
+    model: Llama,
+    mesh: DeviceMesh,
+    *,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype = torch.float32,
+    reshard_after_forward: bool = True,
+) -> None:
+    """FSDP2 `fully_shard` on each block, then on the root (embeddings, final norm, lm_head), in place.
+
+    Parameters become DTensor shards over `mesh` (HSDP when it is 2-D) kept in fp32 for the optimizer; each
+    block's are gathered and cast to `param_dtype` around its forward and backward, and gradients are reduced in
+    `reduce_dtype`. A tied lm_head is the same parameter as the embedding, and the root group holds it once.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    layers = model.model.layers
+    for i, block in enumerate(layers):
+        # The last block's backward starts right after forward: resharding it would only gather it again.
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+    # Likewise the root, whose forward ends with the loss through lm_head.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+
+
+def parallelize(
+    model: Llama,
+    cfg: ParallelConfig,
+    mesh: DeviceMesh | None,
+    device: torch.device,
+    *,
+    param_dtype: torch.dtype = torch.float32,
+) -> Llama:
+    """Apply float8 -> activation checkpointing -> compile -> FSDP2 to an initialised model, in place.
+
+    Args:
+        model: Built and initialised on `device` (the same weights on every rank).
+        cfg: The `parallel` config section.
+        mesh: From `build_mesh`; None leaves the model unsharded (no FSDP2).
+        device: This rank's device.
+        param_dtype: FSDP2's compute dtype (`ParallelPlan.compute_dtype`).
+
+    Returns:
+        The same model object.
+    """
+    if cfg.float8:
+        apply_float8(model, device)
+    apply_activation_checkpointing(model, cfg.activation_checkpoint)
+    if cfg.compile:
+        apply_compile(model)
+    if mesh is not None:
+        apply_fsdp(model, mesh, param_dtype=param_dtype, reshard_after_forward=cfg.reshard_after_forward)
+    return model
