@@ -142,7 +142,10 @@ def build_mesh(world_size: int, dp_replicate: int, device_type: str) -> DeviceMe
     if not dist.is_initialized():
         if world_size != 1:
             raise RuntimeError(f"build_mesh: {world_size} ranks but no process group; launch with torchrun")
-        dist.init_process_group(_backend(device_type), store=dist.HashStore(), rank=0, world_size=1)
+        device_id = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else None
+        dist.init_process_group(
+            _backend(device_type), store=dist.HashStore(), rank=0, world_size=1, device_id=device_id
+        )
     if dp_replicate == 1:
         return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp_shard",))
     return init_device_mesh(

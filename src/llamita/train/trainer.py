@@ -186,6 +186,8 @@ class Trainer:
             dist.all_reduce(losses, op=dist.ReduceOp.SUM)
             losses /= self.world_size
         tokens_per_s, mfu = meter.update(self.state.tokens)
+        # Host-side allocator counter: reading it does not synchronise with the device.
+        memory = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         row: dict[str, Any] = {}
         for (step, _, _, lr, tokens), loss, norm in zip(pending, losses.tolist(), norms.tolist()):
             row = {
@@ -198,6 +200,8 @@ class Trainer:
             }
             if mfu is not None:
                 row["mfu"] = mfu
+            if memory is not None:
+                row["max_memory_gib"] = memory
             logger.log(row)
         pending.clear()
         if not math.isfinite(row["loss"]):
