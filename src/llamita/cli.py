@@ -85,34 +85,47 @@ def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    import torch
-
-    from llamita.data.prepare import shard_paths
-    from llamita.evaluate.perplexity import validation_loss
-    from llamita.pretrained import load_pretrained
+    from llamita.evaluate import run
+    from llamita.evaluate.report import compare
     from llamita.train.parallel import pick_device
 
+    if args.compare:
+        print(compare(*args.compare))
+        return
+    if not args.checkpoint:
+        raise ConfigError("--checkpoint is required (or --compare A.json B.json)")
+    if args.tasks and args.text:
+        raise ConfigError("--tasks and --text are separate evaluations; run them one at a time")
+    task_data = dict(item.split("=", 1) for item in args.data or [] if "=" in item)
+    shard_dirs = [item for item in args.data or [] if "=" not in item]
+    if (args.tasks and shard_dirs) or (not args.tasks and task_data):
+        raise ConfigError("--data takes TASK=PATH with --tasks, and prepared source directories without it")
     device = pick_device(args.device)
-    pre = load_pretrained(args.checkpoint, device)
-    cfg = pre.run_config
-    dirs = args.data or [s.path for s in cfg.data.sources]
-    shards = [p for d in dirs for p in shard_paths(Path(d), args.split)]
-    seq_len = args.seq_len or cfg.data.seq_len
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    result = validation_loss(
-        pre.model,
-        shards,
-        seq_len=seq_len,
-        batch_size=args.batch_size,
-        max_batches=args.batches or None,
-        device=device,
-        autocast=autocast,
-        vocab_size=pre.model_config.vocab_size,
-    )
-    result = {"checkpoint": str(pre.checkpoint), "step": pre.step, "split": args.split, **result}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.tasks:
+        tasks = run.task_paths([t for t in args.tasks.split(",") if t], task_data)
+        dtype = run.resolve_dtype(args.dtype, device)
+        limit = args.limit or None
+        kwargs = {"num_fewshot": args.num_fewshot, "limit": limit, "batch_size": args.batch_size or 32}
+        print(run.run_tasks(args.checkpoint, tasks, device=device, dtype=dtype, out=args.out, **kwargs))
+    elif args.text:
+        dtype = run.resolve_dtype(args.dtype, device)
+        files = [Path(f) for f in args.text]
+        result = run.run_text(
+            args.checkpoint, files, device=device, dtype=dtype, batch_size=args.batch_size or 8, out=args.out
+        )
+        print(json.dumps(result, indent=1))
+    else:
+        result = run.run_shards(
+            args.checkpoint,
+            shard_dirs,
+            device=device,
+            split=args.split,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size or 8,
+            batches=args.batches,
+            out=args.out,
+        )
+        print(json.dumps(result, indent=1))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -141,13 +154,36 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), max_steps=args.steps, corpus_mb=args.corpus_mb)
 
 
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    from llamita.interop import export_hf
+
+    out = export_hf(args.checkpoint, args.out, args.dtype, max_shard_bytes=int(args.max_shard_gb * 10**9))
+    print(f"wrote a Hugging Face LlamaForCausalLM directory ({args.dtype}) -> {out}")
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from llamita.interop import export_gguf
+
+    out = export_gguf(args.checkpoint, args.out, args.dtype)
+    print(f"wrote a llama.cpp GGUF file ({args.dtype}) -> {out}")
+
+
+def cmd_import_hf(args: argparse.Namespace) -> None:
+    from llamita.interop import import_hf
+
+    folder = import_hf(args.model, args.out)
+    print(f"imported {args.model} -> {folder} (use --checkpoint {args.out})")
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input or configuration: printed as one line, without a traceback."""
     from llamita.data.shards import ShardError
     from llamita.data.sources import SourceError
+    from llamita.interop.gguf import GGUFExportError
+    from llamita.interop.hf import HFFormatError
     from llamita.train.checkpoint import CheckpointError
 
-    return (ConfigError, FileNotFoundError, SourceError, ShardError, CheckpointError)
+    return (ConfigError, FileNotFoundError, SourceError, ShardError, CheckpointError, HFFormatError, GGUFExportError)
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -193,15 +229,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="recipe file or bundled recipe name (demo, debug, tinyllama-1.1b)")
     p.set_defaults(func=cmd_pretrain, takes_overrides=True)
 
-    p = sub.add_parser("evaluate", help="validation loss and perplexity of a checkpoint on held-out shards")
-    p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")
-    p.add_argument("--data", nargs="*", help="prepared source directories (default: the run's sources)")
+    p = sub.add_parser(
+        "evaluate",
+        help="zero-shot tasks (lm-eval-exact), text perplexity / bits per byte, or validation loss on shards",
+        description="Without --tasks or --text: validation loss and perplexity on held-out shards (the run's own "
+        "sources by default). --tasks scores TinyLlama's suite exactly as lm-evaluation-harness 0.4 does, from "
+        "local files. --compare prints two --out results side by side.",
+        epilog="task data: --data TASK=PATH, a directory holding the dataset's published files (e.g. "
+        "hellaswag_val.jsonl, ARC-Easy-Test.jsonl, MMLU's data/ with test/ and dev/) or Hugging Face datasets "
+        "files (validation-*.parquet, save_to_disk folders); default data/eval/TASK. Nothing is downloaded.",
+    )
+    p.add_argument("--checkpoint", help="llamita run directory or checkpoint folder, or a Hugging Face Llama directory")
+    p.add_argument(
+        "--tasks", help="comma-separated: hellaswag,openbookqa,winogrande,arc_easy,arc_challenge,boolq,piqa,mmlu"
+    )
+    p.add_argument(
+        "--num-fewshot", type=int, default=0, help="solved examples before each question (lm-eval's seed 1234)"
+    )
+    p.add_argument("--limit", type=float, default=None, help="documents per task (below 1: a fraction), for quick runs")
+    p.add_argument("--text", nargs="+", help="raw text files (.txt, .jsonl, .parquet): loss, perplexity, bits per byte")
+    p.add_argument(
+        "--data", nargs="*", help="TASK=PATH for --tasks; otherwise prepared source directories (default: the run's)"
+    )
     p.add_argument("--split", default="val", choices=["val", "train"], help="which shards to score")
-    p.add_argument("--batches", type=int, default=0, help="batches to score (0: all)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
-    p.add_argument("--seq-len", type=int, default=0, help="window length (default: the run's data.seq_len)")
+    p.add_argument("--batches", type=int, default=0, help="shard batches to score (0: all)")
+    p.add_argument(
+        "--batch-size", type=int, default=0, help="sequences (continuations for --tasks) per batch (default 8; 32)"
+    )
+    p.add_argument("--seq-len", type=int, default=0, help="shard window length (default: the run's data.seq_len)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--out", help="also write the result JSON here")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="weights for --tasks/--text (auto: bf16 on GPU)",
+    )
+    p.add_argument("--out", help="also write the result JSON here (and for --tasks a Markdown table beside it)")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two --out results side by side")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="sample a continuation of a prompt (KV cache; greedy or top-k/top-p)")
@@ -221,6 +285,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo recipe's)")
     p.add_argument("--corpus-mb", type=float, default=None, help="cap the corpus size in MB (default: demo's)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face directory or a llama.cpp GGUF file")
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    q = formats.add_parser("hf", help="a transformers LlamaForCausalLM directory (safetensors, config, tokenizer)")
+    q.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (fp32: lossless)")
+    q.add_argument(
+        "--max-shard-gb", type=float, default=5.0, help="largest safetensors file in GB; larger models are sharded"
+    )
+    q.set_defaults(func=cmd_export_hf)
+    q = formats.add_parser("gguf", help="a llama.cpp GGUF file (weights, metadata and tokenizer)")
+    q.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")
+    q.add_argument("--out", required=True, help="output .gguf file")
+    q.add_argument("--dtype", default="f16", choices=["f16", "q8_0", "q4_0"], help="matrix storage type")
+    q.set_defaults(func=cmd_export_gguf)
+
+    p = sub.add_parser("import", help="convert a Hugging Face Llama directory into a llamita run directory")
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    q = formats.add_parser("hf", help="a transformers Llama directory (config.json, safetensors or .bin, tokenizer)")
+    q.add_argument("--model", required=True, help="Hugging Face model directory")
+    q.add_argument("--out", required=True, help="run directory to create (a step-0 checkpoint and the tokenizer)")
+    q.set_defaults(func=cmd_import_hf)
     return parser
 
 
@@ -239,5 +326,5 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m llamita.cli`, as torchrun's `-m` launches it
     main()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import keyword
 import textwrap
 import types
 import typing
@@ -103,6 +104,12 @@ class TrainConfig:
 
 
 @dataclass
+class InitConfig:
+    from_: str = ""
+    """Weights to start from (HF Llama dir or llamita checkpoint); fresh optimizer, schedule and data order."""
+
+
+@dataclass
 class ParallelConfig:
     fsdp: Literal["auto", "on", "off"] = "auto"
     """FSDP2 sharding: auto (on with >1 process or on CUDA, where it casts fp32 weights to bf16), on, off."""
@@ -160,6 +167,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
 
 @cache
@@ -180,6 +188,17 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _field_name(key: str) -> str:
+    """The dataclass field for a recipe key: a Python keyword such as `from` is spelled `from_` (PEP 8)."""
+    return key + "_" if keyword.iskeyword(key) else key
+
+
+def _key_name(field_name: str) -> str:
+    """The recipe key of a dataclass field (the inverse of `_field_name`)."""
+    stripped = field_name.removesuffix("_")
+    return stripped if keyword.iskeyword(stripped) else field_name
+
+
 def iter_fields(cls: type = RunConfig, prefix: str = "") -> typing.Iterator[tuple[str, Any, str]]:
     """Yield (dotted key, type, help) for every leaf field of a config dataclass tree."""
     hints = typing.get_type_hints(cls)
@@ -189,7 +208,7 @@ def iter_fields(cls: type = RunConfig, prefix: str = "") -> typing.Iterator[tupl
         if dataclasses.is_dataclass(tp):
             yield from iter_fields(tp, f"{prefix}{f.name}.")
         else:
-            yield f"{prefix}{f.name}", tp, docs.get(f.name, "")
+            yield f"{prefix}{_key_name(f.name)}", tp, docs.get(f.name, "")
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -247,10 +266,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 def _build(cls: type, values: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    values = {_field_name(k): v for k, v in values.items()}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(map(_key_name, names))}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{_key_name(k)}" if where else _key_name(k)) for k, v in values.items()}
     return cls(**kwargs)
 
 
@@ -286,6 +306,7 @@ def load_config(recipe: str | None = None, overrides: dict[str, str] | None = No
 def set_by_path(cfg: Any, key: str, raw: Any) -> None:
     """Set a dotted key (``optim.lr``) on a config tree, converting `raw` to the field's type."""
     *parents, leaf = key.split(".")
+    leaf = _field_name(leaf)
     node = cfg
     for part in parents:
         if not dataclasses.is_dataclass(node) or not hasattr(node, part):
@@ -298,8 +319,16 @@ def set_by_path(cfg: Any, key: str, raw: Any) -> None:
 
 
 def to_dict(cfg: Any) -> dict:
-    """The config tree as plain dicts and lists (for YAML/JSON)."""
-    return dataclasses.asdict(cfg)
+    """The config tree as plain dicts and lists (for YAML/JSON), keyed by recipe keys (`from`, not `from_`)."""
+
+    def keys(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {_key_name(k): keys(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [keys(v) for v in value]
+        return value
+
+    return keys(dataclasses.asdict(cfg))
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -21,9 +21,24 @@ from llamita.train.trainer import Trainer
 
 
 def build_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> ModelConfig:
-    """The preset, with the vocabulary taken from the tokenizer and the context covering `data.seq_len`."""
-    preset = get_preset(cfg.model.preset)
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    """The architecture, its vocabulary covering the tokenizer's and its context covering `data.seq_len`.
+
+    A fresh run takes `model.preset` with the tokenizer's vocabulary; a run with `init.from` takes the architecture
+    of the weights it starts from (an HF directory's config.json, or the checkpoint's model config).
+    """
+    if cfg.init.from_:
+        from llamita.interop.init_weights import read_model_config
+
+        preset = read_model_config(cfg.init.from_)
+        if cfg.model.vocab_size not in (None, preset.vocab_size):
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} differs from the {preset.vocab_size} of init.from "
+                f"({cfg.init.from_}); leave model.vocab_size unset when starting from pretrained weights"
+            )
+        vocab = preset.vocab_size
+    else:
+        preset = get_preset(cfg.model.preset)
+        vocab = cfg.model.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise ConfigError(
             f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
@@ -140,6 +155,11 @@ def _pretrain(cfg: RunConfig) -> dict[str, Any]:
 
     model_config = build_model_config(cfg, tokenizer)
     model = build_model(model_config, env.device, cfg.train.seed)
+    if cfg.init.from_:
+        # Continual pretraining: weights only; a checkpoint of this run (checkpoint.resume) still takes precedence.
+        from llamita.interop.init_weights import load_init_weights
+
+        load_init_weights(model, cfg.init.from_)
     mesh = build_mesh(env.world_size, cfg.parallel.dp_replicate, env.device.type) if plan.fsdp else None
     parallelize(model, cfg.parallel, mesh, env.device, param_dtype=plan.compute_dtype)
     optimizer = build_optimizer(model, cfg.optim, env.device)

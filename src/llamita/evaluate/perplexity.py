@@ -1,4 +1,9 @@
-"""Validation loss and perplexity of a model on held-out token shards."""
+"""Perplexity: validation loss on held-out token shards, and loss / bits-per-byte on raw text files.
+
+Shards are scored in fixed windows (`validation_loss`), comparable across runs of one sequence length. Text files
+are scored as lm-evaluation-harness's ``loglikelihood_rolling`` scores a document (`text_perplexity`): every token
+once, after BOS, in consecutive windows of the model's max_seq_len, so the number depends only on the model.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamita.data.loader import eval_batches
+from llamita.data.sources import SourceError, iter_documents
+from llamita.evaluate.scoring import rolling_windows, score_pairs
+from llamita.model.llama import Llama
+from llamita.tokenizer import Tokenizer
 
 
 @torch.no_grad()
@@ -65,3 +74,55 @@ def validation_loss(
         )
     mean = loss_sum / tokens
     return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), "val_tokens": int(tokens)}
+
+
+def text_perplexity(
+    model: Llama,
+    tokenizer: Tokenizer,
+    files: list[Path],
+    *,
+    batch_size: int,
+    text_field: str = "text",
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float | int]:
+    """Loss, perplexity and bits per byte of raw text, each document scored whole in rolling windows.
+
+    A document is a ``.txt`` file, or one record of a ``.jsonl[.gz|.zst]`` / ``.parquet`` file (`text_field`).
+    Its tokens (no BOS) are predicted once each, the first after BOS, in lm-eval's ``loglikelihood_rolling``
+    windows of the model's max_seq_len (`llamita.evaluate.scoring.rolling_windows`). Bits per byte = total NLL /
+    (ln 2 * UTF-8 bytes of the text), which, unlike loss per token, compares models with different tokenizers.
+
+    Returns:
+        {"text_loss": nats/token, "text_ppl", "text_bits_per_byte", "text_tokens", "text_bytes", "text_documents"}.
+
+    Raises:
+        llamita.data.sources.SourceError: a file cannot be read.
+        llamita.data.sources.SourceError: the files hold no text.
+    """
+    max_len = model.config.max_seq_len
+    pairs, n_tokens, n_bytes, n_docs = [], 0, 0, 0
+    for path in files:
+        for text in iter_documents(Path(path), text_field):
+            tokens = tokenizer.encode(text)
+            pairs.extend(rolling_windows(tokens, tokenizer.bos_id, max_len))
+            n_tokens += len(tokens)
+            n_bytes += len(text.encode("utf-8"))
+            n_docs += 1
+    if not n_tokens:
+        raise SourceError(f"no text in {', '.join(map(str, files))}; pass .txt, .jsonl or .parquet files with text")
+    was_training = model.training
+    model.eval()
+    try:
+        scores = score_pairs(model, pairs, batch_size=batch_size, autocast_dtype=autocast_dtype)
+    finally:
+        model.train(was_training)
+    nll = -sum(lp for lp, _ in scores)
+    loss = nll / n_tokens
+    return {
+        "text_loss": loss,
+        "text_ppl": math.exp(min(loss, 50.0)),
+        "text_bits_per_byte": nll / (math.log(2) * n_bytes),
+        "text_tokens": n_tokens,
+        "text_bytes": n_bytes,
+        "text_documents": n_docs,
+    }

@@ -124,6 +124,11 @@ class Trainer:
             path = found[-1]
         else:
             path = ckpt.resolve_checkpoint(choice)
+        if "loader" not in ckpt.read_state(path):
+            raise ckpt.CheckpointError(
+                f"{path} holds weights only (no optimizer or data state, e.g. written by `llamita import hf`); "
+                f"start a new run from it with --init.from {path.parent.parent} and another --out_dir"
+            )
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
         if state["model_config"] != dataclasses.asdict(self.model_config):
             raise ckpt.CheckpointError(
