@@ -102,11 +102,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise ConfigError("--data takes TASK=PATH with --tasks, and prepared source directories without it")
     device = pick_device(args.device)
     if args.tasks:
-        tasks = run.task_paths([t for t in args.tasks.split(",") if t], task_data)
-        dtype = run.resolve_dtype(args.dtype, device)
-        limit = args.limit or None
-        kwargs = {"num_fewshot": args.num_fewshot, "limit": limit, "batch_size": args.batch_size or 32}
-        print(run.run_tasks(args.checkpoint, tasks, device=device, dtype=dtype, out=args.out, **kwargs))
+        markdown = run.run_tasks(
+            args.checkpoint,
+            run.task_paths([t for t in args.tasks.split(",") if t], task_data),
+            device=device,
+            dtype=run.resolve_dtype(args.dtype, device),
+            num_fewshot=args.num_fewshot,
+            limit=args.limit or None,
+            batch_size=args.batch_size or 32,
+            out=args.out,
+        )
+        print(markdown)
     elif args.text:
         dtype = run.resolve_dtype(args.dtype, device)
         files = [Path(f) for f in args.text]
@@ -254,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=["val", "train"], help="which shards to score")
     p.add_argument("--batches", type=int, default=0, help="shard batches to score (0: all)")
     p.add_argument(
-        "--batch-size", type=int, default=0, help="sequences (continuations for --tasks) per batch (default 8; 32)"
+        "--batch-size",
+        type=int,
+        default=0,
+        help="sequences per batch (default 8); continuations for --tasks (default 32)",
     )
     p.add_argument("--seq-len", type=int, default=0, help="shard window length (default: the run's data.seq_len)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
