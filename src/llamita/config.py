@@ -133,6 +133,12 @@ class EvalConfig:
     """Validation batches per evaluation, over all ranks (a multiple of the ranks gives the same windows)."""
     batch_size: int = 8
     """Sequences per validation batch."""
+    tasks: dict = field(default_factory=dict)
+    """Zero-shot tasks scored during training, {task: data dir} (e.g. {hellaswag: data/eval/hellaswag})."""
+    task_interval: int = 0
+    """Score `eval.tasks` every this many steps (0: only at the end of the run)."""
+    task_limit: int = 0
+    """Documents per task in those evaluations (0: all)."""
 
 
 @dataclass
@@ -238,6 +244,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return _build(tp, value, where)
     if tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return value

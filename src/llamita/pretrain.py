@@ -123,6 +123,20 @@ def build_data(
     return loader, val
 
 
+def check_eval_tasks(cfg: RunConfig) -> None:
+    """Refuse unknown tasks or missing task data in `eval.tasks` now, not after hours of training."""
+    if not cfg.eval.tasks:
+        return
+    from llamita.evaluate.tasks import SUITE
+
+    unknown = sorted(set(cfg.eval.tasks) - set(SUITE))
+    if unknown:
+        raise ConfigError(f"eval.tasks: unknown task(s) {unknown}; choose from {', '.join(SUITE)}")
+    missing = [f"{task}: {path}" for task, path in cfg.eval.tasks.items() if not Path(path).exists()]
+    if missing:
+        raise ConfigError(f"eval.tasks: no such file or directory for {'; '.join(missing)}")
+
+
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) the pretraining described by `cfg`, on this process's rank; return the final metrics.
 
@@ -150,6 +164,7 @@ def _pretrain(cfg: RunConfig) -> dict[str, Any]:
     tokenizer = Tokenizer.load(cfg.data.tokenizer)
     if env.rank == 0:
         tokenizer.save(out_dir / "tokenizer")
+    check_eval_tasks(cfg)
     loader, val_shards = build_data(cfg, tokenizer, env.rank, env.world_size, env.device)
     max_steps = resolve_steps(cfg)
 
@@ -167,6 +182,15 @@ def _pretrain(cfg: RunConfig) -> dict[str, Any]:
         save_config(cfg, out_dir / "config.yaml")
 
     trainer = Trainer(
-        cfg, model, model_config, optimizer, loader, val_shards, env.device, max_steps, autocast=plan.autocast_dtype
+        cfg,
+        model,
+        model_config,
+        optimizer,
+        loader,
+        val_shards,
+        env.device,
+        max_steps,
+        autocast=plan.autocast_dtype,
+        tokenizer=tokenizer,
     )
     return trainer.fit()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -102,7 +103,8 @@ def test_other_tokenizer_is_refused(prepared, debug_config, tmp_path):
     from llamita.tokenizer import train_tokenizer
 
     corpus = tmp_path / "c.txt"
-    corpus.write_text(" ".join(f"other{i} words{i % 17} here" for i in range(3000)))
+    rng = random.Random(0)
+    corpus.write_text(" ".join("".join(rng.choices("abcdefghijklmnop", k=rng.randint(2, 7))) for _ in range(5000)))
     other = tmp_path / "other-tok"
     train_tokenizer([corpus], 330, other)
     cfg = debug_config(tmp_path / "run", **{"data.tokenizer": str(other)})

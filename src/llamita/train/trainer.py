@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from llamita.config import RunConfig, to_dict
 from llamita.evaluate.perplexity import validation_loss
 from llamita.model.config import ModelConfig
+from llamita.tokenizer import Tokenizer
 from llamita.train import checkpoint as ckpt
 from llamita.train.metrics import MetricsLogger, Throughput, peak_flops
 from llamita.train.optim import lr_at, set_lr
@@ -72,6 +73,7 @@ class Trainer:
         max_steps: int,
         *,
         autocast: torch.dtype | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -90,6 +92,10 @@ class Trainer:
         self.autocast: contextlib.AbstractContextManager = (
             contextlib.nullcontext() if autocast is None else torch.autocast(device.type, dtype=autocast)
         )
+        self.autocast_dtype = autocast
+        self.tokenizer = tokenizer
+        if cfg.eval.tasks and tokenizer is None:
+            raise ValueError("eval.tasks needs the tokenizer: pass tokenizer= to the Trainer")
         self._batches: Iterator | None = None
 
     # ----------------------------------------------------------------------------------------- state
@@ -222,6 +228,25 @@ class Trainer:
         logger.print(f"step {self.state.step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}")
         return result
 
+    def _log_tasks(self, logger: MetricsLogger) -> dict[str, float]:
+        """Score `eval.tasks` as lm-evaluation-harness would (all ranks call this) and log accuracy vs tokens."""
+        from llamita.evaluate.harness import evaluate_tasks, scalar_metrics
+
+        ev = self.cfg.eval
+        result = evaluate_tasks(
+            self.model,
+            self.tokenizer,
+            ev.tasks,
+            limit=ev.task_limit or None,
+            device=self.device,
+            autocast_dtype=self.autocast_dtype,
+        )
+        flat = scalar_metrics(result)
+        logger.log({"step": self.state.step, "tokens": self.state.tokens, **flat})
+        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in flat.items())
+        logger.print(f"step {self.state.step:>6} | {shown}")
+        return flat
+
     def fit(self) -> dict[str, Any]:
         """Train to `max_steps`; return the last metrics (loss, val_loss, tokens/s, ...)."""
         resumed = self.resume()
@@ -269,6 +294,12 @@ class Trainer:
                         last.update(self._flush(pending, logger, meter))
                     last.update(self._log_validation(logger))
                     meter.update(self.state.tokens)  # keep eval time out of training throughput
+                ev = self.cfg.eval
+                if ev.tasks and ((ev.task_interval > 0 and step % ev.task_interval == 0) or done):
+                    if pending:
+                        last.update(self._flush(pending, logger, meter))
+                    last.update(self._log_tasks(logger))
+                    meter.update(self.state.tokens)
                 ckpt_due = self.cfg.checkpoint.interval > 0 and step % self.cfg.checkpoint.interval == 0
                 if ckpt_due or done:
                     if pending:
