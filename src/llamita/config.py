@@ -101,6 +101,8 @@ class TrainConfig:
     """Compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32; weights and optimizer state stay fp32."""
     threads: int = 0
     """CPU threads for torch (0 keeps torch's default)."""
+    max_bad_steps: int = 5
+    """Stop (saving a checkpoint) after this many consecutive steps skipped for a NaN/Inf loss or grad norm."""
 
 
 @dataclass
@@ -149,6 +151,8 @@ class CheckpointConfig:
     """Keep this many most recent checkpoints (0 keeps all)."""
     resume: str = "auto"
     """auto (latest complete checkpoint in the run directory, if any), none, or a checkpoint path."""
+    allow_data_change: bool = False
+    """Resume even if the training shards differ from the checkpoint's (names, token counts or sha256)."""
 
 
 @dataclass

@@ -91,7 +91,7 @@ def build_data(
     """The training loader over the mixture of prepared sources, and the validation shards of all sources."""
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty; add prepared sources ({name, path, weight}) to the recipe")
-    train, val = {}, []
+    train, val, checksums = {}, [], {}
     for i, src in enumerate(cfg.data.sources):
         if not src.name or not src.path:
             raise ConfigError(f"data.sources[{i}]: both name and path are required")
@@ -102,6 +102,8 @@ def build_data(
                 f"{cfg.data.tokenizer}; run `llamita prepare` again with this tokenizer"
             )
         train[src.name] = shard_paths(Path(src.path), "train")
+        # The manifest's sha256 of each shard: a resume refuses shards replaced since the checkpoint.
+        checksums[src.name] = [s["sha256"] for s in manifest["shards"] if s["split"] == "train"]
         val += shard_paths(Path(src.path), "val")
     if cfg.data.stages:
         mixture = Mixture.from_config(cfg.data.stages)
@@ -119,6 +121,7 @@ def build_data(
         vocab_size=tokenizer.vocab_size,
         prefetch=cfg.data.prefetch,
         pin_memory=device.type == "cuda",
+        checksums=checksums,
     )
     return loader, val
 

@@ -94,10 +94,15 @@ def feistel_permute(idx: np.ndarray, n: int, key: int) -> np.ndarray:
 class _TokenStream:
     """A list of shards read as one logical token sequence."""
 
-    def __init__(self, paths: Sequence[Path], vocab_size: int | None) -> None:
+    def __init__(
+        self, paths: Sequence[Path], vocab_size: int | None, checksums: Sequence[str] | None = None
+    ) -> None:
         if not paths:
             raise ValueError("no shard files given")
+        if checksums is not None and len(checksums) != len(paths):
+            raise ValueError(f"{len(checksums)} checksums for {len(paths)} shard files")
         self.paths = [Path(p) for p in paths]
+        self.checksums = list(checksums) if checksums is not None else None
         # Headers and sizes are checked; scanning every token (terabytes, at each start) is left to
         # write_shard, which refuses out-of-range ids.
         self.arrays = [read_shard(p, vocab_size=vocab_size, check_tokens=False) for p in self.paths]
@@ -118,7 +123,10 @@ class _TokenStream:
             shard += 1
 
     def fingerprint(self) -> dict[str, list]:
-        return {"shards": [p.name for p in self.paths], "tokens": list(self.counts)}
+        out = {"shards": [p.name for p in self.paths], "tokens": list(self.counts)}
+        if self.checksums is not None:
+            out["sha256"] = list(self.checksums)
+        return out
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,8 @@ class DataLoader:
         vocab_size: If given, shards are checked against it.
         prefetch: Batches a background thread prepares ahead; 0 reads in the caller's thread.
         pin_memory: Pin the batches' host memory (for faster copies to the GPU); ignored without CUDA.
+        checksums: Per source, the sha256 of each shard (from the prepared manifest), part of the fingerprint
+            that a resume compares; without them only shard names and token counts are compared.
 
     Raises:
         ValueError: If the sizes do not divide, the mixture and sources disagree, or a source is too short.
@@ -162,6 +172,7 @@ class DataLoader:
         vocab_size: int | None = None,
         prefetch: int = 2,
         pin_memory: bool = False,
+        checksums: dict[str, list[str]] | None = None,
     ) -> None:
         for name, value in [("seq_len", seq_len), ("micro_batch", micro_batch), ("world_size", world_size)]:
             if value < 1:
@@ -195,7 +206,7 @@ class DataLoader:
         self._streams: list[_TokenStream] = []
         for name in self.names:
             try:
-                stream = _TokenStream(sources[name], vocab_size)
+                stream = _TokenStream(sources[name], vocab_size, None if checksums is None else checksums[name])
             except ValueError as e:
                 raise ValueError(f"DataLoader: source {name!r}: {e}") from e
             if stream.total < seq_len + 1:
@@ -276,11 +287,17 @@ class DataLoader:
             "sources": self.fingerprint(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, allow_data_change: bool = False) -> None:
         """Continue from a position saved by ``state_dict``.
 
+        Args:
+            state: from ``state_dict``.
+            allow_data_change: continue from the saved position even if a source's shards changed (names, token
+                counts, or sha256 where both sides have them); a warning says what changed.
+
         Raises:
-            ValueError: If the state comes from a run with a different seed, seq_len, global_batch or data.
+            ValueError: If the state comes from a run with a different seed, seq_len or global_batch, or from
+                different data without ``allow_data_change``.
         """
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"DataLoader state: version {state.get('version')!r}, expected {_STATE_VERSION}")
@@ -296,14 +313,23 @@ class DataLoader:
                 f"DataLoader state: sources changed from {sorted(saved)} (checkpoint) to {sorted(now)} (now)"
             )
         for name in self.names:
-            # A checkpoint round trip may turn lists into tuples; compare the values.
+            # A checkpoint round trip may turn lists into tuples; compare the values. Checksums are compared when
+            # both sides have them (checkpoints written before they were recorded have none).
             old = {"shards": list(saved[name]["shards"]), "tokens": [int(t) for t in saved[name]["tokens"]]}
-            if old != now[name]:
+            new = {"shards": now[name]["shards"], "tokens": now[name]["tokens"]}
+            if "sha256" in saved[name] and "sha256" in now[name]:
+                old["sha256"], new["sha256"] = list(saved[name]["sha256"]), now[name]["sha256"]
+            if old == new:
+                continue
+            message = (
+                f"DataLoader state: the shards of source {name!r} changed since the checkpoint ({_diff(old, new)})"
+            )
+            if not allow_data_change:
                 raise ValueError(
-                    f"DataLoader state: the shards of source {name!r} changed since the checkpoint "
-                    f"(names or token counts differ: {_diff(old, now[name])}); "
-                    "resume with the same data"
+                    f"{message}; resume with the same data, or set checkpoint.allow_data_change=true to continue "
+                    "from the saved position on the new data"
                 )
+            logger.warning("%s; continuing because data changes are allowed", message)
         if state["sample"] % self.global_batch:
             raise ValueError(
                 f"DataLoader state: sample {state['sample']} is not at an optimizer-step boundary "
@@ -424,11 +450,16 @@ def _put(out: queue.Queue, item: object, stop: threading.Event) -> bool:
 
 
 def _diff(saved: dict, now: dict) -> str:
-    a = list(zip(saved["shards"], saved["tokens"], strict=True))
-    b = list(zip(now["shards"], now["tokens"], strict=True))
-    gone = [f"{n}:{t}" for n, t in a if (n, t) not in b]
-    new = [f"{n}:{t}" for n, t in b if (n, t) not in a]
-    return f"only in checkpoint {gone[:5]}, only now {new[:5]}"
+    """Which shards differ, as name:tokens[:sha256 prefix]."""
+
+    def entries(fp: dict) -> list[str]:
+        sums = fp.get("sha256") or [""] * len(fp["shards"])
+        return [f"{n}:{t}" + (f":{h[:12]}" if h else "") for n, t, h in zip(fp["shards"], fp["tokens"], sums)]
+
+    a, b = entries(saved), entries(now)
+    gone = [e for e in a if e not in b]
+    new = [e for e in b if e not in a]
+    return f"shard:tokens:sha256 only in checkpoint {gone[:5]}, only now {new[:5]}"
 
 
 def eval_batches(

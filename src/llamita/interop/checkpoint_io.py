@@ -191,6 +191,7 @@ def write_checkpoint(out: str | Path, source: WeightSource, *, note: dict[str, A
         **(note or {}),
     }
     (tmp / ckpt.STATE_FILE).write_text(json.dumps(state, indent=1))
+    ckpt.write_checksums(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path

@@ -5,15 +5,20 @@ Layout of one checkpoint folder ``<run>/checkpoints/step_00000100/``::
     .metadata, __0_0.distcp, ...   DCP files: {"model": ..., "optim": ...} (sharded when the model is)
     trainer_state.json             step, tokens, loader state, model config, resolved run config
     rng_rank<R>.pt                 each rank's torch RNG states (loaded with weights_only=True)
+    checksums.json                 sha256 of every other file, written last
 
 A checkpoint is written to ``step_XXXXXXXX.tmp`` and renamed when every file is in place, so a folder without
-the suffix is always complete; an interrupted save leaves only a ``.tmp`` folder, which resume ignores.
+the suffix is always complete; an interrupted save leaves only a ``.tmp`` folder, which resume ignores. The
+checksums are verified when a checkpoint is loaded: a flipped byte or a truncated file is an error naming the
+file. Each rank hashes its share of the files (at save and at load), so the cost is one read of the checkpoint
+spread over the ranks.
 DCP state dicts come from ``torch.distributed.checkpoint.state_dict``, so the same code saves a plain model
 and an FSDP2-sharded one, and a checkpoint can be loaded with a different number of ranks.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import warnings
@@ -24,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -32,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 STATE_FILE = "trainer_state.json"
+CHECKSUMS_FILE = "checksums.json"
 PREFIX = "step_"
 
 
@@ -46,6 +53,57 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _hash_files(folder: Path, names: list[str]) -> dict[str, str]:
+    """sha256 of `names` in `folder`, each rank hashing every world-th file; every rank gets the whole dict."""
+    from llamita.data.shards import file_sha256
+
+    mine = {name: file_sha256(folder / name) for name in names[_rank() :: _world()]}
+    if _world() == 1:
+        return mine
+    parts: list[dict[str, str] | None] = [None] * _world()
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts if part for k, v in part.items()}
+
+
+def write_checksums(folder: Path) -> None:
+    """Record the sha256 of every file of a checkpoint folder in checksums.json; every rank calls this last."""
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS_FILE)
+    sums = _hash_files(folder, names)
+    if _rank() == 0:
+        (folder / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1))
+
+
+def verify_checksums(folder: Path) -> None:
+    """Compare every file of a checkpoint folder with checksums.json; raise CheckpointError naming a bad file.
+
+    A folder without checksums.json (written before llamita recorded them) is accepted unverified.
+    """
+    folder = Path(folder)
+    manifest = folder / CHECKSUMS_FILE
+    if not manifest.is_file():
+        return
+    try:
+        expected = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{manifest}: unreadable checksums ({e}); the checkpoint is damaged") from None
+    missing = sorted(name for name in expected if not (folder / name).is_file())
+    if missing:
+        raise CheckpointError(f"{folder / missing[0]}: missing from the checkpoint (listed in {CHECKSUMS_FILE})")
+    actual = _hash_files(folder, sorted(expected))
+    bad = sorted(name for name in expected if actual[name] != expected[name])
+    if bad:
+        raise CheckpointError(
+            f"{folder / bad[0]}: sha256 differs from {CHECKSUMS_FILE} (damaged or truncated file"
+            f"{f'; also {bad[1:]}' if len(bad) > 1 else ''}); resume from an earlier checkpoint by deleting "
+            f"or moving {folder.name}, or pass another folder to --checkpoint.resume"
+        )
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -116,14 +174,26 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        # DCP warns that it runs without a process group on a single process; that is intended.
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    try:
+        with warnings.catch_warnings():
+            # DCP warns that it runs without a process group on a single process; that is intended.
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        if _rank() == 0:
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+        _barrier()
+        write_checksums(tmp)  # last: a folder with checksums.json holds every file it lists
+    except (OSError, CheckpointException) as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; earlier checkpoints are untouched
+        full = _is_disk_full(e)
+        raise CheckpointError(
+            f"{tmp}: saving the checkpoint failed ({'no space left on device' if full else e}); the previous "
+            f"checkpoints in {path.parent} are intact. {'Free disk space' if full else 'Fix the cause'}, then "
+            "run the same command again to resume from the latest one"
+        ) from e
     _barrier()
     if _rank() == 0:
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
@@ -131,9 +201,24 @@ def save_checkpoint(
     return path
 
 
+def _is_disk_full(error: BaseException) -> bool:
+    """True when `error` or an error it wraps (DCP collects each rank's failure) is ENOSPC."""
+    seen: list[BaseException] = [error]
+    while seen:
+        e = seen.pop()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if isinstance(e, CheckpointException):
+            seen += [failure[0] for failure in e.failures.values()]  # (exception, traceback) per rank
+        if e.__cause__ is not None:
+            seen.append(e.__cause__)
+    return False
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Load a checkpoint into `model` (and `optimizer`, and this rank's RNG); return the trainer state."""
     path = resolve_checkpoint(path)
+    verify_checksums(path)
     state = read_state(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

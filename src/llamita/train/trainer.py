@@ -1,8 +1,12 @@
 """The training loop: micro-steps with gradient accumulation, clipping, schedule, validation, logging, checkpoints.
 
 The trainer receives a model that is already built, initialised and (for multi-GPU) wrapped from outside; it
-never constructs parallelism itself. Host-device synchronisation happens only at log, eval and checkpoint
-intervals: per-step losses stay on the device until a log interval flushes them.
+never constructs parallelism itself. Per-step losses stay on the device until a log interval flushes them; the
+one host-device synchronisation per step is the step-boundary check, a two-element tensor read (all-reduced over
+ranks): whether this step's loss or gradient norm is NaN/Inf (then the optimizer step is skipped, so no weight
+changes) and whether a SIGTERM/SIGINT asked the run to stop (then every rank saves a checkpoint after this step
+and returns). It ends the CPU's run-ahead at each step boundary: negligible for steps of 100 ms and more, a few
+percent for tiny models on a GPU.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +49,10 @@ class TrainState:
     """Optimizer steps completed."""
     tokens: int = 0
     """Training tokens consumed over all ranks."""
+    skipped_steps: int = 0
+    """Steps whose update was skipped because the loss or gradient norm was NaN/Inf."""
+    bad_streak: int = 0
+    """Consecutive skipped steps up to now."""
 
 
 class Trainer:
@@ -97,6 +107,7 @@ class Trainer:
         if cfg.eval.tasks and tokenizer is None:
             raise ValueError("eval.tasks needs the tokenizer: pass tokenizer= to the Trainer")
         self._batches: Iterator | None = None
+        self._stop_signal = 0  # set by a SIGTERM/SIGINT handler while `fit` runs
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -104,6 +115,8 @@ class Trainer:
         return {
             "step": self.state.step,
             "tokens": self.state.tokens,
+            "skipped_steps": self.state.skipped_steps,
+            "bad_streak": self.state.bad_streak,
             "loader": self.loader.state_dict(),
             "world_size": self.world_size,
             "model_config": dataclasses.asdict(self.model_config),
@@ -141,13 +154,25 @@ class Trainer:
                 f"{path}: the checkpoint's model config differs from this run's; "
                 "resume with the same model settings or start a new run directory"
             )
-        self.loader.load_state_dict(state["loader"])
-        self.state = TrainState(step=state["step"], tokens=state["tokens"])
+        try:
+            self.loader.load_state_dict(state["loader"], allow_data_change=self.cfg.checkpoint.allow_data_change)
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{path}: cannot continue the data order: {e}") from None
+        self.state = TrainState(
+            step=state["step"],
+            tokens=state["tokens"],
+            skipped_steps=state.get("skipped_steps", 0),
+            bad_streak=state.get("bad_streak", 0),
+        )
         return path
 
     # ------------------------------------------------------------------------------------------ loop
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm) as device tensors."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm, stop requested).
+
+        Loss and grad norm stay on the device. A step whose loss or gradient norm is NaN/Inf on any rank is
+        skipped before the optimizer touches a weight, and counted in `state.skipped_steps`.
+        """
         assert self._batches is not None
         set_lr(self.optimizer, lr_at(self.state.step, self.cfg.optim, self.max_steps))
         loss_sum = torch.zeros((), device=self.device)
@@ -166,11 +191,42 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()  # FSDP2: the norm over every rank's gradient shards
-        self.optimizer.step()
+        bad, stop = self._step_boundary_check(loss_sum, grad_norm)
+        if bad:
+            self.state.skipped_steps += 1
+            self.state.bad_streak += 1
+        else:
+            self.optimizer.step()
+            self.state.bad_streak = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
-        return loss_sum / self.accum, grad_norm
+        return loss_sum / self.accum, grad_norm, stop
+
+    def _step_boundary_check(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
+        """(any rank's loss or grad norm is not finite, any rank received a stop signal): one sync per step."""
+        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        flags = torch.stack([bad.float(), torch.tensor(float(self._stop_signal > 0), device=bad.device)])
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad_any, stop_any = flags.tolist()
+        return bad_any > 0, stop_any > 0
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        self._stop_signal = signum
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """While training, SIGTERM and SIGINT ask for a checkpoint at the next step boundary instead of killing."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def validate(self) -> dict[str, float]:
         """Validation loss and perplexity on the held-out shards (mean over ranks)."""
@@ -200,7 +256,7 @@ class Trainer:
         # Host-side allocator counter: reading it does not synchronise with the device.
         memory = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         row: dict[str, Any] = {}
-        for (step, _, _, lr, tokens), loss, norm in zip(pending, losses.tolist(), norms.tolist()):
+        for (step, _, _, lr, tokens, skipped), loss, norm in zip(pending, losses.tolist(), norms.tolist()):
             row = {
                 "step": step,
                 "loss": loss,
@@ -208,6 +264,7 @@ class Trainer:
                 "grad_norm": norm,
                 "tokens": tokens,
                 "tokens_per_s": tokens_per_s,
+                "skipped_steps": skipped,
             }
             if mfu is not None:
                 row["mfu"] = mfu
@@ -215,11 +272,6 @@ class Trainer:
                 row["max_memory_gib"] = memory
             logger.log(row)
         pending.clear()
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(
-                f"training loss is {row['loss']} at step {row['step']}; lower optim.lr or check the data, "
-                f"then resume from the last checkpoint in {self.out_dir / 'checkpoints'}"
-            )
         return row
 
     def _log_validation(self, logger: MetricsLogger) -> dict[str, float]:
@@ -277,40 +329,61 @@ class Trainer:
         self._batches = iter(self.loader)
         pending: list = []
         last: dict[str, Any] = {}
-        try:
-            if self.state.step == 0 and self.val_shards and self.cfg.eval.interval > 0:
-                last.update(self._log_validation(logger))
-                meter.update(self.state.tokens)
-            while self.state.step < self.max_steps:
-                loss, grad_norm = self.train_step()
-                lr = self.optimizer.param_groups[0]["lr"]
-                pending.append((self.state.step, loss, grad_norm, lr, self.state.tokens))
-                step, done = self.state.step, self.state.step == self.max_steps
-                if step % log.interval == 0 or done:
-                    last.update(self._flush(pending, logger, meter))
-                eval_due = self.cfg.eval.interval > 0 and step % self.cfg.eval.interval == 0
-                if self.val_shards and (eval_due or done):
-                    if pending:
-                        last.update(self._flush(pending, logger, meter))
-                    last.update(self._log_validation(logger))
-                    meter.update(self.state.tokens)  # keep eval time out of training throughput
-                ev = self.cfg.eval
-                if ev.tasks and ((ev.task_interval > 0 and step % ev.task_interval == 0) or done):
-                    if pending:
-                        last.update(self._flush(pending, logger, meter))
-                    last.update(self._log_tasks(logger))
-                    meter.update(self.state.tokens)
-                ckpt_due = self.cfg.checkpoint.interval > 0 and step % self.cfg.checkpoint.interval == 0
-                if ckpt_due or done:
-                    if pending:
-                        last.update(self._flush(pending, logger, meter))
-                    self.save()
-                    meter.update(self.state.tokens)
-                logger.advance(step)
-        finally:
-            close = getattr(self.loader, "close", None)
-            if close is not None:
-                close()
-            logger.close()
+        with self._stop_on_signals():
+            try:
+                self._train_loop(logger, meter, pending, last)
+            finally:
+                close = getattr(self.loader, "close", None)
+                if close is not None:
+                    close()
+                logger.close()
         last["step"] = self.state.step
         return last
+
+    def _train_loop(self, logger: MetricsLogger, meter: Throughput, pending: list, last: dict[str, Any]) -> None:
+        log = self.cfg.log
+        if self.state.step == 0 and self.val_shards and self.cfg.eval.interval > 0:
+            last.update(self._log_validation(logger))
+            meter.update(self.state.tokens)
+        while self.state.step < self.max_steps:
+            loss, grad_norm, stop = self.train_step()
+            lr = self.optimizer.param_groups[0]["lr"]
+            pending.append((self.state.step, loss, grad_norm, lr, self.state.tokens, self.state.skipped_steps))
+            step, done = self.state.step, self.state.step == self.max_steps
+            too_bad = self.state.bad_streak >= self.cfg.train.max_bad_steps > 0
+            if stop or too_bad:
+                last.update(self._flush(pending, logger, meter))
+                path = self.save()
+                if too_bad:
+                    raise FloatingPointError(
+                        f"{self.state.bad_streak} consecutive steps up to step {step} had a NaN/Inf loss or "
+                        f"gradient norm and were skipped (train.max_bad_steps={self.cfg.train.max_bad_steps}); "
+                        f"{path} holds the weights and optimizer of the last good step, with the data position "
+                        "after the bad batches. Lower optim.lr or check the data, then run the same command "
+                        "to resume"
+                    )
+                name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal on another rank"
+                logger.print(f"stopped by {name} at step {step}; saved {path}; run the same command to resume")
+                last["stopped"] = True
+                return
+            if step % log.interval == 0 or done:
+                last.update(self._flush(pending, logger, meter))
+            eval_due = self.cfg.eval.interval > 0 and step % self.cfg.eval.interval == 0
+            if self.val_shards and (eval_due or done):
+                if pending:
+                    last.update(self._flush(pending, logger, meter))
+                last.update(self._log_validation(logger))
+                meter.update(self.state.tokens)  # keep eval time out of training throughput
+            ev = self.cfg.eval
+            if ev.tasks and ((ev.task_interval > 0 and step % ev.task_interval == 0) or done):
+                if pending:
+                    last.update(self._flush(pending, logger, meter))
+                last.update(self._log_tasks(logger))
+                meter.update(self.state.tokens)
+            ckpt_due = self.cfg.checkpoint.interval > 0 and step % self.cfg.checkpoint.interval == 0
+            if ckpt_due or done:
+                if pending:
+                    last.update(self._flush(pending, logger, meter))
+                self.save()
+                meter.update(self.state.tokens)
+            logger.advance(step)
