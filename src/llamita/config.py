@@ -51,6 +51,8 @@ class DataConfig:
     """Training sequence length in tokens."""
     prefetch: int = 4
     """Batches the loader prepares ahead of the trainer."""
+    verify_tokens: bool = True
+    """Check every train/val token id < vocab at start: one read of the shards over ranks; off for multi-TB corpora."""
 
 
 @dataclass
@@ -102,7 +104,14 @@ class TrainConfig:
     threads: int = 0
     """CPU threads for torch (0 keeps torch's default)."""
     max_bad_steps: int = 5
-    """Stop (saving a checkpoint) after this many consecutive steps skipped for a NaN/Inf loss or grad norm."""
+    """Stop (saving a checkpoint) after this many consecutive skipped steps (NaN/Inf loss or grad norm, or loss
+    spikes); 0 never stops. The host learns of a bad step one step late, so the run stops one step after the
+    streak is reached."""
+    spike_sigma: float = 0.0
+    """Loss-spike guard: skip a step whose loss exceeds the mean + spike_sigma x std of the last `spike_window`
+    applied steps (0 disables; 4-6 is typical). The window is saved in checkpoints."""
+    spike_window: int = 100
+    """Applied steps in the loss-spike window; the guard acts once the window is full."""
 
 
 @dataclass

@@ -67,10 +67,40 @@ def test_too_many_bad_steps_stop_with_last_good_checkpoint(debug_config, tmp_pat
     monkeypatch.setattr(trainer_module, "causal_lm_loss", poisoned)
     run = tmp_path / "run"
     cfg = debug_config(run, **FAST, **{"train.max_steps": "20", "train.max_bad_steps": "3"})
-    with pytest.raises(FloatingPointError, match=r"3 consecutive steps up to step 5 .*train.max_bad_steps=3"):
+    # The host reads a step's outcome one step late: the streak of 3 reached at step 5 stops the run after step 6.
+    with pytest.raises(
+        FloatingPointError, match=r"3 consecutive steps up to step 5 .*train.max_bad_steps=3\); stopped after step 6"
+    ):
         pretrain(cfg)
-    assert [r["skipped_steps"] for r in rows(run)] == [0, 0, 1, 2, 3]
+    assert [r["skipped_steps"] for r in rows(run)] == [0, 0, 1, 2, 3, 4]
     saved = load_pretrained(run)
-    assert saved.step == 5
+    assert saved.step == 6
     # The checkpoint holds the weights after step 2, the last good update.
     assert_same_weights(saved.model.state_dict(), poisoned.weights_at_start[3])
+
+
+def test_loss_spike_is_skipped_and_the_window_is_checkpointed(debug_config, tmp_path, monkeypatch):
+    # Step 9's loss is multiplied by 50: far above mean + 3 sigma of the previous 4 applied steps.
+    poisoned = PoisonedLoss(bad={9}, value=50.0)
+    monkeypatch.setattr(trainer_module, "causal_lm_loss", poisoned)
+    run = tmp_path / "run"
+    guard = {"train.spike_sigma": "3", "train.spike_window": "4", "train.max_steps": "12"}
+    result = pretrain(debug_config(run, **FAST, **guard))
+    assert result["step"] == 12
+    logged = rows(run)
+    assert [r["spike_steps"] for r in logged] == [0] * 8 + [1] * 4
+    assert [r["skipped_steps"] for r in logged] == [0] * 8 + [1] * 4
+    assert_same_weights(poisoned.weights_at_start[10], poisoned.weights_at_start[9])
+    state = ckpt.read_state(ckpt.resolve_checkpoint(run))
+    assert state["spike_steps"] == 1 and state["spike_filled"] == 4
+    # The window holds the mean losses of the last 4 applied steps (9 was skipped), oldest first.
+    applied = [r["loss"] for r in logged if r["step"] != 9][-4:]
+    assert state["spike_window"] == pytest.approx(applied, rel=1e-6)
+
+
+def test_spike_guard_does_not_fire_on_a_normal_run(debug_config, tmp_path):
+    run = tmp_path / "run"
+    pretrain(
+        debug_config(run, **FAST, **{"train.spike_sigma": "6", "train.spike_window": "4", "train.max_steps": "12"})
+    )
+    assert rows(run)[-1]["spike_steps"] == 0

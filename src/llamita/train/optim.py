@@ -13,8 +13,9 @@ from llamita.config import OptimConfig
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the model's parameters: weight decay on matrices (ndim >= 2), none on norm weights.
 
-    The fused CUDA kernel is used on GPU; on CPU the foreach implementation (same math). Build it after FSDP2
-    has sharded the model, so that it holds (and keeps state for) this rank's shards.
+    The fused kernel (CUDA and CPU) is used: besides being the fastest, it accepts the trainer's skip decision as
+    a device tensor (`found_inf`), so skipping a bad step needs no host sync. Build it after FSDP2 has sharded the
+    model, so that it holds (and keeps state for) this rank's shards.
     """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -27,8 +28,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
-        fused=device.type == "cuda",
-        foreach=device.type != "cuda",
+        fused=True,
     )
 
 

@@ -1,12 +1,10 @@
 """The training loop: micro-steps with gradient accumulation, clipping, schedule, validation, logging, checkpoints.
 
 The trainer receives a model that is already built, initialised and (for multi-GPU) wrapped from outside; it
-never constructs parallelism itself. Per-step losses stay on the device until a log interval flushes them; the
-one host-device synchronisation per step is the step-boundary check, a two-element tensor read (all-reduced over
-ranks): whether this step's loss or gradient norm is NaN/Inf (then the optimizer step is skipped, so no weight
-changes) and whether a SIGTERM/SIGINT asked the run to stop (then every rank saves a checkpoint after this step
-and returns). It ends the CPU's run-ahead at each step boundary: negligible for steps of 100 ms and more, a few
-percent for tiny models on a GPU.
+never constructs parallelism itself. Per-step losses stay on the device until a log interval flushes them. Whether
+a step may change the weights (NaN/Inf, loss spikes) is decided on the device by `guard.StepGuard` and handed to
+the fused AdamW kernel; the host reads each step's outcome one step late, so it keeps running up to one step
+ahead of the device. SIGTERM/SIGINT make every rank save a checkpoint at the same step boundary and return.
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ from llamita.evaluate.perplexity import validation_loss
 from llamita.model.config import ModelConfig
 from llamita.tokenizer import Tokenizer
 from llamita.train import checkpoint as ckpt
+from llamita.train.guard import StepGuard
 from llamita.train.metrics import MetricsLogger, Throughput, peak_flops
 from llamita.train.optim import lr_at, set_lr
 
@@ -49,10 +48,6 @@ class TrainState:
     """Optimizer steps completed."""
     tokens: int = 0
     """Training tokens consumed over all ranks."""
-    skipped_steps: int = 0
-    """Steps whose update was skipped because the loss or gradient norm was NaN/Inf."""
-    bad_streak: int = 0
-    """Consecutive skipped steps up to now."""
 
 
 class Trainer:
@@ -108,6 +103,9 @@ class Trainer:
             raise ValueError("eval.tasks needs the tokenizer: pass tokenizer= to the Trainer")
         self._batches: Iterator | None = None
         self._stop_signal = 0  # set by a SIGTERM/SIGINT handler while `fit` runs
+        self.guard = StepGuard(device, self.world_size, cfg.train.spike_sigma, cfg.train.spike_window)
+        # Fused AdamW takes the skip decision as a device tensor (`found_inf`); other optimizers need a host read.
+        self._skip_on_device = bool(optimizer.defaults.get("fused"))
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -115,8 +113,7 @@ class Trainer:
         return {
             "step": self.state.step,
             "tokens": self.state.tokens,
-            "skipped_steps": self.state.skipped_steps,
-            "bad_streak": self.state.bad_streak,
+            **self.guard.state_dict(),
             "loader": self.loader.state_dict(),
             "world_size": self.world_size,
             "model_config": dataclasses.asdict(self.model_config),
@@ -158,20 +155,16 @@ class Trainer:
             self.loader.load_state_dict(state["loader"], allow_data_change=self.cfg.checkpoint.allow_data_change)
         except ValueError as e:
             raise ckpt.CheckpointError(f"{path}: cannot continue the data order: {e}") from None
-        self.state = TrainState(
-            step=state["step"],
-            tokens=state["tokens"],
-            skipped_steps=state.get("skipped_steps", 0),
-            bad_streak=state.get("bad_streak", 0),
-        )
+        self.state = TrainState(step=state["step"], tokens=state["tokens"])
+        self.guard.load_state_dict(state)
         return path
 
     # ------------------------------------------------------------------------------------------ loop
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm, stop requested).
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm, guard summary).
 
-        Loss and grad norm stay on the device. A step whose loss or gradient norm is NaN/Inf on any rank is
-        skipped before the optimizer touches a weight, and counted in `state.skipped_steps`.
+        All three stay on the device. A step whose loss or gradient norm is NaN/Inf on any rank (or a loss spike,
+        when the guard is on) leaves weights and optimizer state untouched; see `guard.StepGuard`.
         """
         assert self._batches is not None
         set_lr(self.optimizer, lr_at(self.state.step, self.cfg.optim, self.max_steps))
@@ -191,26 +184,17 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()  # FSDP2: the norm over every rank's gradient shards
-        bad, stop = self._step_boundary_check(loss_sum, grad_norm)
-        if bad:
-            self.state.skipped_steps += 1
-            self.state.bad_streak += 1
-        else:
+        mean_loss = loss_sum / self.accum
+        skip, summary = self.guard.check(mean_loss, grad_norm, self._stop_signal > 0)
+        if self._skip_on_device:
+            self.optimizer.found_inf = skip  # read by the fused kernel: nothing moves when it is 1
             self.optimizer.step()
-            self.state.bad_streak = 0
+        elif not skip.item():
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
-        return loss_sum / self.accum, grad_norm, stop
-
-    def _step_boundary_check(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
-        """(any rank's loss or grad norm is not finite, any rank received a stop signal): one sync per step."""
-        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-        flags = torch.stack([bad.float(), torch.tensor(float(self._stop_signal > 0), device=bad.device)])
-        if self.world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad_any, stop_any = flags.tolist()
-        return bad_any > 0, stop_any > 0
+        return mean_loss, grad_norm, summary
 
     def _request_stop(self, signum: int, frame: object) -> None:
         self._stop_signal = signum
@@ -249,6 +233,7 @@ class Trainer:
         """Bring buffered per-step losses to the host (one sync) and write one metrics row per step."""
         losses = torch.stack([p[1] for p in pending])
         norms = torch.stack([p[2] for p in pending]).float()
+        summaries = torch.stack([p[5] for p in pending]).tolist()
         if self.world_size > 1:
             dist.all_reduce(losses, op=dist.ReduceOp.SUM)
             losses /= self.world_size
@@ -256,7 +241,9 @@ class Trainer:
         # Host-side allocator counter: reading it does not synchronise with the device.
         memory = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         row: dict[str, Any] = {}
-        for (step, _, _, lr, tokens, skipped), loss, norm in zip(pending, losses.tolist(), norms.tolist()):
+        for (step, _, _, lr, tokens, _), loss, norm, summary in zip(
+            pending, losses.tolist(), norms.tolist(), summaries
+        ):
             row = {
                 "step": step,
                 "loss": loss,
@@ -264,8 +251,10 @@ class Trainer:
                 "grad_norm": norm,
                 "tokens": tokens,
                 "tokens_per_s": tokens_per_s,
-                "skipped_steps": skipped,
+                "skipped_steps": int(summary[0]),
             }
+            if self.guard.spike_sigma > 0:
+                row["spike_steps"] = int(summary[1])
             if mfu is not None:
                 row["mfu"] = mfu
             if memory is not None:
@@ -345,22 +334,26 @@ class Trainer:
         if self.state.step == 0 and self.val_shards and self.cfg.eval.interval > 0:
             last.update(self._log_validation(logger))
             meter.update(self.state.tokens)
+        previous: torch.Tensor | None = None  # the guard summary of the step before
         while self.state.step < self.max_steps:
-            loss, grad_norm, stop = self.train_step()
+            loss, grad_norm, summary = self.train_step()
             lr = self.optimizer.param_groups[0]["lr"]
-            pending.append((self.state.step, loss, grad_norm, lr, self.state.tokens, self.state.skipped_steps))
+            pending.append((self.state.step, loss, grad_norm, lr, self.state.tokens, summary))
             step, done = self.state.step, self.state.step == self.max_steps
-            too_bad = self.state.bad_streak >= self.cfg.train.max_bad_steps > 0
+            # Read step-1's outcome now that `step` is enqueued: the device has finished it (or nearly).
+            _, _, streak, stop = previous.tolist() if previous is not None else (0, 0, 0, 0)
+            previous = summary
+            too_bad = streak >= self.cfg.train.max_bad_steps > 0
             if stop or too_bad:
                 last.update(self._flush(pending, logger, meter))
                 path = self.save()
                 if too_bad:
                     raise FloatingPointError(
-                        f"{self.state.bad_streak} consecutive steps up to step {step} had a NaN/Inf loss or "
-                        f"gradient norm and were skipped (train.max_bad_steps={self.cfg.train.max_bad_steps}); "
-                        f"{path} holds the weights and optimizer of the last good step, with the data position "
-                        "after the bad batches. Lower optim.lr or check the data, then run the same command "
-                        "to resume"
+                        f"{int(streak)} consecutive steps up to step {step - 1} had a NaN/Inf loss or gradient "
+                        f"norm{' or a loss spike' if self.guard.spike_sigma > 0 else ''} and were skipped "
+                        f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); stopped after step {step}. {path} "
+                        "holds the weights and optimizer of the last good step, with the data position after the "
+                        "bad batches. Lower optim.lr or check the data, then run the same command to resume"
                     )
                 name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal on another rank"
                 logger.print(f"stopped by {name} at step {step}; saved {path}; run the same command to resume")
