@@ -161,43 +161,92 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data, yamls = write_task(work / "timed", records[warmup:])
     warm_data, warm_yamls = write_task(work / "warm", records[:warmup])
     model, hf, hf_tokenizer, config = build_models(tokenizer, args.smoke, device, dtype)
-    lm = HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=args.batch_size, max_length=config.max_seq_len)
+    def llamita_call(path: Path, batch_size: int) -> dict[str, Any]:
+        return evaluate_tasks(model, tokenizer, {"hellaswag": path}, batch_size=batch_size, log_samples=True)
 
-    def llamita_call(path: Path) -> dict[str, Any]:
-        return evaluate_tasks(model, tokenizer, {"hellaswag": path}, batch_size=args.batch_size, log_samples=True)
-
-    def lm_eval_call(yaml_dir: Path) -> dict[str, Any]:
+    def lm_eval_call(yaml_dir: Path, batch_size: int) -> dict[str, Any]:
+        lm = HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=batch_size, max_length=config.max_seq_len)
         manager = TaskManager(include_path=str(yaml_dir), include_defaults=False)
         return lm_eval.simple_evaluate(model=lm, tasks=["bench_hellaswag"], task_manager=manager, log_samples=True)
 
-    results: dict[str, Any] = {"items": items, "batch_size": args.batch_size, "device": str(device)}
+    if args.profile:
+        batch = args.batch_size[0]
+        profile_llamita(lambda: llamita_call(data, batch), lambda: llamita_call(warm_data, batch), device)
+        sys.exit(0)
+    results: dict[str, Any] = {"items": items, "device": str(device), "runs": []}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name()
     results["model_params"] = config.num_params
-    outputs = {}
-    for name, call, timed_arg, warm_arg in (
-        ("llamita", llamita_call, data, warm_data),
-        ("lm-eval hf", lm_eval_call, yamls, warm_yamls),
-    ):
-        call(warm_arg)
-        reset_peak(device)
-        start = time.perf_counter()
-        outputs[name] = call(timed_arg)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        results[name] = {"seconds": seconds, "items_per_s": items / seconds, "peak_gib": peak_memory_gib(device)}
+    for batch in args.batch_size:
+        outputs = {}
+        for name, call, timed_arg, warm_arg in (
+            ("llamita", llamita_call, data, warm_data),
+            ("lm-eval hf", lm_eval_call, yamls, warm_yamls),
+        ):
+            call(warm_arg, batch)
+            reset_peak(device)
+            start = time.perf_counter()
+            outputs[name] = call(timed_arg, batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            results["runs"].append(
+                {
+                    "system": name,
+                    "batch_size": batch,
+                    "seconds": seconds,
+                    "items_per_s": items / seconds,
+                    "peak_gib": peak_memory_gib(device),
+                }
+            )
+        results["runs"][-2:] = compare(outputs, results["runs"][-2:], items)
+        print(table(results), flush=True)
+    return results
 
+
+def compare(outputs: dict[str, Any], runs: list[dict[str, Any]], items: int) -> list[dict[str, Any]]:
+    """Accuracy of each system, their per-request agreement and llamita's speedup, added to the two runs."""
     ours = {s["doc_id"]: s for s in outputs["llamita"]["samples"]["hellaswag"]}
     theirs = {s["doc_id"]: s for s in outputs["lm-eval hf"]["samples"]["bench_hellaswag"]}
     deltas = [abs(a - r[0][0]) for i, s in ours.items() for a, r in zip(s["loglikelihoods"], theirs[i]["resps"])]
-    results["llamita"]["acc_norm"] = outputs["llamita"]["results"]["hellaswag"]["acc_norm"]
-    results["lm-eval hf"]["acc_norm"] = outputs["lm-eval hf"]["results"]["bench_hellaswag"]["acc_norm,none"]
-    results["max_abs_loglik_delta"] = max(deltas)
-    results["mean_abs_loglik_delta"] = sum(deltas) / len(deltas)
-    results["same_acc_norm_prediction"] = sum(ours[i]["acc_norm"] == theirs[i]["acc_norm"] for i in ours) / items
-    results["speedup"] = results["llamita"]["items_per_s"] / results["lm-eval hf"]["items_per_s"]
-    return results
+    mine, peer = runs
+    mine["acc_norm"] = outputs["llamita"]["results"]["hellaswag"]["acc_norm"]
+    peer["acc_norm"] = outputs["lm-eval hf"]["results"]["bench_hellaswag"]["acc_norm,none"]
+    mine["max_abs_loglik_delta"] = max(deltas)
+    mine["mean_abs_loglik_delta"] = sum(deltas) / len(deltas)
+    mine["same_acc_norm_prediction"] = sum(ours[i]["acc_norm"] == theirs[i]["acc_norm"] for i in ours) / items
+    mine["speedup"] = mine["items_per_s"] / peer["items_per_s"]
+    return [mine, peer]
+
+
+def profile_llamita(call, warm, device) -> None:
+    """Where llamita's evaluation time goes: Python (cProfile, by cumulative time) and kernels (torch.profiler)."""
+    import cProfile
+    import pstats
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    warm()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    call()
+    profiler.disable()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"timed call under cProfile: {time.perf_counter() - start:.2f} s")
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=30))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 def table(results: dict[str, Any]) -> str:
@@ -205,24 +254,26 @@ def table(results: dict[str, Any]) -> str:
         return "" if value is None else f"{value:.1f}"
 
     lines = [
-        f"HellaSwag-format, {results['items']} items x 4 endings, zero-shot, batch {results['batch_size']} "
-        f"continuations, {results.get('gpu', results['device'])}, {results['model_params'] / 1e6:.1f}M params",
+        f"HellaSwag-format, {results['items']} items x 4 endings, zero-shot, "
+        f"{results.get('gpu', results['device'])}, {results['model_params'] / 1e6:.1f}M params",
         "",
-        "| system | seconds | items/s | peak GiB | acc_norm |",
-        "|---|---:|---:|---:|---:|",
+        "| batch | system | seconds | items/s | peak GiB | acc_norm | speedup |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for name in ("llamita", "lm-eval hf"):
-        r = results[name]
+    for r in results["runs"]:
+        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         lines.append(
-            f"| {name} | {r['seconds']:.1f} | {r['items_per_s']:.1f} | {gib(r['peak_gib'])} | {r['acc_norm']:.4f} |"
+            f"| {r['batch_size']} | {r['system']} | {r['seconds']:.1f} | {r['items_per_s']:.1f} | "
+            f"{gib(r['peak_gib'])} | {r['acc_norm']:.4f} | {speedup} |"
         )
-    same = 100 * results["same_acc_norm_prediction"]
-    lines += [
-        "",
-        f"speedup {results['speedup']:.2f}x; log-likelihood |llamita - lm-eval|: max "
-        f"{results['max_abs_loglik_delta']:.3g}, mean {results['mean_abs_loglik_delta']:.3g}; "
-        f"same acc_norm outcome on {same:.1f}% of items",
-    ]
+    lines.append("")
+    for r in results["runs"]:
+        if "speedup" in r:
+            lines.append(
+                f"batch {r['batch_size']}: log-likelihood |llamita - lm-eval| max {r['max_abs_loglik_delta']:.3g}, "
+                f"mean {r['mean_abs_loglik_delta']:.3g}; same acc_norm outcome on "
+                f"{100 * r['same_acc_norm_prediction']:.1f}% of items"
+            )
     return "\n".join(lines)
 
 
@@ -231,8 +282,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny model, 20 items, CPU: checks the script end to end")
     parser.add_argument("--tokenizer", help="a Llama-style tokenizer directory (default: train one)")
     parser.add_argument("--items", type=int, default=0, help="timed items (default 2000; smoke 20)")
-    parser.add_argument("--batch-size", type=int, default=64, help="continuations per forward pass, both systems")
+    parser.add_argument(
+        "--batch-size",
+        type=lambda text: [int(b) for b in text.split(",")],
+        default=[64],
+        help="continuations per forward pass, both systems; several comma-separated run one after the other",
+    )
     parser.add_argument("--out", help="also write the numbers as JSON here")
+    parser.add_argument("--profile", action="store_true", help="profile llamita's timed call instead of comparing")
     args = parser.parse_args()
     results = run(args)
     if args.out:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from llamita.evaluate.perplexity import text_perplexity
+from llamita.evaluate import scoring
 from llamita.evaluate.scoring import encode_pairs, rolling_windows, score_pairs
 from llamita.model import Llama, ModelConfig
 
@@ -26,8 +27,10 @@ def _reference(model: Llama, context: list[int], continuation: list[int]) -> tup
     return float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
 
 
+@pytest.mark.parametrize("row_tokens", [4, 512])  # a segment per row, and many segments packed in a row
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
-def test_score_pairs_equals_full_sequences(batch_size):
+def test_score_pairs_equals_full_sequences(batch_size, row_tokens, monkeypatch):
+    monkeypatch.setattr(scoring, "ROW_TOKENS", row_tokens)
     torch.manual_seed(0)
     model = Llama(CONFIG).eval()
     gen = torch.Generator().manual_seed(1)
@@ -50,6 +53,25 @@ def test_score_pairs_equals_full_sequences(batch_size):
         assert lp == pytest.approx(ref_lp, abs=1e-4)
         assert is_greedy == ref_greedy
     assert scores[-1][1]
+
+
+def test_plan_packs_segments_into_rows_within_the_batch_size():
+    gen = torch.Generator().manual_seed(2)
+    pairs = []
+    for _ in range(10):
+        context = torch.randint(97, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen).tolist()
+        pairs += [(context, [1] * int(torch.randint(1, 6, (1,), generator=gen))) for _ in range(4)]
+    batches = scoring._plan_batches(pairs, max_len=24, batch_size=8)
+    seen = [i for rows in batches for row in rows for seg in row.segments for i in seg.requests]
+    assert sorted(seen) == list(range(len(pairs)))  # every request once
+    for rows in batches:
+        assert sum(len(seg.requests) for row in rows for seg in row.segments) <= 8
+        for row in rows:
+            assert row.length == sum(seg.length for seg in row.segments) <= max(scoring.ROW_TOKENS, 24)
+            for seg in row.segments:  # the context once, then each continuation but its last token
+                assert seg.length == len(seg.context) + sum(len(pairs[i][1]) - 1 for i in seg.requests)
+    assert any(len(row.segments) > 1 for rows in batches for row in rows)  # packing happened
+    assert len(batches) == 5  # 40 requests, 8 per pass, questions of 4 choices kept together
 
 
 def test_score_pairs_rejects_a_continuation_longer_than_the_window():

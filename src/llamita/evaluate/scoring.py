@@ -6,23 +6,26 @@ each encode starting with BOS as a Llama tokenizer does in transformers (none wh
 the BOS string). The model then reads ``(context + continuation)[-(max_len + 1):][:-1]`` and the continuation's
 log-probabilities are summed.
 
-Speed: requests are grouped by their (possibly left-truncated) context, so the choices of one question share a
-single pass over it: the contexts of a batch run once into a KV cache, which is copied to one row per
-continuation, and all continuations then run together from it. The positions and attention are exactly those of
-the full sequences, so the numbers equal lm-eval's (to float rounding). Batches hold contexts of one length,
-longest first.
+Speed: requests are grouped by their (possibly left-truncated) context, so the choices of one question share
+one copy of it: a *segment* is the context followed by each continuation (all but its last token), each
+continuation attending to the context and to itself only, at the positions it has in its own full sequence.
+Segments are packed into rows (first-fit, longest first) and a batch of rows runs in one forward pass with a
+boolean attention mask; only the positions that predict a continuation token go through the output head. The
+positions and the attended tokens are exactly those of the full sequences, so the numbers equal lm-eval's (to
+float rounding), with the shared context computed once and no padding between requests.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed.fsdp
 from torch import Tensor
 
-from llamita.model.llama import KVCache, Llama
+from llamita.model.llama import Llama
 from llamita.tokenizer import BOS, Tokenizer
 
 TokenPair = tuple[Sequence[int], Sequence[int]]
@@ -94,95 +97,156 @@ def _effective_context(pair: TokenPair, max_len: int) -> tuple[int, ...]:
     return tuple(full[: len(full) - len(continuation)])
 
 
-def _plan_batches(
-    pairs: Sequence[TokenPair], max_len: int, batch_size: int
-) -> list[list[tuple[tuple[int, ...], list[int]]]]:
-    """Batches of (context, request indices): one context length each, at most batch_size requests, longest first."""
+ROW_TOKENS = 512
+"""Packed row length to aim for; a longer segment gets a row of its own length (attention cost grows as T^2)."""
+
+
+@dataclass
+class _Segment:
+    """One context and the requests that continue it, laid out as context + each continuation[:-1]."""
+
+    context: tuple[int, ...]
+    requests: list[int]
+    length: int
+
+
+@dataclass
+class _Row:
+    segments: list[_Segment] = field(default_factory=list)
+    length: int = 0
+
+
+def _segments(pairs: Sequence[TokenPair], max_len: int, batch_size: int) -> list[_Segment]:
+    """Requests grouped by effective context into segments of at most batch_size requests and max_len tokens."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, pair in enumerate(pairs):
         groups.setdefault(_effective_context(pair, max_len), []).append(i)
+    segments = []
+    for context, members in groups.items():
+        current = _Segment(context, [], len(context))
+        for i in members:
+            extra = len(pairs[i][1]) - 1
+            if current.requests and (len(current.requests) == batch_size or current.length + extra > max_len):
+                segments.append(current)
+                current = _Segment(context, [], len(context))
+            current.requests.append(i)
+            current.length += extra
+        segments.append(current)
+    return segments
 
-    def longest_first(item: tuple[tuple[int, ...], list[int]]) -> tuple[int, int]:
-        context, members = item
-        return -len(context), -max(len(pairs[i][1]) for i in members)
 
-    batches: list[list[tuple[tuple[int, ...], list[int]]]] = []
-    batch: list[tuple[tuple[int, ...], list[int]]] = []
-    rows = 0
-    for context, members in sorted(groups.items(), key=longest_first):
-        for start in range(0, len(members), batch_size):
-            chunk = members[start : start + batch_size]
-            if batch and (len(batch[0][0]) != len(context) or rows + len(chunk) > batch_size):
-                batches.append(batch)
-                batch, rows = [], 0
-            batch.append((context, chunk))
-            rows += len(chunk)
-    if batch:
-        batches.append(batch)
+def _plan_batches(pairs: Sequence[TokenPair], max_len: int, batch_size: int) -> list[list[_Row]]:
+    """Batches of packed rows, at most batch_size requests each; segments longest first, rows filled first-fit."""
+    batches: list[list[_Row]] = []
+    rows: list[_Row] = []
+    n_requests = 0
+    for segment in sorted(_segments(pairs, max_len, batch_size), key=lambda g: -g.length):
+        if rows and n_requests + len(segment.requests) > batch_size:
+            batches.append(rows)
+            rows, n_requests = [], 0
+        row_len = max(ROW_TOKENS, rows[0].length if rows else segment.length)
+        row = next((r for r in rows if r.length + segment.length <= row_len), None)
+        if row is None:
+            row = _Row()
+            rows.append(row)
+        row.segments.append(segment)
+        row.length += segment.length
+        n_requests += len(segment.requests)
+    if rows:
+        batches.append(rows)
     return batches
 
 
-def _run(model: Llama, tokens: Tensor, cache: KVCache, start_pos: int, autocast_dtype: torch.dtype | None) -> Tensor:
-    device_type = tokens.device.type
-    with torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
-        return model.hidden_states(tokens, cache, start_pos)  # [B, T, D]
+def _pack(rows: list[_Row], pairs: Sequence[TokenPair], device: torch.device) -> dict[str, Tensor]:
+    """Token ids, positions, attention mask and the prediction index of one batch of packed rows.
+
+    Returns:
+        tokens, positions [R, T]; mask [R, 1, T, T] (None when every row holds one segment of one request,
+        where the causal mask is exact); predict [N] flat indices into R * T of the positions whose next-token
+        distribution is scored; target [N] the token each predicts; slot [N] the request it belongs to, numbered
+        in packing order (row by row, segment by segment).
+    """
+    width = max(r.length for r in rows)
+    width += -width % 8  # aligned rows suit the attention kernels
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    segment_of = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
+    branch_of = torch.zeros(len(rows), width, dtype=torch.long)  # 0: context, k: continuation k
+    predict: list[int] = []
+    target: list[int] = []
+    slot: list[int] = []
+    n_slots = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for s, segment in enumerate(row.segments):
+            n_ctx = len(segment.context)
+            tokens[r, at : at + n_ctx] = torch.tensor(segment.context)
+            positions[r, at : at + n_ctx] = torch.arange(n_ctx)
+            start = at
+            at += n_ctx
+            for k, i in enumerate(segment.requests, start=1):
+                cont = list(pairs[i][1])
+                n = len(cont) - 1
+                tokens[r, at : at + n] = torch.tensor(cont[:-1], dtype=torch.long)
+                positions[r, at : at + n] = torch.arange(n_ctx, n_ctx + n)
+                branch_of[r, at : at + n] = k
+                # The last context token predicts cont[0]; cont[j] (j < n) predicts cont[j + 1].
+                predict += [r * width + start + n_ctx - 1, *range(r * width + at, r * width + at + n)]
+                target += cont
+                slot += [n_slots] * len(cont)
+                n_slots += 1
+                at += n
+            segment_of[r, start:at] = s
+    single = all(len(row.segments) == 1 and len(row.segments[0].requests) == 1 for row in rows)
+    mask = None
+    if not single:
+        seg, br = segment_of.to(device), branch_of.to(device)
+        same_segment = seg[:, :, None] == seg[:, None, :]  # [R, T, T]
+        visible_branch = (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])  # [R, T, T]
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()  # [T, T]
+        eye = torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself: no empty rows
+        mask = ((same_segment & visible_branch & causal) | eye)[:, None]  # [R, 1, T, T]
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
+    return {
+        "tokens": tokens.to(device),
+        "positions": positions.to(device),
+        "mask": mask,
+        "predict": as_tensor(predict),
+        "target": as_tensor(target),
+        "slot": as_tensor(slot),
+    }
 
 
-def _log_probs(model: Llama, hidden: Tensor, autocast_dtype: torch.dtype | None) -> Tensor:
-    with torch.autocast(hidden.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
-        logits = model.lm_head(hidden)  # [N, V]
-    return logits.float().log_softmax(dim=-1)  # [N, V]
+LOGIT_ROWS = 8192
+"""Predicted positions per output-head chunk: bounds the fp32 [rows, V] log-probabilities in memory."""
 
 
 def _score_batch(
-    model: Llama,
-    batch: list[tuple[tuple[int, ...], list[int]]],
-    pairs: Sequence[TokenPair],
-    autocast_dtype: torch.dtype | None,
+    model: Llama, rows: list[_Row], pairs: Sequence[TokenPair], autocast_dtype: torch.dtype | None
 ) -> list[tuple[int, float, bool]]:
-    """(request index, log-likelihood, is greedy) for every request of one batch."""
-    weight = model.lm_head.weight
-    device = weight.device
-    cache_dtype = autocast_dtype or weight.dtype
-    n_ctx, ctx_len = len(batch), len(batch[0][0])
-    rows = [(g, i) for g, (_, members) in enumerate(batch) for i in members]
-    conts = [list(pairs[i][1]) for _, i in rows]
-    max_cont = max(len(c) for c in conts)
-
-    # 1. Each distinct context once: [G, P] into a G-row cache; its last position predicts continuation token 0.
-    contexts = torch.tensor([list(c) for c, _ in batch], dtype=torch.long, device=device)  # [G, P]
-    context_cache = KVCache(model.config, n_ctx, ctx_len, device=device, dtype=cache_dtype)
-    last = _run(model, contexts, context_cache, 0, autocast_dtype)[:, -1]  # [G, D]
-    first_lp = _log_probs(model, last, autocast_dtype)  # [G, V]
-    group = torch.tensor([g for g, _ in rows], device=device)  # [R]
-    first_tok = torch.tensor([c[0] for c in conts], device=device)  # [R]
-    rows_lp = first_lp.index_select(0, group)  # [R, V]
-    total = rows_lp.gather(1, first_tok[:, None]).squeeze(1).double()  # [R]
-    greedy = rows_lp.argmax(dim=-1) == first_tok  # [R]
-
-    # 2. The rest of every continuation together, from a per-row copy of its context's cache.
-    if max_cont > 1:
-        n_rows, width = len(rows), max_cont - 1
-        cache = KVCache(model.config, n_rows, ctx_len + width, device=device, dtype=cache_dtype)
-        for k_all, v_all, k_ctx, v_ctx in zip(cache.k, cache.v, context_cache.k, context_cache.v):
-            k_all[:, :, :ctx_len] = k_ctx.index_select(0, group)  # [R, KV, P, hd]
-            v_all[:, :, :ctx_len] = v_ctx.index_select(0, group)  # [R, KV, P, hd]
-        inputs = torch.zeros(n_rows, width, dtype=torch.long)  # [R, C-1]; right padding, never attended to
-        targets = torch.full((n_rows, width), -1, dtype=torch.long)  # [R, C-1]
-        for r, cont in enumerate(conts):
-            inputs[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-            targets[r, : len(cont) - 1] = torch.tensor(cont[1:])
-        inputs, targets = inputs.to(device), targets.to(device)
-        valid = targets >= 0  # [R, C-1]
-        hidden = _run(model, inputs, cache, ctx_len, autocast_dtype)[valid]  # [N, D]: real positions only
-        lp = _log_probs(model, hidden, autocast_dtype)  # [N, V]
-        tok = targets[valid]  # [N]
-        row_of = valid.nonzero()[:, 0]  # [N]
-        total.index_add_(0, row_of, lp.gather(1, tok[:, None]).squeeze(1).double())
-        hits = (lp.argmax(dim=-1) == tok).long()  # [N]
-        misses = torch.zeros(n_rows, dtype=torch.long, device=device).index_add_(0, row_of, 1 - hits)  # [R]
-        greedy &= misses == 0
-    return [(i, lp_i, g_i) for (_, i), lp_i, g_i in zip(rows, total.tolist(), greedy.tolist())]
+    """(request index, log-likelihood, is greedy) for every request of one batch of packed rows."""
+    device = model.lm_head.weight.device
+    batch = _pack(rows, pairs, device)
+    order = [i for row in rows for segment in row.segments for i in segment.requests]
+    slot = batch["slot"]  # [N]: which request of `order` each scored position belongs to
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with autocast:
+        if batch["mask"] is None:
+            hidden = model.hidden_states(batch["tokens"])  # [R, T, D]: causal is exact for one request per row
+        else:
+            hidden = model.hidden_states(batch["tokens"], positions=batch["positions"], mask=batch["mask"])
+    hidden = hidden.flatten(0, 1).index_select(0, batch["predict"])  # [N, D]
+    total = torch.zeros(len(order), dtype=torch.float64, device=device)
+    misses = torch.zeros(len(order), dtype=torch.long, device=device)
+    for start in range(0, hidden.shape[0], LOGIT_ROWS):
+        chunk = slice(start, start + LOGIT_ROWS)
+        with autocast:
+            logits = model.lm_head(hidden[chunk])  # [n, V]
+        lp = logits.float().log_softmax(dim=-1)  # [n, V]
+        tok = batch["target"][chunk]  # [n]
+        total.index_add_(0, slot[chunk], lp.gather(1, tok[:, None]).squeeze(1).double())
+        misses.index_add_(0, slot[chunk], (lp.argmax(dim=-1) != tok).long())
+    return [(i, lp_i, m == 0) for i, lp_i, m in zip(order, total.tolist(), misses.tolist())]
 
 
 @contextlib.contextmanager

@@ -56,8 +56,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     Args:
         x: [B, heads, T, hd].
-        cos: [T, hd] rows of `rope_tables` for x's positions.
-        sin: [T, hd] likewise.
+        cos: [T, hd] rows of `rope_tables` for x's positions, or [B, 1, T, hd] when each sequence has its own.
+        sin: likewise.
 
     Returns:
         [B, heads, T, hd], in x's dtype (the tables are cast to it, as transformers does).
@@ -117,16 +117,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None = None, start_pos: int = 0
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv: tuple[Tensor, Tensor] | None = None,
+        start_pos: int = 0,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """Attend from x's T positions (start_pos onwards) to themselves and, with a cache, to earlier ones.
 
         Args:
             x: [B, T, D] normed hidden states.
-            cos: [T, hd] RoPE table rows for positions start_pos .. start_pos + T - 1.
-            sin: [T, hd] likewise.
+            cos: [T, hd] RoPE table rows for positions start_pos .. start_pos + T - 1 (or [B, 1, T, hd]).
+            sin: likewise.
             kv: This layer's (keys, values) cache buffers, each [B, KV, max_len, hd], updated in place.
             start_pos: Position of x's first token; must be 0 without a cache.
+            mask: [B, 1, T, T] boolean, True where query i may see key j, replacing the causal mask (packed
+                sequences); only without a cache.
 
         Returns:
             [B, T, D].
@@ -137,7 +145,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, T, hd], [B, KV, T, hd]
 
-        mask = None
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # [B, T, D]
         if kv is not None:
             end = start_pos + T
             k_cache, v_cache = kv  # [B, KV, max_len, hd] each
@@ -182,9 +192,15 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None = None, start_pos: int = 0
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv: tuple[Tensor, Tensor] | None = None,
+        start_pos: int = 0,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start_pos)  # [B, T, D]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start_pos, mask)  # [B, T, D]
         return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, D]
 
 
@@ -239,17 +255,37 @@ class Llama(nn.Module):
             cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
         self.rope_cos, self.rope_sin = cos, sin
 
-    def hidden_states(self, tokens: Tensor, cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
+    def hidden_states(
+        self,
+        tokens: Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        *,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
         """Final-normed hidden states (the lm_head's input).
 
         Args:
             tokens: [B, T] token ids at positions start_pos .. start_pos + T - 1.
             cache: KV cache to read earlier positions from and write these into; None for training.
             start_pos: Position of the first token; must be 0 without a cache.
+            positions: [B, T] explicit position of every token, for packed sequences (with `mask`, no cache).
+            mask: [B, 1, T, T] boolean attention mask, True where query i may see key j (with `positions`).
 
         Returns:
             [B, T, D].
         """
+        if (positions is None) != (mask is None) or (positions is not None and (cache is not None or start_pos)):
+            raise ValueError("positions and mask go together, and without a cache or start_pos")
+        if positions is not None:
+            if int(positions.max()) >= self.config.max_seq_len:
+                raise ValueError(f"a position exceeds the model's max_seq_len ({self.config.max_seq_len})")
+            x = self.model.embed_tokens(tokens)  # [B, T, D]
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [B, 1, T, hd] each
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, None, 0, mask)  # [B, T, D]
+            return self.model.norm(x)  # [B, T, D]
         B, T = tokens.shape
         end = start_pos + T
         if end > self.config.max_seq_len:
