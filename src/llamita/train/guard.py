@@ -5,10 +5,11 @@ the mean loss over ranks exceeds the mean + k·σ of the last `window` applied s
 device: it is handed to the fused AdamW kernel as `found_inf`, which then leaves weights, moments and its step
 count untouched. Counters (skipped steps, spikes, the current streak) and the spike window are device tensors too.
 
-The host learns the outcome one step late: after enqueuing step t the trainer reads the summary of step t-1,
-which the device finished while the host was enqueuing step t. The host therefore stays up to one step ahead of
-the device (no drain of the queue at each step boundary), and every rank reads the same all-reduced values, so
-all ranks take the same decision (stop for a signal, stop for too many bad steps) after the same step.
+The host learns the outcome one step late: each step's summary is copied to pinned host memory as soon as it is
+computed (`HostCopy`), and after enqueuing step t the trainer waits for the copy of step t-1 only, not for the
+work queued behind it. The host therefore stays up to one step ahead of the device (no drain of the queue at
+each step boundary), and every rank reads the same all-reduced values, so all ranks take the same decision (stop
+for a signal, stop for too many bad steps) after the same step.
 """
 
 from __future__ import annotations
@@ -98,3 +99,25 @@ class StepGuard:
         if len(window) == self.window.numel() and self.window.numel() > 0:
             self.window = torch.tensor(window, dtype=self.window.dtype, device=self.device)
             self.filled.fill_(state.get("spike_filled", 0))
+
+
+class HostCopy:
+    """A small device tensor on its way to the host: `values()` waits for it alone, not for later queued work.
+
+    A plain `.tolist()` would wait for everything enqueued on the stream so far (a stream runs in order), i.e.
+    for the step enqueued after this tensor was made; the copy and the event are enqueued right behind it instead.
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.event: torch.cuda.Event | None = None
+        if tensor.device.type == "cuda":
+            self.host = tensor.to("cpu", non_blocking=True)  # pinned destination, copied asynchronously
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensor
+
+    def values(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()

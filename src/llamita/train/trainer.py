@@ -29,7 +29,7 @@ from llamita.evaluate.perplexity import validation_loss
 from llamita.model.config import ModelConfig
 from llamita.tokenizer import Tokenizer
 from llamita.train import checkpoint as ckpt
-from llamita.train.guard import StepGuard
+from llamita.train.guard import HostCopy, StepGuard
 from llamita.train.metrics import MetricsLogger, Throughput, peak_flops
 from llamita.train.optim import lr_at, set_lr
 
@@ -334,15 +334,15 @@ class Trainer:
         if self.state.step == 0 and self.val_shards and self.cfg.eval.interval > 0:
             last.update(self._log_validation(logger))
             meter.update(self.state.tokens)
-        previous: torch.Tensor | None = None  # the guard summary of the step before
+        previous: HostCopy | None = None  # the guard summary of the step before, on its way to the host
         while self.state.step < self.max_steps:
             loss, grad_norm, summary = self.train_step()
             lr = self.optimizer.param_groups[0]["lr"]
             pending.append((self.state.step, loss, grad_norm, lr, self.state.tokens, summary))
             step, done = self.state.step, self.state.step == self.max_steps
             # Read step-1's outcome now that `step` is enqueued: the device has finished it (or nearly).
-            _, _, streak, stop = previous.tolist() if previous is not None else (0, 0, 0, 0)
-            previous = summary
+            _, _, streak, stop = previous.values() if previous is not None else (0, 0, 0, 0)
+            previous = HostCopy(summary)
             too_bad = streak >= self.cfg.train.max_bad_steps > 0
             if stop or too_bad:
                 last.update(self._flush(pending, logger, meter))
