@@ -13,6 +13,7 @@ from llamita.config import ConfigError, RunConfig, save_config
 from llamita.data.loader import DataLoader
 from llamita.data.mixture import Mixture
 from llamita.data.prepare import load_manifest, shard_paths
+from llamita.data.shards import ShardError, read_shard
 from llamita.model import Llama, ModelConfig, get_preset
 from llamita.tokenizer import Tokenizer
 from llamita.train.optim import build_optimizer
@@ -105,6 +106,13 @@ def build_data(
         # The manifest's sha256 of each shard: a resume refuses shards replaced since the checkpoint.
         checksums[src.name] = [s["sha256"] for s in manifest["shards"] if s["split"] == "train"]
         val += shard_paths(Path(src.path), "val")
+    verify_shards(
+        [path for paths in train.values() for path in paths] + val,
+        tokenizer.vocab_size,
+        rank,
+        world_size,
+        check_tokens=cfg.data.verify_tokens,
+    )
     if cfg.data.stages:
         mixture = Mixture.from_config(cfg.data.stages)
     else:
@@ -124,6 +132,34 @@ def build_data(
         checksums=checksums,
     )
     return loader, val
+
+
+def verify_shards(paths: list[Path], vocab_size: int, rank: int, world_size: int, check_tokens: bool) -> None:
+    """Check the shards before training: every header and size, and the token ids of this rank's share.
+
+    Headers are cheap, so every rank reads all of them. With `check_tokens` each rank reads every token of the shards
+    ``paths[rank::world_size]`` (the cost of `data.verify_tokens`); the ranks then share what they found, so all of
+    them stop with the same error instead of one rank failing while the others wait for it.
+
+    Raises:
+        ShardError: naming the first bad shard (header, size, vocabulary, or a token id >= `vocab_size`).
+    """
+    for path in paths:
+        read_shard(path, vocab_size=vocab_size, check_tokens=False)
+    error = None
+    if check_tokens:
+        for path in paths[rank::world_size]:
+            try:
+                read_shard(path, vocab_size=vocab_size)
+            except ShardError as e:
+                error = str(e)
+                break
+        if world_size > 1:
+            found: list[str | None] = [None] * world_size
+            dist.all_gather_object(found, error)
+            error = next((e for e in found if e is not None), None)
+    if error is not None:
+        raise ShardError(error)
 
 
 def check_eval_tasks(cfg: RunConfig) -> None:

@@ -42,6 +42,20 @@ def rows(loader: DataLoader, n_batches: int) -> list[tuple[int, int]]:
     return out
 
 
+def global_windows(loaders: list[DataLoader], steps: int) -> torch.Tensor:
+    """The windows (inputs plus the last target) that ranks 0..W-1 read in `steps` steps, in global sample order.
+
+    Rank r reads the step's global positions r, r + W, r + 2W, ... (the loader's rule), so its k-th sample of a
+    step is global sample ``k * W + r`` of that step.
+    """
+    world, gb, span = len(loaders), loaders[0].global_batch, loaders[0].seq_len + 1
+    out = torch.empty(steps, gb // world, world, span, dtype=torch.int64)
+    for r, loader in enumerate(loaders):
+        batches = list(islice(loader, steps * loader.micro_steps_per_step))
+        out[:, :, r] = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y in batches]).view(steps, gb // world, span)
+    return out.view(steps * gb, span)
+
+
 @pytest.fixture
 def two_sources(tmp_path):
     return {"a": make_source(tmp_path, 0, [400, 333, 267]), "b": make_source(tmp_path, 1, [500, 501])}
@@ -82,13 +96,7 @@ def test_ranks_interleaved_reproduce_the_single_rank_order(two_sources):
             for r in range(world)
         ]
         assert loaders[0].micro_steps_per_step == gb // (micro * world)
-        per_rank = [rows(ld, steps * ld.micro_steps_per_step) for ld in loaders]
-        merged = [None] * (steps * gb)
-        for r, got in enumerate(per_rank):
-            per_step = gb // world
-            for j, item in enumerate(got):
-                step, k = divmod(j, per_step)
-                merged[step * gb + k * world + r] = item
+        merged = decode(global_windows(loaders, steps), 9)
         assert merged == single, f"world_size {world}"
         for ld in loaders:
             ld.close()
@@ -186,20 +194,73 @@ def test_state_mid_step_is_refused(two_sources):
     assert loader.state_dict()["sample"] == 8
 
 
-def test_resume_on_fewer_ranks_continues_global_order(two_sources):
-    mix = Mixture.constant({"a": 0.3, "b": 0.7})
-    single = DataLoader(two_sources, mix, 9, 4, 8, seed=5, prefetch=0)
-    expected = rows(single, 20)  # 10 steps of 8
-    ranks = [DataLoader(two_sources, mix, 9, 2, 8, rank=r, world_size=2, seed=5) for r in range(2)]
-    for ld in ranks:
-        list(islice(ld, 2 * 4))  # 4 steps of 2 micro-batches
-    states = [ld.state_dict() for ld in ranks]
-    assert states[0] == states[1]
-    for ld in ranks:
+def awkward_resume_points(loader: DataLoader, steps: int) -> dict[str, int]:
+    """Step boundaries of an uninterrupted run where a resume is awkward, found from its loader state.
+
+    mid-epoch: every source inside its first epoch; epoch-end: a source's draws exactly a whole number of
+    epochs; after-wrap: a source crossed into a new epoch in the middle of the last step; stage-boundary: the
+    first step of the mixture's second stage.
+    """
+    windows = {name: s["windows"] for name, s in loader.stats().items()}
+    draws = [dict.fromkeys(windows, 0)]
+    for _ in range(steps):
+        list(islice(loader, loader.micro_steps_per_step))
+        draws.append(loader.state_dict()["draws"])
+    loader.close()
+
+    def first(predicate) -> int:
+        found = [k for k in range(1, steps + 1) if predicate(draws[k - 1], draws[k])]
+        assert found, "the test data never reaches this resume point"
+        return found[0]
+
+    return {
+        "mid-epoch": first(lambda _, d: all(0 < d[s] < n for s, n in windows.items())),
+        "epoch-end": first(lambda _, d: any(d[s] and d[s] % n == 0 for s, n in windows.items())),
+        "after-wrap": first(lambda p, d: any(p[s] // n < d[s] // n and d[s] % n for s, n in windows.items())),
+        "stage-boundary": loader.mixture.stages[0].steps,
+    }
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, 1), (2, 1), (1, 2)], ids=["1-1", "2-1", "1-2"])
+@pytest.mark.parametrize("point", ["mid-epoch", "epoch-end", "after-wrap", "stage-boundary"])
+def test_resume_at_awkward_points_continues_the_global_order(tmp_path, point, before, after):
+    """Stop at the point on `before` ranks, resume on `after`: the ranks together read exactly the windows of the
+    uninterrupted single-rank run from there on, and every later epoch still covers every window of a source."""
+    n_a, n_b = 37, 13  # windows of 8 tokens; not multiples of the global batch, so epochs end mid-step
+    sources = {"a": make_source(tmp_path, 0, [100, 99, 100]), "b": make_source(tmp_path, 1, [50, 54])}
+    mix = Mixture([Stage(4, {"a": 1, "b": 1}, end_weights={"a": 1, "b": 3}), Stage(None, {"a": 3, "b": 1})])
+    gb, after_steps = 8, 16
+
+    def loaders(world: int, prefetch: int) -> list[DataLoader]:
+        return [
+            DataLoader(sources, mix, 7, 2, gb, rank=r, world_size=world, seed=3, prefetch=prefetch)
+            for r in range(world)
+        ]
+
+    stop = awkward_resume_points(loaders(1, 0)[0], 24)[point]
+    (reference,) = loaders(1, 0)
+    expected = global_windows([reference], stop + after_steps)
+
+    first = loaders(before, prefetch=2)  # batches prefetched past the stop are dropped with the loader
+    seen = global_windows(first, stop)
+    states = [json.loads(json.dumps(ld.state_dict())) for ld in first]
+    for ld in first:
         ld.close()
-    resumed = DataLoader(two_sources, mix, 9, 4, 8, seed=5, prefetch=0)
-    resumed.load_state_dict(states[0])
-    assert rows(resumed, 12) == expected[32:]
+    assert all(state == states[0] for state in states) and states[0]["sample"] == stop * gb
+    resumed = loaders(after, prefetch=1)
+    for ld in resumed:
+        ld.load_state_dict(states[0])
+    seen = torch.cat([seen, global_windows(resumed, after_steps)])
+    for ld in resumed:
+        ld.close()
+    assert torch.equal(seen, expected)
+
+    picks = decode(seen, 7)
+    for source, n in enumerate((n_a, n_b)):
+        order = [w for s, w in picks if s == source]
+        assert len(order) >= 2 * n
+        for e in range(len(order) // n):
+            assert sorted(order[e * n : (e + 1) * n]) == list(range(n)), f"source {source}, epoch {e}"
 
 
 def test_changed_settings_or_data_are_refused(tmp_path, two_sources):

@@ -3,6 +3,7 @@ import struct
 import numpy as np
 import pytest
 
+from llamita.data import shards
 from llamita.data.shards import (
     HEADER_BYTES,
     MAGIC,
@@ -13,6 +14,7 @@ from llamita.data.shards import (
     shard_header,
     write_shard,
 )
+from shard_damage import damage, patch
 
 
 def test_dtype_for_vocab_boundaries():
@@ -72,33 +74,6 @@ def test_write_rejects_ids_outside_vocab(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def _patch(path, offset: int, fmt: str, *values) -> None:
-    raw = bytearray(path.read_bytes())
-    struct.pack_into(fmt, raw, offset, *values)
-    path.write_bytes(bytes(raw))
-
-
-def _corrupt(kind: str, path) -> None:
-    if kind == "bad magic":
-        _patch(path, 0, "<8s", b"NOTSHARD")
-    elif kind == "unsupported version":
-        _patch(path, 8, "<I", 99)
-    elif kind == "unknown dtype code":
-        _patch(path, 12, "<I", 7)
-    elif kind == "dtype inconsistent with vocab":
-        _patch(path, 12, "<I", 2)  # uint32 for a 100-token vocabulary
-    elif kind == "truncated":
-        path.write_bytes(path.read_bytes()[:-1])
-    elif kind == "truncated header":
-        path.write_bytes(path.read_bytes()[:10])
-    elif kind == "trailing bytes":
-        path.write_bytes(path.read_bytes() + b"\x00\x00")
-    elif kind == "token >= vocab":
-        _patch(path, HEADER_BYTES + 2 * 5, "<H", 100)
-    elif kind == "missing":
-        path.unlink()
-
-
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
@@ -117,7 +92,7 @@ def test_read_rejects_broken_shards_naming_the_path(tmp_path, kind, message):
     path = tmp_path / "shard_00000.bin"
     write_shard(path, np.arange(50) % 100, 100)
     read_shard(path)
-    _corrupt(kind, path)
+    damage(kind, path)
     with pytest.raises(ShardError, match=message) as err:
         read_shard(path)
     assert str(path) in str(err.value)
@@ -129,5 +104,18 @@ def test_read_checks_vocab_size_and_can_skip_token_check(tmp_path):
     with pytest.raises(ShardError, match="vocabulary of 100, but the tokenizer has 200") as err:
         read_shard(path, vocab_size=200)
     assert str(path) in str(err.value)
-    _patch(path, HEADER_BYTES, "<H", 999)
+    patch(path, HEADER_BYTES, "<H", 999)
     assert read_shard(path, check_tokens=False)[0] == 999
+
+
+@pytest.mark.parametrize("position", [0, 23, 48, 49])
+def test_token_check_reads_in_chunks_and_finds_the_first_bad_id(tmp_path, monkeypatch, position):
+    monkeypatch.setattr(shards, "_CHECK_CHUNK_TOKENS", 7)  # 50 tokens: 7 chunks of 7 and one of 1
+    path = tmp_path / "s.bin"
+    write_shard(path, np.arange(50) % 100, 100)
+    read_shard(path)
+    patch(path, HEADER_BYTES + 2 * position, "<H", 100 + position)
+    patch(path, HEADER_BYTES + 2 * 49, "<H", 999)  # a later bad id does not hide the first one
+    bad = 999 if position == 49 else 100 + position
+    with pytest.raises(ShardError, match=rf"token id {bad} \(first bad one at position {position}\)"):
+        read_shard(path)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-from llamita.config import RunConfig, save_config
+from reliability_runs import finish, losses, torchrun, worker_pid
+
 from llamita.train import checkpoint as ckpt
-from llamita.train.metrics import read_metrics
 
 STEPS = 40
 SETTINGS = {
@@ -21,41 +18,6 @@ SETTINGS = {
     "checkpoint.interval": "0",
     "checkpoint.keep_last": "0",
 }
-
-
-def torchrun(cfg: RunConfig) -> subprocess.Popen:
-    recipe = Path(cfg.out_dir).with_suffix(".yaml")
-    save_config(cfg, recipe)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += ["-m", "llamita.cli", "pretrain", "--config", str(recipe)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-
-
-def finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-6000:]
-    return out
-
-
-def losses(run: Path) -> list[tuple[int, float]]:
-    if not (run / "metrics.jsonl").is_file():
-        return []
-    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
-
-
-def worker_pid(parent: int, rank: int) -> int | None:
-    """The pid of torchrun's worker process with RANK=`rank`, from /proc."""
-    for proc in Path("/proc").iterdir():
-        try:
-            if not proc.name.isdigit() or int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:
-                continue
-            env = dict(v.split(b"=", 1) for v in (proc / "environ").read_bytes().split(b"\0") if b"=" in v)
-        except (OSError, ValueError):
-            continue
-        if env.get(b"RANK") == str(rank).encode():
-            return int(proc.name)
-    return None
 
 
 def test_sigterm_on_one_rank_checkpoints_all_and_resume_is_exact(debug_config, tmp_path):

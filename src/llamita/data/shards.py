@@ -34,6 +34,7 @@ HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQQ")
 _DTYPE_CODES = {1: np.dtype(np.uint16), 2: np.dtype(np.uint32)}
 _CODE_OF_DTYPE = {dtype: code for code, dtype in _DTYPE_CODES.items()}
+_CHECK_CHUNK_TOKENS = 1 << 22  # tokens per read when checking ids: 8-16 MiB of memory
 
 
 class ShardError(ValueError):
@@ -132,20 +133,32 @@ def shard_header(path: Path) -> ShardHeader:
     except FileNotFoundError:
         raise ShardError(f"{path}: shard not found; re-run `llamita prepare` for its source") from None
     if len(raw) < HEADER_BYTES:
-        raise ShardError(f"{path}: file is {len(raw)} bytes, shorter than the {HEADER_BYTES}-byte shard header")
+        raise ShardError(
+            f"{path}: file is {len(raw)} bytes, shorter than the {HEADER_BYTES}-byte shard header; "
+            "re-run `llamita prepare` for its source"
+        )
     magic, version, code, count, vocab_size = _HEADER.unpack_from(raw)
     if magic != MAGIC:
-        raise ShardError(f"{path}: not a llamita token shard (magic {magic!r}, expected {MAGIC!r})")
+        raise ShardError(
+            f"{path}: not a llamita token shard (magic {magic!r}, expected {MAGIC!r}); re-run `llamita prepare` "
+            "for its source"
+        )
     if version != FORMAT_VERSION:
         raise ShardError(
             f"{path}: shard format version {version} is not supported (this llamita reads {FORMAT_VERSION}); "
             "re-run `llamita prepare`"
         )
     if code not in _DTYPE_CODES:
-        raise ShardError(f"{path}: unknown dtype code {code} (known: {sorted(_DTYPE_CODES)})")
+        raise ShardError(
+            f"{path}: unknown dtype code {code} (known: {sorted(_DTYPE_CODES)}); the shard is corrupt, re-run "
+            "`llamita prepare` for its source"
+        )
     dtype = _DTYPE_CODES[code]
     if vocab_size < 1 or vocab_size > 2**32 or dtype != dtype_for_vocab(vocab_size):
-        raise ShardError(f"{path}: dtype {dtype} does not match the header's vocab size {vocab_size}")
+        raise ShardError(
+            f"{path}: dtype {dtype} does not match the header's vocab size {vocab_size}; the shard is corrupt, "
+            "re-run `llamita prepare` for its source"
+        )
     return ShardHeader(version=version, dtype=dtype, num_tokens=count, vocab_size=vocab_size)
 
 
@@ -183,16 +196,34 @@ def read_shard(path: Path, vocab_size: int | None = None, check_tokens: bool = T
         empty = np.empty(0, dtype=header.dtype)
         empty.flags.writeable = False
         return empty
-    tokens = np.memmap(path, dtype=header.dtype.newbyteorder("<"), mode="r", offset=HEADER_BYTES)
     if check_tokens:
-        top = int(tokens.max())
-        if top >= header.vocab_size:
-            where = int(np.argmax(tokens >= header.vocab_size))
-            raise ShardError(
-                f"{path}: token id {top} (first bad one at position {where}) is outside the vocabulary "
-                f"[0, {header.vocab_size}); the shard is corrupt — re-run `llamita prepare`"
-            )
-    return tokens
+        _check_token_ids(path, header)
+    return np.memmap(path, dtype=header.dtype.newbyteorder("<"), mode="r", offset=HEADER_BYTES)
+
+
+def _check_token_ids(path: Path, header: ShardHeader) -> None:
+    """Raise ShardError if a token id of the shard is >= its vocabulary size.
+
+    The tokens are read in fixed-size chunks into one buffer, so memory stays flat however large the shard.
+    """
+    dtype = header.dtype.newbyteorder("<")
+    buffer = np.empty(min(header.num_tokens, _CHECK_CHUNK_TOKENS), dtype=dtype)
+    with open(path, "rb") as fh:
+        fh.seek(HEADER_BYTES)
+        start = 0
+        while start < header.num_tokens:
+            chunk = buffer[: min(buffer.size, header.num_tokens - start)]
+            if fh.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
+                raise ShardError(f"{path}: shorter than its header says; re-run `llamita prepare` for its source")
+            if int(chunk.max()) >= header.vocab_size:
+                where = int(np.argmax(chunk >= header.vocab_size))
+                raise ShardError(
+                    f"{path}: token id {int(chunk[where])} (first bad one at position {start + where}) is outside "
+                    f"the vocabulary [0, {header.vocab_size}) (vocab size {header.vocab_size}); the shard is corrupt "
+                    "or was written with another tokenizer — re-run `llamita prepare` for its source with the "
+                    "run's tokenizer"
+                )
+            start += chunk.size
 
 
 def file_sha256(path: Path) -> str:
