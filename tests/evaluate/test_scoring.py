@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamita.evaluate.perplexity import text_perplexity
 from llamita.evaluate import scoring
+from llamita.evaluate.perplexity import text_perplexity
 from llamita.evaluate.scoring import encode_pairs, rolling_windows, score_pairs
 from llamita.model import Llama, ModelConfig
 

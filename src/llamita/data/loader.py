@@ -94,9 +94,7 @@ def feistel_permute(idx: np.ndarray, n: int, key: int) -> np.ndarray:
 class _TokenStream:
     """A list of shards read as one logical token sequence."""
 
-    def __init__(
-        self, paths: Sequence[Path], vocab_size: int | None, checksums: Sequence[str] | None = None
-    ) -> None:
+    def __init__(self, paths: Sequence[Path], vocab_size: int | None, checksums: Sequence[str] | None = None) -> None:
         if not paths:
             raise ValueError("no shard files given")
         if checksums is not None and len(checksums) != len(paths):
