@@ -161,6 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data, yamls = write_task(work / "timed", records[warmup:])
     warm_data, warm_yamls = write_task(work / "warm", records[:warmup])
     model, hf, hf_tokenizer, config = build_models(tokenizer, args.smoke, device, dtype)
+
     def llamita_call(path: Path, batch_size: int) -> dict[str, Any]:
         return evaluate_tasks(model, tokenizer, {"hellaswag": path}, batch_size=batch_size, log_samples=True)
 

@@ -111,3 +111,10 @@ def test_other_tokenizer_is_refused(prepared, debug_config, tmp_path):
     with pytest.raises(ConfigError, match="different tokenizer"):
         pretrain(cfg)
     assert json.loads((prepared["prose"] / "manifest.json").read_text())  # untouched
+
+
+def test_model_vocabulary_larger_than_the_tokenizer_validates(debug_config, tmp_path):
+    # A padded output head (e.g. vocab rounded up to a multiple of 64) still reads shards written for the tokenizer.
+    cfg = debug_config(tmp_path / "run", **{"train.max_steps": "2", "eval.interval": "1", "model.vocab_size": "1000"})
+    result = pretrain(cfg)
+    assert result["step"] == 2 and result["val_loss"] > 0

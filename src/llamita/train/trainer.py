@@ -224,7 +224,8 @@ class Trainer:
             max_batches=-(-ev.batches // self.world_size),
             device=self.device,
             autocast=self.autocast,
-            vocab_size=self.model_config.vocab_size,
+            # The shards were written for the tokenizer's vocabulary, which the model's may exceed (padding).
+            vocab_size=self.tokenizer.vocab_size if self.tokenizer is not None else None,
         )
         self.model.train()
         return result
