@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -85,7 +86,8 @@ PEER_REFERENCE = {  # tokens/s and peak GiB measured by the issue's peers (H100 
 
 
 # ------------------------------------------------------------------------------------------------ worker
-def _model_config(shape: dict) -> Any:
+def model_config(shape: dict) -> Any:
+    """The llamita architecture of `shape`: its preset, vocabulary (default: the preset's) and sequence length."""
     from llamita.model import get_preset
 
     preset = get_preset(shape["preset"])
@@ -155,7 +157,8 @@ def _build_hf(spec: dict, config: Any, device: Any) -> tuple[Any, Any]:
     return model, loss_fn
 
 
-def _import_litgpt() -> tuple[Any, Any]:
+@functools.cache  # once: a second find_spec("litgpt") would fail on the stub package
+def import_litgpt() -> tuple[Any, Any]:
     """litgpt.config and litgpt.model without litgpt/__init__.py, which imports the whole CLI stack."""
     import importlib.util
     import types
@@ -194,14 +197,16 @@ def _litgpt_state_dict(hf: dict, n_layers: int) -> dict:
     return out
 
 
-def _build_litgpt(spec: dict, config: Any, device: Any) -> tuple[Any, Any]:
-    """litgpt's GPT from its `tiny-llama-1.1b` config, fp32 params under bf16 autocast, compiled with its loss."""
-    import torch
-    import torch.nn.functional as F
+def build_litgpt_model(config: Any, preset: str, device: Any) -> Any:
+    """litgpt's GPT from its `tiny-llama-1.1b` config with llamita's initial weights, fp32, in train mode.
 
-    lit_config, lit_model = _import_litgpt()
+    For another `preset` (the smoke runs) litgpt's TinyLlama is shrunk to `config`'s shape.
+    """
+    import torch
+
+    lit_config, lit_model = import_litgpt()
     overrides = {}
-    if spec["preset"] != "tinyllama-1.1b":  # smoke: shrink litgpt's TinyLlama to the preset under test
+    if preset != "tinyllama-1.1b":  # smoke: shrink litgpt's TinyLlama to the preset under test
         overrides = {
             "n_layer": config.n_layers,
             "n_embd": config.dim,
@@ -220,7 +225,15 @@ def _build_litgpt(spec: dict, config: Any, device: Any) -> tuple[Any, Any]:
     with torch.device(device):
         model = lit_model.GPT(cfg)
     model.load_state_dict(_litgpt_state_dict(_reference_weights(config, device), cfg.n_layer), strict=True)
-    model.train()
+    return model.train()
+
+
+def _build_litgpt(spec: dict, config: Any, device: Any) -> tuple[Any, Any]:
+    """litgpt's GPT (`build_litgpt_model`), fp32 params under bf16 autocast, compiled with its loss."""
+    import torch
+    import torch.nn.functional as F
+
+    model = build_litgpt_model(config, spec["preset"], device)
     autocast = _autocast(device)
 
     def step_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -327,7 +340,7 @@ def run_loss_microbench(spec: dict) -> dict:
 
     from llamita.model.loss import chunked_cross_entropy
 
-    config = _model_config(spec)
+    config = model_config(spec)
     device = torch.device(spec["device"])
     n, d, v = spec["batch"] * spec["seq_len"], config.dim, config.vocab_size
     g = torch.Generator(device=device).manual_seed(SEED)
@@ -396,7 +409,7 @@ def run_worker(spec: dict) -> dict:
         torch.backends.cuda.enable_math_sdp(False)
     if spec["system"] == "loss":
         return run_loss_microbench(spec)
-    config = _model_config(spec)
+    config = model_config(spec)
     builder = {"llamita": _build_llamita, "hf": _build_hf, "litgpt": _build_litgpt}[spec["system"]]
     t_build = time.perf_counter()
     model, loss_fn = builder(spec, config, device)
