@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoint_compare import assert_same_checkpoint
 from llamita.config import ConfigError
 from llamita.pretrain import global_batch_sequences, pretrain
 from llamita.pretrained import load_pretrained
@@ -29,6 +30,8 @@ def test_resume_equals_uninterrupted_run(debug_config, tmp_path):
     straight = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in straight] == list(range(1, 41))
     final_straight = _state(run)
+    copy = tmp_path / "straight_step_40"
+    shutil.copytree(ckpt.checkpoint_path(run, 40), copy)
 
     # Interrupt: forget everything after step 20, then resume automatically from the step-20 checkpoint.
     shutil.rmtree(ckpt.checkpoint_path(run, 40))
@@ -44,6 +47,8 @@ def test_resume_equals_uninterrupted_run(debug_config, tmp_path):
     assert final_straight.keys() == final_resumed.keys()
     for k in final_straight:
         assert torch.equal(final_straight[k], final_resumed[k]), k
+    # Model, optimizer moments and step counts, RNG and loader state: all bit for bit.
+    assert_same_checkpoint(copy, ckpt.checkpoint_path(run, 40))
 
 
 def test_metrics_checkpoints_and_pruning(debug_config, tmp_path):
