@@ -15,7 +15,8 @@ from llamita.train import checkpoint as ckpt
 
 def checkpoint_contents(folder: Path) -> dict[str, Any]:
     """Everything a checkpoint folder holds, gathered into one process: {"dcp": model and optimizer state (whole,
-    however many ranks saved it), "rng": {file: RNG states}, "trainer": trainer_state.json without its timestamp and run folder}."""
+    however many ranks saved it), "rng": {file: RNG states}, "trainer": trainer_state.json without its timestamp
+    and run folder}."""
     with tempfile.TemporaryDirectory() as tmp:
         whole = Path(tmp) / "whole.pt"
         dcp_to_torch_save(folder, whole)
