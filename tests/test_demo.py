@@ -32,3 +32,23 @@ def test_demo_pipeline_small(tmp_path):
     # A second run finds every stage done and changes nothing.
     again = run_demo(out, max_steps=20, corpus_mb=0.25, vocab_size=512, overrides=small)
     assert again["step"] == 20
+
+
+def test_demo_trains_in_fp32_on_cpus_without_native_bf16(tmp_path, monkeypatch, capsys):
+    """The recipe asks for bf16 autocast; where the CPU would emulate bf16 the demo switches to fp32 and says so."""
+    import llamita.train.parallel as parallel
+
+    monkeypatch.setattr(parallel, "cpu_has_native_bf16", lambda: False)
+    small = {
+        "model.preset": "debug",
+        "data.seq_len": "32",
+        "train.global_batch_tokens": "256",
+        "train.micro_batch": "8",
+    }
+    small |= {"eval.interval": "0", "checkpoint.interval": "0", "log.progress": "false"}
+    run_demo(tmp_path / "demo", max_steps=2, corpus_mb=0.05, vocab_size=400, overrides=small)
+    out = capsys.readouterr().out
+    assert "training in fp32" in out
+    model_line = next(line for line in out.splitlines() if " steps on cpu" in line)
+    assert "autocast" not in model_line
+    assert "dtype: fp32" in (tmp_path / "demo" / "config.yaml").read_text()

@@ -100,7 +100,8 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda, or auto (cuda when available)."""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    """Compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32; weights and optimizer state stay fp32."""
+    """Compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32; weights and optimizer state stay fp32. bf16 on
+    a CPU is autocast and pays only with AVX512-BF16 or AMX (the demo recipe uses it)."""
     threads: int = 0
     """CPU threads for torch (0 keeps torch's default)."""
     max_bad_steps: int = 5

@@ -41,6 +41,7 @@ def run_demo(
     from llamita.pretrain import pretrain
     from llamita.pretrained import load_pretrained
     from llamita.train.metrics import plot_loss, read_metrics
+    from llamita.train.parallel import cpu_has_native_bf16
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,10 @@ def run_demo(
         **({"train.max_steps": str(max_steps)} if max_steps else {}),
         **(overrides or {}),
     }
+    if "train.dtype" not in values and not cpu_has_native_bf16():
+        # The recipe computes in bf16, which only pays on CPUs with bf16 matrix instructions.
+        values["train.dtype"] = "fp32"
+        print("this CPU has no native bf16 matrix instructions (AVX512-BF16 or AMX): training in fp32")
     cfg = load_config("demo", values)
     print(f"[4/5] pretraining the {cfg.model.preset} preset for {cfg.train.max_steps} steps")
     t1 = time.perf_counter()

@@ -308,7 +308,7 @@ class Trainer:
             f"{mc.flops_per_token(self.cfg.data.seq_len) / 1e6:.1f} MFLOPs/token | "
             f"{self.tokens_per_step:,} tokens/step = {self.cfg.train.micro_batch} seq x {self.accum} accum x "
             f"{self.world_size} ranks x {self.cfg.data.seq_len} tokens | {self.max_steps:,} steps on "
-            f"{self.device.type}"
+            f"{self.device.type}{f' ({self.autocast_dtype} autocast)' if self.autocast_dtype else ''}"
         )
         if resumed is not None:
             logger.print(f"resumed from {resumed} at step {self.state.step}")
