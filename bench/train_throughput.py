@@ -12,10 +12,10 @@ shared: it only shortens compile times, which are not measured).
     python bench/train_throughput.py --prepare-data .benchdata   # demo corpus -> 32000-token tokenizer -> shards
 
 Groups: `llamita` (the ablation chain, each technique kept only if it is faster, then fp8 on the best),
-`data` (the best bf16 configuration fed by llamita's DataLoader from real shards, with a kernel-time profile
-and a host-sync check), `loss` (the output head + cross-entropy alone: plain vs chunked, time, memory, error
-against float64) and `peers` (transformers eager, + torch.compile, + Liger kernels; litgpt + torch.compile).
-The tables are printed last; the full results go to `--out` as JSON.
+`fp8` (fp8 with and without FSDP2 on one GPU), `data` (the best bf16 configuration fed by llamita's DataLoader
+from real shards, with a kernel-time profile and a host-sync check), `loss` (the output head + cross-entropy
+alone: plain vs chunked, time, memory, error against float64) and `peers` (transformers eager, + torch.compile,
++ Liger kernels; litgpt + torch.compile). The tables are printed last; the full results go to `--out` as JSON.
 """
 
 from __future__ import annotations
@@ -591,6 +591,12 @@ def run_groups(args: argparse.Namespace, shape: dict) -> dict:
         if cuda:
             run("llamita-fp8", {**config, "fp8": True, "compile": True, "profile": True})
         (out_dir / "train_throughput.json").write_text(json.dumps(results, indent=1))
+    if "fp8" in args.groups and cuda:
+        # fp8 had 16.6 ms/step of GPU idle under FSDP2: does one GPU do better without FSDP2's hooks?
+        config = results.get("llamita_best", {**LLAMITA_BASE, "fsdp": True, "compile": True, "chunked": True})
+        config = {**config, "reshard": False, "fp8": True, "compile": True, "profile": True}
+        run("llamita-fp8", config)
+        run("llamita-fp8-no-fsdp2", {**config, "fsdp": False})
     if "data" in args.groups:
         config = results.get("llamita_best", {**LLAMITA_BASE, "fsdp": True, "compile": True, "chunked": True})
         if "llamita" not in args.groups:  # the synthetic reference must come from the same machine
@@ -625,7 +631,7 @@ def tables(results: dict) -> str:
         "| system | tokens/s | MFU | peak GiB | step ms | loss step 0 | loss last | vs best peer |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in ["llamita-bf16", "llamita-fp8", *(n for n, _ in PEERS)]:
+    for name in ["llamita-bf16", "llamita-fp8", "llamita-fp8-no-fsdp2", *(n for n, _ in PEERS)]:
         r = runs.get(name)
         if not r:
             continue
@@ -727,7 +733,9 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="debug preset on CPU, 2 steps per system, every ablation step kept"
     )
-    parser.add_argument("--groups", default="llamita,data,loss,peers", help="comma list of llamita, data, loss, peers")
+    parser.add_argument(
+        "--groups", default="llamita,data,loss,peers", help="comma list of llamita, fp8, data, loss, peers"
+    )
     parser.add_argument("--data", default="", help="prepared data (--prepare-data) for the data-loader run")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"), help="results folder")
     parser.add_argument("--merge", default="", help="earlier results JSON to extend")
