@@ -12,10 +12,11 @@ shared: it only shortens compile times, which are not measured).
     python bench/train_throughput.py --prepare-data .benchdata   # demo corpus -> 32000-token tokenizer -> shards
 
 Groups: `llamita` (the ablation chain, each technique kept only if it is faster, then fp8 on the best),
-`fp8` (fp8 with and without FSDP2 on one GPU), `data` (the best bf16 configuration fed by llamita's DataLoader
-from real shards, with a kernel-time profile and a host-sync check), `loss` (the output head + cross-entropy
-alone: plain vs chunked, time, memory, error against float64) and `peers` (transformers eager, + torch.compile,
-+ Liger kernels; litgpt + torch.compile). The tables are printed last; the full results go to `--out` as JSON.
+`fp8` (fp8 with and without FSDP2 on one GPU), `tuning` (bf16 with inductor's coordinate-descent tuning),
+`data` (the best bf16 configuration fed by llamita's DataLoader from real shards, with a kernel-time profile and
+a host-sync check), `loss` (the output head + cross-entropy alone: plain vs chunked, time, memory, error against
+float64) and `peers` (transformers eager, + torch.compile, + Liger kernels; litgpt + torch.compile). The tables
+are printed last; the full results go to `--out` as JSON.
 """
 
 from __future__ import annotations
@@ -407,6 +408,10 @@ def run_worker(spec: dict) -> dict:
         torch.backends.cuda.enable_cudnn_sdp(spec["sdpa"] == "cudnn")
         torch.backends.cuda.enable_mem_efficient_sdp(False)
         torch.backends.cuda.enable_math_sdp(False)
+    if spec.get("coordinate_descent"):  # inductor tunes each generated kernel's block sizes (longer compiles)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     if spec["system"] == "loss":
         return run_loss_microbench(spec)
     config = model_config(spec)
@@ -597,6 +602,11 @@ def run_groups(args: argparse.Namespace, shape: dict) -> dict:
         config = {**config, "reshard": False, "fp8": True, "compile": True, "profile": True}
         run("llamita-fp8", config)
         run("llamita-fp8-no-fsdp2", {**config, "fsdp": False})
+    if "tuning" in args.groups and cuda:
+        config = results.get("llamita_best", {**LLAMITA_BASE, "fsdp": True, "compile": True, "chunked": True})
+        config = {**config, "reshard": False}
+        results["runs"]["llamita-bf16"] = {**run("llamita-bf16-tuning-base", config), "from": "tuning group"}
+        run("llamita-bf16-coordinate-descent", {**config, "coordinate_descent": True})
     if "data" in args.groups:
         config = results.get("llamita_best", {**LLAMITA_BASE, "fsdp": True, "compile": True, "chunked": True})
         if "llamita" not in args.groups:  # the synthetic reference must come from the same machine
@@ -605,6 +615,8 @@ def run_groups(args: argparse.Namespace, shape: dict) -> dict:
             run("llamita-bf16-loader", {**config, "data": args.data, "sync_check": True, "profile": cuda})
     if "peers" in args.groups:
         for name, spec in PEERS:
+            if args.peers and name not in args.peers.split(","):
+                continue
             if spec.get("liger") and not cuda:
                 results["runs"][name] = {"error": "skipped: Liger's Triton kernels need CUDA", "spec": spec}
                 continue
@@ -631,7 +643,8 @@ def tables(results: dict) -> str:
         "| system | tokens/s | MFU | peak GiB | step ms | loss step 0 | loss last | vs best peer |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in ["llamita-bf16", "llamita-fp8", "llamita-fp8-no-fsdp2", *(n for n, _ in PEERS)]:
+    extra = ["llamita-fp8-no-fsdp2", "llamita-bf16-coordinate-descent"]
+    for name in ["llamita-bf16", "llamita-fp8", *extra, *(n for n, _ in PEERS)]:
         r = runs.get(name)
         if not r:
             continue
@@ -734,8 +747,9 @@ def main() -> None:
         "--smoke", action="store_true", help="debug preset on CPU, 2 steps per system, every ablation step kept"
     )
     parser.add_argument(
-        "--groups", default="llamita,data,loss,peers", help="comma list of llamita, fp8, data, loss, peers"
+        "--groups", default="llamita,data,loss,peers", help="comma list of llamita, fp8, tuning, data, loss, peers"
     )
+    parser.add_argument("--peers", default="", help="comma list of peer names to run (default: all)")
     parser.add_argument("--data", default="", help="prepared data (--prepare-data) for the data-loader run")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"), help="results folder")
     parser.add_argument("--merge", default="", help="earlier results JSON to extend")
