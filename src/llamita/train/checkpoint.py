@@ -22,6 +22,7 @@ import errno
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,44 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _all_ranks_ok(error: BaseException | None) -> None:
+    """Raise on every rank if `error` happened on any: a save step that fails on one rank must not leave the others
+    waiting at the next collective until the process group times out.
+
+    The failing rank re-raises its own error; the others raise an OSError naming that rank and its error (with
+    errno ENOSPC when the disk was full, so the message says so).
+    """
+    if _world() == 1:
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else (f"{type(error).__name__}: {error}"[:1000], _is_disk_full(error))
+    reports: list[tuple[str, bool] | None] = [None] * _world()
+    dist.all_gather_object(reports, mine)
+    if error is not None:
+        raise error
+    failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+    if failed:
+        rank, (message, full) = failed[0]
+        raise OSError(errno.ENOSPC if full else errno.EIO, f"rank {rank} failed: {message}")
+
+
+def _on_every_rank(step: Callable[[], object]) -> None:
+    """Run this rank's part of a save step, then agree with the other ranks on whether every part succeeded."""
+    error: BaseException | None = None
+    try:
+        step()
+    except (OSError, CheckpointException) as e:
+        error = e
+    _all_ranks_ok(error)
+
+
 def _hash_files(folder: Path, names: list[str]) -> dict[str, str]:
     """sha256 of `names` in `folder`, each rank hashing every world-th file; every rank gets the whole dict."""
     from llamita.data.shards import file_sha256
 
-    mine = {name: file_sha256(folder / name) for name in names[_rank() :: _world()]}
+    mine: dict[str, str] = {}
+    _on_every_rank(lambda: mine.update({name: file_sha256(folder / name) for name in names[_rank() :: _world()]}))
     if _world() == 1:
         return mine
     parts: list[dict[str, str] | None] = [None] * _world()
@@ -76,8 +110,7 @@ def write_checksums(folder: Path) -> None:
     folder = Path(folder)
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS_FILE)
     sums = _hash_files(folder, names)
-    if _rank() == 0:
-        (folder / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1))
+    _on_every_rank(lambda: (folder / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1)) if _rank() == 0 else None)
 
 
 def verify_checksums(folder: Path) -> None:
@@ -96,7 +129,10 @@ def verify_checksums(folder: Path) -> None:
     missing = sorted(name for name in expected if not (folder / name).is_file())
     if missing:
         raise CheckpointError(f"{folder / missing[0]}: missing from the checkpoint (listed in {CHECKSUMS_FILE})")
-    actual = _hash_files(folder, sorted(expected))
+    try:
+        actual = _hash_files(folder, sorted(expected))
+    except OSError as e:
+        raise CheckpointError(f"{folder}: a checkpoint file could not be read ({e})") from e
     bad = sorted(name for name in expected if actual[name] != expected[name])
     if bad:
         raise CheckpointError(
@@ -178,12 +214,12 @@ def save_checkpoint(
         with warnings.catch_warnings():
             # DCP warns that it runs without a process group on a single process; that is intended.
             warnings.simplefilter("ignore", UserWarning)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
-        if _rank() == 0:
-            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
-        _barrier()
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)  # raises on every rank if any fails
+        # Each step below ends with the ranks agreeing that it worked everywhere, so a failure on one rank raises on
+        # all of them instead of leaving the others at the next barrier.
+        _on_every_rank(lambda: _write_rank_files(tmp, trainer_state))
         write_checksums(tmp)  # last: a folder with checksums.json holds every file it lists
+        _on_every_rank(lambda: _publish(tmp, path) if _rank() == 0 else None)
     except (OSError, CheckpointException) as e:
         shutil.rmtree(tmp, ignore_errors=True)  # give the space back; earlier checkpoints are untouched
         full = _is_disk_full(e)
@@ -192,13 +228,21 @@ def save_checkpoint(
             f"checkpoints in {path.parent} are intact. {'Free disk space' if full else 'Fix the cause'}, then "
             "run the same command again to resume from the latest one"
         ) from e
-    _barrier()
-    if _rank() == 0:
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    _barrier()
     return path
+
+
+def _write_rank_files(tmp: Path, trainer_state: dict[str, Any]) -> None:
+    """This rank's RNG state; rank 0 also writes the trainer state."""
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    if _rank() == 0:
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Rank 0: move the finished folder to its final name, replacing a folder of the same step."""
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
 
 
 def _is_disk_full(error: BaseException) -> bool:
