@@ -145,9 +145,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, T, hd], [B, KV, T, hd]
 
-        if mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # [B, T, D]
+        causal = mask is None and start_pos == 0  # an explicit mask (packed sequences) replaces the causal one
         if kv is not None:
             end = start_pos + T
             k_cache, v_cache = kv  # [B, KV, max_len, hd] each
@@ -161,7 +159,7 @@ class Attention(nn.Module):
         # start_pos == 0: queries and keys are the same T positions, so the plain causal mask is right.
         # A single decoded token at start_pos > 0 may see every cached key, so it needs no mask at all.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=start_pos == 0, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
         )  # [B, H, T, hd]
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H * hd]
         return self.o_proj(y)  # [B, T, D]
@@ -278,21 +276,19 @@ class Llama(nn.Module):
         """
         if (positions is None) != (mask is None) or (positions is not None and (cache is not None or start_pos)):
             raise ValueError("positions and mask go together, and without a cache or start_pos")
+        B, T = tokens.shape
+        end = start_pos + T
         if positions is not None:
             if int(positions.max()) >= self.config.max_seq_len:
                 raise ValueError(f"a position exceeds the model's max_seq_len ({self.config.max_seq_len})")
-            x = self.model.embed_tokens(tokens)  # [B, T, D]
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [B, 1, T, hd] each
-            for layer in self.model.layers:
-                x = layer(x, cos, sin, None, 0, mask)  # [B, T, D]
-            return self.model.norm(x)  # [B, T, D]
-        B, T = tokens.shape
-        end = start_pos + T
-        if end > self.config.max_seq_len:
-            raise ValueError(
-                f"positions {start_pos}..{end - 1} exceed the model's max_seq_len "
-                f"({self.config.max_seq_len}); pass shorter sequences"
-            )
+        else:
+            if end > self.config.max_seq_len:
+                raise ValueError(
+                    f"positions {start_pos}..{end - 1} exceed the model's max_seq_len "
+                    f"({self.config.max_seq_len}); pass shorter sequences"
+                )
+            cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]  # [T, hd] each
         if cache is None and start_pos != 0:
             raise ValueError(f"start_pos={start_pos} needs a KVCache holding the earlier positions")
         if cache is not None and (B != cache.batch_size or end > cache.max_len):
@@ -301,10 +297,9 @@ class Llama(nn.Module):
                 f"{cache.batch_size} and max_len {cache.max_len}; allocate a larger cache"
             )
         x = self.model.embed_tokens(tokens)  # [B, T, D]
-        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]  # [T, hd] each
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x = layer(x, cos, sin, kv, start_pos)  # [B, T, D]
+            x = layer(x, cos, sin, kv, start_pos, mask)  # [B, T, D]
         return self.model.norm(x)  # [B, T, D]
 
     def forward(
