@@ -231,7 +231,9 @@ class Trainer:
         return result
 
     def _flush(self, pending: list, logger: MetricsLogger, meter: Throughput) -> dict[str, float]:
-        """Bring buffered per-step losses to the host (one sync) and write one metrics row per step."""
+        """Bring buffered per-step losses to the host (one sync) and write one metrics row per step; {} if none."""
+        if not pending:
+            return {}
         losses = torch.stack([p[1] for p in pending])
         norms = torch.stack([p[2] for p in pending]).float()
         summaries = torch.stack([p[5] for p in pending]).tolist()
@@ -364,20 +366,17 @@ class Trainer:
                 last.update(self._flush(pending, logger, meter))
             eval_due = self.cfg.eval.interval > 0 and step % self.cfg.eval.interval == 0
             if self.val_shards and (eval_due or done):
-                if pending:
-                    last.update(self._flush(pending, logger, meter))
+                last.update(self._flush(pending, logger, meter))
                 last.update(self._log_validation(logger))
                 meter.update(self.state.tokens)  # keep eval time out of training throughput
             ev = self.cfg.eval
             if ev.tasks and ((ev.task_interval > 0 and step % ev.task_interval == 0) or done):
-                if pending:
-                    last.update(self._flush(pending, logger, meter))
+                last.update(self._flush(pending, logger, meter))
                 last.update(self._log_tasks(logger))
                 meter.update(self.state.tokens)
             ckpt_due = self.cfg.checkpoint.interval > 0 and step % self.cfg.checkpoint.interval == 0
             if ckpt_due or done:
-                if pending:
-                    last.update(self._flush(pending, logger, meter))
+                last.update(self._flush(pending, logger, meter))
                 self.save()
                 meter.update(self.state.tokens)
             logger.advance(step)
