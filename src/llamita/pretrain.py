@@ -17,7 +17,7 @@ from llamita.data.shards import ShardError, read_shard
 from llamita.model import Llama, ModelConfig, get_preset
 from llamita.tokenizer import Tokenizer
 from llamita.train.optim import build_optimizer
-from llamita.train.parallel import build_mesh, init_distributed, parallelize, plan_parallel
+from llamita.train.parallel import build_mesh, first_failure, init_distributed, parallelize, plan_parallel
 from llamita.train.trainer import Trainer
 
 
@@ -154,12 +154,9 @@ def verify_shards(paths: list[Path], vocab_size: int, rank: int, world_size: int
             except ShardError as e:
                 error = str(e)
                 break
-        if world_size > 1:
-            found: list[str | None] = [None] * world_size
-            dist.all_gather_object(found, error)
-            error = next((e for e in found if e is not None), None)
-    if error is not None:
-        raise ShardError(error)
+        failure = first_failure(error)
+        if failure is not None:
+            raise ShardError(failure[1])
 
 
 def check_eval_tasks(cfg: RunConfig) -> None:

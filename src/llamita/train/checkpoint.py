@@ -38,6 +38,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from llamita.train.parallel import first_failure
+
 STATE_FILE = "trainer_state.json"
 CHECKSUMS_FILE = "checksums.json"
 PREFIX = "step_"
@@ -61,24 +63,17 @@ def _world() -> int:
 
 
 def _all_ranks_ok(error: BaseException | None) -> None:
-    """Raise on every rank if `error` happened on any: a save step that fails on one rank must not leave the others
-    waiting at the next collective until the process group times out.
+    """Raise on every rank if `error` happened on any (see `parallel.first_failure`).
 
     The failing rank re-raises its own error; the others raise an OSError naming that rank and its error (with
     errno ENOSPC when the disk was full, so the message says so).
     """
-    if _world() == 1:
-        if error is not None:
-            raise error
-        return
     mine = None if error is None else (f"{type(error).__name__}: {error}"[:1000], _is_disk_full(error))
-    reports: list[tuple[str, bool] | None] = [None] * _world()
-    dist.all_gather_object(reports, mine)
+    failure = first_failure(mine)
     if error is not None:
         raise error
-    failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
-    if failed:
-        rank, (message, full) = failed[0]
+    if failure is not None:
+        rank, (message, full) = failure
         raise OSError(errno.ENOSPC if full else errno.EIO, f"rank {rank} failed: {message}")
 
 

@@ -13,6 +13,7 @@ import functools
 import os
 import warnings
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -98,6 +99,20 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if not dist.is_initialized():
         dist.init_process_group(_backend(dev.type), device_id=dev if dev.type == "cuda" else None)
     return DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=dev)
+
+
+_Report = TypeVar("_Report")
+
+
+def first_failure(report: _Report | None) -> tuple[int, _Report] | None:
+    """Share each rank's failure report (None where its part succeeded): the first failing rank and its report,
+    the same on every rank, so that all of them stop together instead of the healthy ones waiting in the next
+    collective for a rank that has raised. Without a process group, this process's own report."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None if report is None else (0, report)
+    reports: list[_Report | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, report)
+    return next(((rank, r) for rank, r in enumerate(reports) if r is not None), None)
 
 
 def plan_parallel(cfg: RunConfig, env: DistEnv) -> ParallelPlan:
