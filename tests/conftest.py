@@ -81,15 +81,28 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def mixture_sources(prose: Path, code: Path) -> str:
+    """The `data.sources` override for a prose and a code source, mixed 7:3."""
+    return f"[{{name: prose, path: '{prose}', weight: 0.7}}, {{name: code, path: '{code}', weight: 0.3}}]"
+
+
+@pytest.fixture
+def private_prose(prepared, tmp_path) -> tuple[str, Path]:
+    """A private copy of the prepared prose source, for a test to damage or replace its shards; returns the
+    `data.sources` override that mixes it with the shared code source, and the copy's directory."""
+    import shutil
+
+    prose = tmp_path / "prose"
+    shutil.copytree(prepared["prose"], prose)
+    return mixture_sources(prose, prepared["code"]), prose
+
+
 @pytest.fixture(scope="session")
 def debug_config(prepared):
     """A factory of `debug`-recipe run configs on the prepared corpus: ``debug_config(out_dir, **{"key": "value"})``."""
     from llamita.config import RunConfig, load_config
 
-    sources = (
-        f"[{{name: prose, path: '{prepared['prose']}', weight: 0.7}}, "
-        f"{{name: code, path: '{prepared['code']}', weight: 0.3}}]"
-    )
+    sources = mixture_sources(prepared["prose"], prepared["code"])
 
     def make(out: Path, **overrides: str) -> RunConfig:
         values = {

@@ -6,14 +6,12 @@ Headers and sizes are checked when the data is opened; out-of-range token ids by
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-from reliability_runs import finish, torchrun
 
 from llamita.data.prepare import shard_paths
 from llamita.data.shards import ShardError
 from llamita.pretrain import pretrain
+from pretrain_runs import finish, torchrun
 from shard_damage import BAD_TOKEN_POSITION, damage
 
 FAST = {"train.threads": "1", "eval.interval": "0", "checkpoint.interval": "0", "train.max_steps": "2"}
@@ -27,13 +25,9 @@ KINDS = {
 
 
 @pytest.fixture
-def on_copy(prepared, debug_config, tmp_path):
+def on_copy(private_prose, debug_config, tmp_path):
     """A config factory for runs on a private copy of the prose source; returns (factory, copied source dir)."""
-    prose = tmp_path / "prose"
-    shutil.copytree(prepared["prose"], prose)
-    sources = (
-        f"[{{name: prose, path: '{prose}', weight: 0.7}}, {{name: code, path: '{prepared['code']}', weight: 0.3}}]"
-    )
+    sources, prose = private_prose
 
     def make(**overrides: str):
         return debug_config(tmp_path / "run", **{**FAST, "data.sources": sources, **overrides})

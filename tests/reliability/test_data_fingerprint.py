@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,9 @@ FAST = {"train.threads": "1", "eval.interval": "0", "checkpoint.interval": "2", 
 
 
 @pytest.fixture
-def run_on_copy(prepared, debug_config, tmp_path):
+def run_on_copy(private_prose, debug_config, tmp_path):
     """A 2-step run on a private copy of the prose source; returns (config factory, copied source dir)."""
-    prose = tmp_path / "prose"
-    shutil.copytree(prepared["prose"], prose)
-    sources = (
-        f"[{{name: prose, path: '{prose}', weight: 0.7}}, {{name: code, path: '{prepared['code']}', weight: 0.3}}]"
-    )
+    sources, prose = private_prose
 
     def make(steps: int, **overrides: str):
         values = {**FAST, "data.sources": sources, "train.max_steps": str(steps), **overrides}

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import textwrap
 
-from reliability_runs import finish, losses, torchrun
-
 from llamita.train import checkpoint as ckpt
+from pretrain_runs import finish, losses, torchrun
 
 STEPS = 12
 KILL_AT = 6  # steps 5 and 6 are done and logged when rank 1 dies; the last checkpoint is step 4's

@@ -10,12 +10,12 @@ import shutil
 
 import pytest
 import torch
-from reliability_runs import train_rows
 
 from llamita.data.mixture import Mixture
 from llamita.pretrain import pretrain
 from llamita.pretrained import load_pretrained
 from llamita.train import checkpoint as ckpt
+from pretrain_runs import train_rows
 
 STEPS = 10
 RAMP = 6  # stage 0 ramps code from weight 0 to 0.8 over steps 0-5; stage 1 (0.5 / 0.5) starts at step 6

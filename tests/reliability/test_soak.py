@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_runs import train_rows
 
 from llamita.config import save_config
 from llamita.pretrain import pretrain
 from llamita.pretrained import load_pretrained
+from pretrain_runs import train_rows
 
 STEPS = 300
 KILLS = 6

@@ -6,10 +6,9 @@ import os
 import signal
 import time
 
-from reliability_runs import finish, losses, torchrun, train_rows, worker_pid
-
 from checkpoint_compare import assert_same_checkpoint
 from llamita.train import checkpoint as ckpt
+from pretrain_runs import finish, losses, torchrun, train_rows, worker_pid
 
 STEPS = 40
 SETTINGS = {

@@ -7,21 +7,18 @@ the case where FSDP2 has to keep one parameter in two modules.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from llamita.config import RunConfig, save_config
 from llamita.model import Llama, ModelConfig
 from llamita.pretrain import pretrain
 from llamita.pretrained import load_pretrained
 from llamita.train import checkpoint as ckpt
 from llamita.train.metrics import read_metrics
+from pretrain_runs import finish, torchrun
 
 STEPS = 10
 SETTINGS = {
@@ -32,16 +29,6 @@ SETTINGS = {
     "eval.interval": "5",
     "model.tie_embeddings": "true",
 }
-
-
-def torchrun(cfg: RunConfig, nproc: int = 2) -> None:
-    """Run `llamita pretrain` on `cfg` in `nproc` processes started by torchrun (gloo on CPU)."""
-    recipe = Path(cfg.out_dir).with_suffix(".yaml")
-    save_config(cfg, recipe)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd += ["-m", "llamita.cli", "pretrain", "--config", str(recipe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
 def rows(run: Path) -> list[dict]:
@@ -60,13 +47,13 @@ def runs(debug_config, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("distributed")
     out = {"one": root / "one", "two": root / "two"}
     pretrain(debug_config(out["one"], **SETTINGS))
-    torchrun(debug_config(out["two"], **SETTINGS))
+    finish(torchrun(debug_config(out["two"], **SETTINGS)))
     out["two_then_one"] = resume_copy(out["two"], root / "two_then_one")
     pretrain(debug_config(out["two_then_one"], **SETTINGS))
     out["one_then_two"] = resume_copy(out["one"], root / "one_then_two")
-    torchrun(debug_config(out["one_then_two"], **SETTINGS))
+    finish(torchrun(debug_config(out["one_then_two"], **SETTINGS)))
     out["hsdp"] = root / "hsdp"
-    torchrun(debug_config(out["hsdp"], **SETTINGS, **{"parallel.dp_replicate": "2"}))
+    finish(torchrun(debug_config(out["hsdp"], **SETTINGS, **{"parallel.dp_replicate": "2"})))
     return out
 
 

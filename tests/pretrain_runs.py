@@ -1,4 +1,4 @@
-"""Runs for the reliability tests: `llamita pretrain` as a 2-rank torchrun job on CPU, and a run's per-step rows."""
+"""`llamita pretrain` runs for the tests: a 2-rank torchrun job on CPU, and a run's per-step rows."""
 
 from __future__ import annotations
 
