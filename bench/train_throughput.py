@@ -63,6 +63,8 @@ LLAMITA_BASE = {
     "sdpa": "default",
     "fp8": False,
 }
+# The configuration the chain kept on one H100 (2026-11-24): what groups run without the chain in the same call.
+LLAMITA_KEPT = {**LLAMITA_BASE, "fsdp": True, "compile": True, "chunked": True, "reshard": False}
 ABLATION = [
     ("eager", "fp32 params + bf16 autocast, eager, plain CE on full logits", {}),
     ("+fsdp2", "FSDP2 fully_shard per block + root, bf16 params / fp32 reduce, no autocast", {"fsdp": True}),
@@ -598,17 +600,15 @@ def run_groups(args: argparse.Namespace, shape: dict) -> dict:
         (out_dir / "train_throughput.json").write_text(json.dumps(results, indent=1))
     if "fp8" in args.groups and cuda:
         # fp8 had 16.6 ms/step of GPU idle under FSDP2: does one GPU do better without FSDP2's hooks?
-        config = results.get("llamita_best", {**LLAMITA_BASE, "fsdp": True, "compile": True, "chunked": True})
-        config = {**config, "reshard": False, "fp8": True, "compile": True, "profile": True}
+        config = {**results.get("llamita_best", LLAMITA_KEPT), "fp8": True, "profile": True}
         run("llamita-fp8", config)
         run("llamita-fp8-no-fsdp2", {**config, "fsdp": False})
     if "tuning" in args.groups and cuda:
-        config = results.get("llamita_best", {**LLAMITA_BASE, "fsdp": True, "compile": True, "chunked": True})
-        config = {**config, "reshard": False}
+        config = results.get("llamita_best", LLAMITA_KEPT)
         results["runs"]["llamita-bf16"] = {**run("llamita-bf16-tuning-base", config), "from": "tuning group"}
         run("llamita-bf16-coordinate-descent", {**config, "coordinate_descent": True})
     if "data" in args.groups:
-        config = results.get("llamita_best", {**LLAMITA_BASE, "fsdp": True, "compile": True, "chunked": True})
+        config = results.get("llamita_best", LLAMITA_KEPT)
         if "llamita" not in args.groups:  # the synthetic reference must come from the same machine
             results["runs"]["llamita-bf16"] = {**run("llamita-bf16-synthetic", config), "from": "data group"}
         if args.data:
