@@ -179,10 +179,17 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     Launched by torchrun, every process calls this; it leaves no process group behind that it created.
     """
     had_group = dist.is_initialized()
+    finished = False
     try:
-        return _pretrain(cfg)
+        result = _pretrain(cfg)
+        finished = True
+        return result
     finally:
         if not had_group and dist.is_initialized():
+            if finished:
+                # Every rank is done with the group before any tears it down: gloo can abort a process ("terminate
+                # called without an active exception") when a peer destroys the group right after a collective.
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -27,6 +27,7 @@ result = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, num_fewshot=2, lo
 result["still_sharded"] = isinstance(loaded.model.lm_head.weight, DTensor)
 with open(f"{out}.{dist.get_rank()}", "w") as f:
     json.dump(result, f)
+dist.barrier()  # no rank tears the group down while a peer still uses it
 dist.destroy_process_group()
 """
 

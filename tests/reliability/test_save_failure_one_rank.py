@@ -56,6 +56,7 @@ DRIVER = textwrap.dedent(
     result["checkpoints"] = [p.name for p in sorted(run.iterdir())]
     ckpt.verify_checksums(run / "step_00000001")
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # no rank tears the group down while a peer still uses it
     dist.destroy_process_group()
     """
 )
