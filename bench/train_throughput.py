@@ -62,9 +62,12 @@ LLAMITA_BASE = {
     "chunked": False,
     "sdpa": "default",
     "fp8": False,
+    "copies": False,
+    "clip": "folded",
 }
 # The configuration the chain kept on one H100 (2026-11-24): what groups run without the chain in the same call.
 LLAMITA_KEPT = {**LLAMITA_BASE, "fsdp": True, "compile": True, "chunked": True, "reshard": False}
+COPIES = {**LLAMITA_KEPT, "fsdp": False, "copies": True}
 ABLATION = [
     ("eager", "fp32 params + bf16 autocast, eager, plain CE on full logits", {}),
     ("+fsdp2", "FSDP2 fully_shard per block + root, bf16 params / fp32 reduce, no autocast", {"fsdp": True}),
@@ -72,6 +75,7 @@ ABLATION = [
     ("+chunked-loss", "loss inside forward, chunked fused linear CE", {"chunked": True}),
     ("+no-reshard", "reshard_after_forward=False (1 GPU: no second all-gather)", {"reshard": False}),
     ("-fsdp2", "1 GPU: no FSDP2, autocast over fp32 weights again", {"fsdp": False}),
+    ("copies", "1 GPU: no FSDP2, bf16 compute copies written by the fused AdamW", {"fsdp": False, "copies": True}),
     ("sdpa-flash", "SDPA flash backend only (torch 2.11's default on H100 is cuDNN)", {"sdpa": "flash"}),
 ]
 PEERS = [
@@ -105,13 +109,15 @@ def _reference_weights(config: Any, device: Any) -> dict:
     return build_model(config, device, SEED).state_dict()
 
 
-def _build_llamita(spec: dict, config: Any, device: Any) -> tuple[Any, Any]:
-    """llamita as `llamita pretrain` builds it: `llamita.train.parallel.parallelize` with the spec's switches."""
+def _build_llamita(spec: dict, config: Any, device: Any) -> tuple[Any, Any, Any]:
+    """llamita as `llamita pretrain` builds it: `llamita.train.parallel.parallelize` with the spec's switches, and
+    compute copies (`llamita.train.copies`) when the spec asks for them."""
     import torch
     import torch.nn.functional as F
 
     from llamita.config import ParallelConfig
     from llamita.pretrain import build_model
+    from llamita.train.copies import ComputeCopies
     from llamita.train.parallel import build_mesh, parallelize
 
     model = build_model(config, device, SEED)
@@ -123,8 +129,9 @@ def _build_llamita(spec: dict, config: Any, device: Any) -> tuple[Any, Any]:
     )
     mesh = build_mesh(1, 1, device.type) if spec["fsdp"] else None
     parallelize(model, parallel, mesh, device, param_dtype=torch.bfloat16)
-    # As the trainer does: FSDP2 casts the weights to bf16 itself; without it, autocast over fp32 weights.
-    autocast = contextlib.nullcontext() if spec["fsdp"] else _autocast(device)
+    copies = ComputeCopies(model, torch.bfloat16) if spec["copies"] else None
+    # As the trainer does: FSDP2 casts the weights to bf16 itself, compute copies are bf16; else autocast.
+    autocast = contextlib.nullcontext() if spec["fsdp"] or spec["copies"] else _autocast(device)
 
     def loss_fn(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with autocast:
@@ -132,10 +139,10 @@ def _build_llamita(spec: dict, config: Any, device: Any) -> tuple[Any, Any]:
                 return model(inputs, targets=targets)
             return F.cross_entropy(model(inputs).float().flatten(0, 1), targets.flatten())
 
-    return model, loss_fn
+    return model, loss_fn, copies
 
 
-def _build_hf(spec: dict, config: Any, device: Any) -> tuple[Any, Any]:
+def _build_hf(spec: dict, config: Any, device: Any) -> tuple[Any, Any, Any]:
     """transformers' LlamaForCausalLM (SDPA attention), fp32 params under bf16 autocast, loss inside forward."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -157,7 +164,7 @@ def _build_hf(spec: dict, config: Any, device: Any) -> tuple[Any, Any]:
             # shift_labels: the targets are already shifted, so transformers must not shift them again.
             return forward(input_ids=inputs, labels=targets, shift_labels=targets, use_cache=False).loss
 
-    return model, loss_fn
+    return model, loss_fn, None
 
 
 @functools.cache  # once: a second find_spec("litgpt") would fail on the stub package
@@ -231,7 +238,7 @@ def build_litgpt_model(config: Any, preset: str, device: Any) -> Any:
     return model.train()
 
 
-def _build_litgpt(spec: dict, config: Any, device: Any) -> tuple[Any, Any]:
+def _build_litgpt(spec: dict, config: Any, device: Any) -> tuple[Any, Any, Any]:
     """litgpt's GPT (`build_litgpt_model`), fp32 params under bf16 autocast, compiled with its loss."""
     import torch
     import torch.nn.functional as F
@@ -248,7 +255,7 @@ def _build_litgpt(spec: dict, config: Any, device: Any) -> tuple[Any, Any]:
         with autocast:
             return compiled(inputs, targets)
 
-    return model, loss_fn
+    return model, loss_fn, None
 
 
 def _autocast(device: Any) -> Any:
@@ -401,7 +408,7 @@ def run_worker(spec: dict) -> dict:
     import torch
 
     from llamita.config import OptimConfig
-    from llamita.train.optim import build_optimizer
+    from llamita.train.optim import build_optimizer, clipped_step, gradient_norm
 
     torch.manual_seed(SEED)
     device = torch.device(spec["device"])
@@ -419,9 +426,12 @@ def run_worker(spec: dict) -> dict:
     config = model_config(spec)
     builder = {"llamita": _build_llamita, "hf": _build_hf, "litgpt": _build_litgpt}[spec["system"]]
     t_build = time.perf_counter()
-    model, loss_fn = builder(spec, config, device)
-    optimizer = build_optimizer(model, OptimConfig(lr=LR, weight_decay=0.1, beta1=0.9, beta2=0.95), device)
+    model, loss_fn, copies = builder(spec, config, device)
+    optimizer = build_optimizer(model, OptimConfig(lr=LR, weight_decay=0.1, beta1=0.9, beta2=0.95), device, copies)
     params = [p for p in model.parameters() if p.requires_grad]
+    # llamita steps as its trainer does (clipping factor inside the fused update); the peers clip, then step.
+    folded = spec["system"] == "llamita" and spec.get("clip") == "folded"
+    no_skip = torch.zeros((), device=device)
     build_s = time.perf_counter() - t_build
 
     total = spec["warmup"] + spec["steps"]
@@ -447,8 +457,11 @@ def run_worker(spec: dict) -> dict:
             step_index[0] += 1
             loss = loss_fn(inputs, targets)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            if folded:
+                clipped_step(optimizer, gradient_norm(optimizer), 1.0, no_skip)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
 
@@ -603,6 +616,15 @@ def run_groups(args: argparse.Namespace, shape: dict) -> dict:
         config = {**results.get("llamita_best", LLAMITA_KEPT), "fp8": True, "profile": True}
         run("llamita-fp8", config)
         run("llamita-fp8-no-fsdp2", {**config, "fsdp": False})
+    if "copies" in args.groups:
+        # One GPU without FSDP2: bf16 compute copies written by the optimizer, clipping folded into the update.
+        config = results.get("llamita_best", LLAMITA_KEPT)
+        run("llamita-bf16-fsdp2-separate-clip", {**config, "clip": "separate"})
+        run("llamita-bf16-fsdp2", config)
+        results["runs"]["llamita-bf16"] = {**run("llamita-bf16-copies", {**COPIES, "profile": cuda}), "from": "copies"}
+        if cuda:
+            run("llamita-fp8-fsdp2", {**config, "fp8": True})
+            results["runs"]["llamita-fp8"] = {**run("llamita-fp8-copies", {**COPIES, "fp8": True}), "from": "copies"}
     if "tuning" in args.groups and cuda:
         config = results.get("llamita_best", LLAMITA_KEPT)
         results["runs"]["llamita-bf16"] = {**run("llamita-bf16-tuning-base", config), "from": "tuning group"}
@@ -643,7 +665,13 @@ def tables(results: dict) -> str:
         "| system | tokens/s | MFU | peak GiB | step ms | loss step 0 | loss last | vs best peer |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    extra = ["llamita-fp8-no-fsdp2", "llamita-bf16-coordinate-descent"]
+    extra = [
+        "llamita-fp8-no-fsdp2",
+        "llamita-bf16-coordinate-descent",
+        "llamita-bf16-fsdp2-separate-clip",
+        "llamita-bf16-fsdp2",
+        "llamita-fp8-fsdp2",
+    ]
     for name in ["llamita-bf16", "llamita-fp8", *extra, *(n for n, _ in PEERS)]:
         r = runs.get(name)
         if not r:
@@ -747,7 +775,9 @@ def main() -> None:
         "--smoke", action="store_true", help="debug preset on CPU, 2 steps per system, every ablation step kept"
     )
     parser.add_argument(
-        "--groups", default="llamita,data,loss,peers", help="comma list of llamita, fp8, tuning, data, loss, peers"
+        "--groups",
+        default="llamita,data,loss,peers",
+        help="comma list of llamita, fp8, copies, tuning, data, loss, peers",
     )
     parser.add_argument("--peers", default="", help="comma list of peer names to run (default: all)")
     parser.add_argument("--data", default="", help="prepared data (--prepare-data) for the data-loader run")

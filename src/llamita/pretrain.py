@@ -16,6 +16,7 @@ from llamita.data.prepare import load_manifest, shard_paths
 from llamita.data.shards import ShardError, read_shard
 from llamita.model import Llama, ModelConfig, get_preset
 from llamita.tokenizer import Tokenizer
+from llamita.train.copies import ComputeCopies
 from llamita.train.optim import build_optimizer
 from llamita.train.parallel import build_mesh, first_failure, init_distributed, parallelize, plan_parallel
 from llamita.train.trainer import Trainer
@@ -220,7 +221,8 @@ def _pretrain(cfg: RunConfig) -> dict[str, Any]:
         load_init_weights(model, cfg.init.from_)
     mesh = build_mesh(env.world_size, cfg.parallel.dp_replicate, env.device.type) if plan.fsdp else None
     parallelize(model, cfg.parallel, mesh, env.device, param_dtype=plan.compute_dtype)
-    optimizer = build_optimizer(model, cfg.optim, env.device)
+    copies = ComputeCopies(model, plan.compute_dtype) if plan.copies else None
+    optimizer = build_optimizer(model, cfg.optim, env.device, copies)
     if env.rank == 0:
         save_config(cfg, out_dir / "config.yaml")
 

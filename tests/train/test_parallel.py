@@ -62,6 +62,7 @@ def test_yaml_on_off_and_defaults(tmp_path):
     assert cfg.parallel.fsdp == "off" and cfg.parallel.activation_checkpoint == "full"
     assert dataclasses.asdict(load_config("debug").parallel) == {
         "fsdp": "auto",
+        "copies": "auto",
         "dp_replicate": 1,
         "reshard_after_forward": True,
         "activation_checkpoint": "none",
@@ -71,20 +72,25 @@ def test_yaml_on_off_and_defaults(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("world", "device", "fsdp", "dtype", "expect"),
+    ("world", "device", "fsdp", "copies", "dtype", "expect"),
     [
-        (1, CPU, "auto", "auto", (False, torch.float32, None)),
-        (2, CPU, "auto", "auto", (True, torch.float32, None)),
-        (1, CPU, "on", "auto", (True, torch.float32, None)),
-        (1, CUDA, "auto", "auto", (True, torch.bfloat16, None)),  # FSDP2 casts: no autocast on top
-        (1, CUDA, "off", "auto", (False, torch.bfloat16, torch.bfloat16)),  # fp32 weights, bf16 autocast
-        (8, CUDA, "auto", "fp32", (True, torch.float32, None)),
+        (1, CPU, "auto", "auto", "auto", (False, False, torch.float32, None)),
+        (2, CPU, "auto", "auto", "auto", (True, False, torch.float32, None)),
+        (1, CPU, "on", "auto", "auto", (True, False, torch.float32, None)),
+        (1, CPU, "auto", "auto", "bf16", (False, False, torch.bfloat16, torch.bfloat16)),  # autocast on a CPU
+        (1, CPU, "auto", "on", "bf16", (False, True, torch.bfloat16, None)),
+        (1, CUDA, "auto", "auto", "auto", (False, True, torch.bfloat16, None)),  # one GPU: bf16 compute copies
+        (1, CUDA, "auto", "off", "auto", (True, False, torch.bfloat16, None)),  # FSDP2 casts: no autocast on top
+        (1, CUDA, "on", "auto", "auto", (True, False, torch.bfloat16, None)),
+        (1, CUDA, "off", "off", "auto", (False, False, torch.bfloat16, torch.bfloat16)),  # fp32 weights, autocast
+        (1, CUDA, "auto", "auto", "fp32", (True, False, torch.float32, None)),
+        (8, CUDA, "auto", "auto", "auto", (True, False, torch.bfloat16, None)),
     ],
 )
-def test_plan_decides_fsdp_and_autocast_once(world, device, fsdp, dtype, expect):
-    cfg = load_config("debug", {"parallel.fsdp": fsdp, "train.dtype": dtype})
+def test_plan_decides_fsdp_copies_and_autocast_once(world, device, fsdp, copies, dtype, expect):
+    cfg = load_config("debug", {"parallel.fsdp": fsdp, "parallel.copies": copies, "train.dtype": dtype})
     plan = plan_parallel(cfg, DistEnv(rank=0, local_rank=0, world_size=world, device=device))
-    assert (plan.fsdp, plan.compute_dtype, plan.autocast_dtype) == expect
+    assert (plan.fsdp, plan.copies, plan.compute_dtype, plan.autocast_dtype) == expect
 
 
 @pytest.mark.parametrize(
@@ -94,6 +100,9 @@ def test_plan_decides_fsdp_and_autocast_once(world, device, fsdp, dtype, expect)
         (4, {"parallel.dp_replicate": "3"}, "parallel.dp_replicate=3"),
         (2, {"parallel.dp_replicate": "0"}, "parallel.dp_replicate=0"),
         (1, {"parallel.dp_replicate": "1", "parallel.float8": "true"}, "parallel.float8 needs a CUDA GPU"),
+        (2, {"parallel.copies": "on", "train.dtype": "bf16"}, "parallel.copies=on needs one process"),
+        (1, {"parallel.copies": "on", "train.dtype": "fp32"}, "parallel.copies=on needs .* train.dtype bf16"),
+        (1, {"parallel.copies": "on", "parallel.fsdp": "on", "train.dtype": "bf16"}, "parallel.fsdp auto or off"),
     ],
 )
 def test_plan_refuses_impossible_settings(world, overrides, needle):

@@ -1,21 +1,29 @@
-"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine learning-rate schedule."""
+"""AdamW with decoupled weight decay on matrices only, the optimizer step with clipping folded in, and the
+warmup + cosine learning-rate schedule."""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from llamita.config import OptimConfig
+from llamita.train.copies import ComputeCopies
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device, copies: ComputeCopies | None = None
+) -> torch.optim.AdamW:
     """AdamW over the model's parameters: weight decay on matrices (ndim >= 2), none on norm weights.
 
     The fused kernel (CUDA and CPU) is used: besides being the fastest, it accepts the trainer's skip decision as
     a device tensor (`found_inf`), so skipping a bad step needs no host sync. Build it after FSDP2 has sharded the
-    model, so that it holds (and keeps state for) this rank's shards.
+    model, so that it holds (and keeps state for) this rank's shards. With compute copies (`parallel.copies`)
+    it is `CopiesAdamW`, which also writes the bf16 copies.
     """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -23,13 +31,152 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        groups,
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        fused=True,
-    )
+    kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": True}
+    if copies is not None:
+        return CopiesAdamW(groups, copies, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def _adamw_update(
+    master: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    copy: Tensor,
+    step: Tensor,
+    lr: Tensor,
+    skip: Tensor,
+    grad_coef: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW update of a flat fp32 master and its moments from a (bf16 or fp32) gradient, in place; writes the
+    master's compute copy too. torch's AdamW math (decoupled decay, bias corrections from the per-tensor step);
+    `grad_coef` is the clipping factor; `skip` = 1 leaves everything, the step count included, unchanged."""
+    new_step = step + (1.0 - skip)  # [] fp32
+    g = grad.float() * grad_coef  # [N]
+    m = exp_avg.lerp(g, 1.0 - beta1)
+    v = exp_avg_sq * beta2 + g * g * (1.0 - beta2)
+    bias1 = 1.0 - torch.pow(beta1, new_step)
+    bias2 = 1.0 - torch.pow(beta2, new_step)
+    p = master * (1.0 - lr * weight_decay)
+    p = p - (lr / bias1) * m / (v.sqrt() / bias2.sqrt() + eps)
+    keep = skip > 0
+    p = torch.where(keep, master, p)
+    exp_avg.copy_(torch.where(keep, exp_avg, m))
+    exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, v))
+    master.copy_(p)
+    copy.copy_(p)
+    step.copy_(new_step)
+
+
+@functools.cache
+def _compiled_adamw_update() -> Callable[..., None]:
+    return torch.compile(_adamw_update, dynamic=True, fullgraph=True)
+
+
+class CopiesAdamW(torch.optim.AdamW):
+    """AdamW over fp32 masters whose gradients arrive on their bf16 compute copies (`copies.ComputeCopies`).
+
+    One fused pass per tensor (compiled on CUDA) reads the master, the gradient and both moments and writes the
+    master, the moments and the bf16 copy. State and state_dict are AdamW's (`step`, `exp_avg`, `exp_avg_sq` per
+    parameter), so checkpoints move freely between this and FSDP2 runs. The trainer hands it the skip decision
+    (`found_inf`) and the clipping factor (`grad_coef`) as device tensors.
+    """
+
+    def __init__(self, params: list[dict], copies: ComputeCopies, **kwargs: object) -> None:
+        super().__init__(params, **kwargs)
+        self.copies = copies
+        self.found_inf: Tensor | None = None
+        self.grad_coef: Tensor | None = None
+
+    def gradient(self, p: Tensor) -> Tensor | None:
+        return self.copies.grad_of(p)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.copies.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        update = None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if self.copies.grad_of(p) is not None]
+            if not params:
+                continue
+            device = params[0].device
+            if update is None:
+                update = _compiled_adamw_update() if device.type == "cuda" else _adamw_update
+                one = torch.ones((), device=device)
+                skip = self.found_inf if self.found_inf is not None else torch.zeros((), device=device)
+                coef = self.grad_coef if self.grad_coef is not None else one
+            lr = _device_scalar(group["lr"], device)
+            beta1, beta2 = group["betas"]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                update(
+                    p.view(-1),
+                    self.copies.grad_of(p).view(-1),
+                    state["exp_avg"].view(-1),
+                    state["exp_avg_sq"].view(-1),
+                    self.copies.copy_of(p).view(-1),
+                    state["step"],
+                    lr,
+                    skip,
+                    coef,
+                    float(beta1),
+                    float(beta2),
+                    float(group["eps"]),
+                    float(group["weight_decay"]),
+                )
+        self.copies.mark_synced()
+
+
+def _device_scalar(value: float | Tensor, device: torch.device) -> Tensor:
+    """A 0-d fp32 tensor on `device` without a host sync (through pinned memory on CUDA)."""
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=torch.float32)
+    host = torch.tensor(float(value), dtype=torch.float32)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def gradient_norm(optimizer: torch.optim.Optimizer) -> Tensor:
+    """L2 norm (fp32, on the device) of every gradient `optimizer` will apply; over all ranks for FSDP2 shards."""
+    get = getattr(optimizer, "gradient", lambda p: p.grad)
+    grads = [g for group in optimizer.param_groups for p in group["params"] if (g := get(p)) is not None]
+    if not grads:
+        return torch.zeros((), device=optimizer.param_groups[0]["params"][0].device)
+    if isinstance(grads[0], DTensor):
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, grad_norm: Tensor, max_norm: float, skip: Tensor) -> None:
+    """Step with gradients scaled to at most `max_norm` in L2 norm (as `clip_grad_norm_` does), unless `skip` is 1.
+
+    Fused AdamW and `CopiesAdamW` take the clipping factor and the skip decision as device tensors, inside the
+    update (no pass over the gradients of its own, no host sync); another optimizer clips in place and reads `skip`.
+    """
+    coef = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
+    if isinstance(optimizer, CopiesAdamW):
+        optimizer.grad_coef, optimizer.found_inf = coef, skip
+        optimizer.step()
+    elif optimizer.defaults.get("fused"):
+        optimizer.grad_scale, optimizer.found_inf = 1.0 / coef, skip  # the fused kernel divides by grad_scale
+        optimizer.step()
+    else:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
+        if not skip.item():
+            optimizer.step()
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -55,6 +55,8 @@ class ParallelPlan:
 
     fsdp: bool
     """Wrap the model with FSDP2 (it then holds fp32 shards and casts them to `compute_dtype` for compute)."""
+    copies: bool
+    """Keep `compute_dtype` copies of the fp32 weights for compute (`copies.ComputeCopies`; one process only)."""
     compute_dtype: torch.dtype
     """Dtype of forward and backward matmuls."""
     autocast_dtype: torch.dtype | None
@@ -119,7 +121,8 @@ def plan_parallel(cfg: RunConfig, env: DistEnv) -> ParallelPlan:
     """Check `cfg.parallel` against the launch and decide FSDP and the compute dtype, in one place.
 
     With FSDP2 its mixed-precision policy casts the fp32 shards to bf16 when it gathers them, so the trainer must
-    not autocast as well; without FSDP2, bf16 comes from autocast over fp32 weights.
+    not autocast as well; with compute copies the model computes with bf16 copies the optimizer keeps up to date;
+    otherwise bf16 comes from autocast over fp32 weights.
 
     Raises:
         ConfigError: A value that cannot work with this launch; the message names the field.
@@ -137,21 +140,36 @@ def plan_parallel(cfg: RunConfig, env: DistEnv) -> ParallelPlan:
         )
     if par.float8:
         _check_float8(env.device)
-    fsdp = par.fsdp == "on" or (par.fsdp == "auto" and (env.world_size > 1 or env.device.type == "cuda"))
-    if par.dp_replicate > 1 and not fsdp:
-        raise ConfigError("parallel.dp_replicate > 1 needs FSDP2; set parallel.fsdp on")
     name = cfg.train.dtype
     if name == "auto":
         name = "bf16" if env.device.type == "cuda" else "fp32"
     compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    if par.copies == "on" and (env.world_size > 1 or par.fsdp == "on" or compute_dtype == torch.float32):
+        raise ConfigError(
+            "parallel.copies=on needs one process, parallel.fsdp auto or off, and train.dtype bf16 "
+            f"(got {env.world_size} processes, fsdp {par.fsdp}, dtype {name}); with several processes FSDP2 casts"
+        )
+    # On one GPU, copies beat FSDP2's single-rank gathers and casts (bench/results/2026-11-24-train-throughput.md).
+    copies = par.copies == "on" or (
+        par.copies == "auto"
+        and par.fsdp != "on"
+        and env.world_size == 1
+        and env.device.type == "cuda"
+        and compute_dtype == torch.bfloat16
+    )
+    fsdp = par.fsdp == "on" or (
+        par.fsdp == "auto" and (env.world_size > 1 or (env.device.type == "cuda" and not copies))
+    )
+    if par.dp_replicate > 1 and not fsdp:
+        raise ConfigError("parallel.dp_replicate > 1 needs FSDP2; set parallel.fsdp on")
     if compute_dtype == torch.bfloat16 and env.device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn(
             "train.dtype=bf16 on a CPU without native bf16 matrix instructions (AVX512-BF16 or AMX): it will run "
             "slower than fp32; set train.dtype fp32",
             stacklevel=2,
         )
-    autocast = None if fsdp or compute_dtype == torch.float32 else compute_dtype
-    return ParallelPlan(fsdp=fsdp, compute_dtype=compute_dtype, autocast_dtype=autocast)
+    autocast = None if fsdp or copies or compute_dtype == torch.float32 else compute_dtype
+    return ParallelPlan(fsdp=fsdp, copies=copies, compute_dtype=compute_dtype, autocast_dtype=autocast)
 
 
 def cpu_has_native_bf16() -> bool:

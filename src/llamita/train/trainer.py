@@ -22,7 +22,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from llamita.config import RunConfig, to_dict
 from llamita.evaluate.perplexity import validation_loss
@@ -31,7 +30,7 @@ from llamita.tokenizer import Tokenizer
 from llamita.train import checkpoint as ckpt
 from llamita.train.guard import HostCopy, StepGuard
 from llamita.train.metrics import MetricsLogger, Throughput, peak_flops
-from llamita.train.optim import lr_at, set_lr
+from llamita.train.optim import clipped_step, gradient_norm, lr_at, set_lr
 
 
 def causal_lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -103,9 +102,10 @@ class Trainer:
             raise ValueError("eval.tasks needs the tokenizer: pass tokenizer= to the Trainer")
         self._batches: Iterator | None = None
         self._stop_signal = 0  # set by a SIGTERM/SIGINT handler while `fit` runs
+        copies = getattr(optimizer, "copies", None)
+        if copies is not None:  # bf16 gradients of several micro-batches are summed in fp32
+            copies.accumulate_fp32 = self.accum > 1
         self.guard = StepGuard(device, self.world_size, cfg.train.spike_sigma, cfg.train.spike_window)
-        # Fused AdamW takes the skip decision as a device tensor (`found_inf`); other optimizers need a host read.
-        self._skip_on_device = bool(optimizer.defaults.get("fused"))
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -181,16 +181,10 @@ class Trainer:
             (loss / self.accum).backward()
             loss_sum += loss.detach()
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()  # FSDP2: the norm over every rank's gradient shards
+        grad_norm = gradient_norm(self.optimizer)
         mean_loss = loss_sum / self.accum
         skip, summary = self.guard.check(mean_loss, grad_norm, self._stop_signal > 0)
-        if self._skip_on_device:
-            self.optimizer.found_inf = skip  # read by the fused kernel: nothing moves when it is 1
-            self.optimizer.step()
-        elif not skip.item():
-            self.optimizer.step()
+        clipped_step(self.optimizer, grad_norm, max_norm, skip)  # nothing moves when skip is 1
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
