@@ -66,8 +66,9 @@ LLAMITA_BASE = {
     "clip": "folded",
 }
 # The configuration the chain kept on one H100 (2026-11-24): what groups run without the chain in the same call.
-LLAMITA_KEPT = {**LLAMITA_BASE, "fsdp": True, "compile": True, "chunked": True, "reshard": False}
-COPIES = {**LLAMITA_KEPT, "fsdp": False, "copies": True}
+# Until session 4 it was FSDP2_KEPT; the compute copies then replaced FSDP2 on one GPU (the `copies` group).
+FSDP2_KEPT = {**LLAMITA_BASE, "fsdp": True, "compile": True, "chunked": True, "reshard": False}
+LLAMITA_KEPT = {**FSDP2_KEPT, "fsdp": False, "copies": True}
 ABLATION = [
     ("eager", "fp32 params + bf16 autocast, eager, plain CE on full logits", {}),
     ("+fsdp2", "FSDP2 fully_shard per block + root, bf16 params / fp32 reduce, no autocast", {"fsdp": True}),
@@ -330,7 +331,7 @@ def _kernel_category(name: str) -> str:
         return "attention"
     if any(k in n for k in ("gemm", "nvjet", "xmma", "cutlass", "matmul", "scaled_mm", "gmma")):
         return "matmul"
-    if "adam" in n:
+    if "adam" in n or ("triton" in n and "lerp" in n):  # torch's fused AdamW; CopiesAdamW's compiled update
         return "optimizer (fused AdamW)"
     if "multi_tensor_apply" in n and ("norm" in n or "mul" in n):
         return "grad clip (foreach norm, scale)"
@@ -613,25 +614,28 @@ def run_groups(args: argparse.Namespace, shape: dict) -> dict:
         (out_dir / "train_throughput.json").write_text(json.dumps(results, indent=1))
     if "fp8" in args.groups and cuda:
         # fp8 had 16.6 ms/step of GPU idle under FSDP2: does one GPU do better without FSDP2's hooks?
-        config = {**results.get("llamita_best", LLAMITA_KEPT), "fp8": True, "profile": True}
+        config = {**FSDP2_KEPT, "fp8": True, "profile": True}
         run("llamita-fp8", config)
         run("llamita-fp8-no-fsdp2", {**config, "fsdp": False})
     if "copies" in args.groups:
-        # One GPU without FSDP2: bf16 compute copies written by the optimizer, clipping folded into the update.
-        config = results.get("llamita_best", LLAMITA_KEPT)
-        run("llamita-bf16-fsdp2-separate-clip", {**config, "clip": "separate"})
-        run("llamita-bf16-fsdp2", config)
-        results["runs"]["llamita-bf16"] = {**run("llamita-bf16-copies", {**COPIES, "profile": cuda}), "from": "copies"}
+        # One GPU: FSDP2 (clipping as a separate pass, then folded into the update) against compute copies.
+        run("llamita-bf16-fsdp2-separate-clip", {**FSDP2_KEPT, "clip": "separate"})
+        run("llamita-bf16-fsdp2", FSDP2_KEPT)
+        results["runs"]["llamita-bf16"] = {
+            **run("llamita-bf16-copies", {**LLAMITA_KEPT, "profile": cuda}),
+            "from": "copies",
+        }
         if cuda:
-            run("llamita-fp8-fsdp2", {**config, "fp8": True})
-            results["runs"]["llamita-fp8"] = {**run("llamita-fp8-copies", {**COPIES, "fp8": True}), "from": "copies"}
+            run("llamita-fp8-fsdp2", {**FSDP2_KEPT, "fp8": True})
+            fp8 = run("llamita-fp8-copies", {**LLAMITA_KEPT, "fp8": True, "profile": True})
+            results["runs"]["llamita-fp8"] = {**fp8, "from": "copies group"}
     if "tuning" in args.groups and cuda:
         config = results.get("llamita_best", LLAMITA_KEPT)
         results["runs"]["llamita-bf16"] = {**run("llamita-bf16-tuning-base", config), "from": "tuning group"}
         run("llamita-bf16-coordinate-descent", {**config, "coordinate_descent": True})
     if "data" in args.groups:
         config = results.get("llamita_best", LLAMITA_KEPT)
-        if "llamita" not in args.groups:  # the synthetic reference must come from the same machine
+        if "llamita" not in args.groups and "copies" not in args.groups:  # the synthetic reference: same machine
             results["runs"]["llamita-bf16"] = {**run("llamita-bf16-synthetic", config), "from": "data group"}
         if args.data:
             run("llamita-bf16-loader", {**config, "data": args.data, "sync_check": True, "profile": cuda})
@@ -731,7 +735,8 @@ def tables(results: dict) -> str:
                 f"| {name} | {m['ms']:.2f} | {m['extra_peak_gib']:.2f} | {m['loss_abs_err']:.1e} | "
                 f"{m['grad_hidden_rel_err']:.1e} | {m['grad_weight_rel_err']:.1e} |"
             )
-    profiled = {n: r["profile"] for n, r in runs.items() if isinstance(r, dict) and "profile" in r}
+    # "llamita-bf16" / "llamita-fp8" may name another run of the table ("from"): its profile is shown once.
+    profiled = {n: r["profile"] for n, r in runs.items() if isinstance(r, dict) and "profile" in r and "from" not in r}
     if profiled:
         names = list(profiled)
         lines += ["", "## Where a step's time goes (torch.profiler, ms per step; kernel time by category)", ""]

@@ -18,6 +18,8 @@ optimizer see exactly what they see without this), and each has a persistent bf1
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -85,7 +87,7 @@ class ComputeCopies:
             self._synced[i] = self._masters[i]._version
 
     # --------------------------------------------------------------------------------------- gradients
-    def _make_fp32_hook(self, master: nn.Parameter):  # noqa: ANN202
+    def _make_fp32_hook(self, master: nn.Parameter) -> Callable[[torch.Tensor], None]:
         def hook(copy: torch.Tensor) -> None:
             # Several micro-batches: sum their gradients in fp32 on the master, as FSDP2's fp32 reduce would.
             if not self.accumulate_fp32 or copy.grad is None:
