@@ -126,7 +126,8 @@ class ParallelConfig:
     fsdp: Literal["auto", "on", "off"] = "auto"
     """FSDP2 sharding: auto (on with >1 process, or on one CUDA GPU when `copies` is off), on, off."""
     copies: Literal["auto", "on", "off"] = "auto"
-    """One process in bf16: bf16 compute copies of the fp32 weights, written by the optimizer (auto: on one GPU)."""
+    """One process in bf16: bf16 compute copies of the fp32 weights, written by the optimizer (auto: on one GPU
+    without activation checkpointing)."""
     dp_replicate: int = 1
     """HSDP replicas: shard within groups of world/dp_replicate ranks, replicate across them (= nodes)."""
     reshard_after_forward: bool = True

@@ -84,11 +84,15 @@ def test_yaml_on_off_and_defaults(tmp_path):
         (1, CUDA, "on", "auto", "auto", (True, False, torch.bfloat16, None)),
         (1, CUDA, "off", "off", "auto", (False, False, torch.bfloat16, torch.bfloat16)),  # fp32 weights, autocast
         (1, CUDA, "auto", "auto", "fp32", (True, False, torch.float32, None)),
+        (1, CUDA, "auto", "auto", "ac", (True, False, torch.bfloat16, None)),  # recomputation needs FSDP2's hooks
         (8, CUDA, "auto", "auto", "auto", (True, False, torch.bfloat16, None)),
     ],
 )
 def test_plan_decides_fsdp_copies_and_autocast_once(world, device, fsdp, copies, dtype, expect):
-    cfg = load_config("debug", {"parallel.fsdp": fsdp, "parallel.copies": copies, "train.dtype": dtype})
+    overrides = {"parallel.fsdp": fsdp, "parallel.copies": copies, "train.dtype": dtype}
+    if dtype == "ac":  # bf16 with activation checkpointing
+        overrides.update({"train.dtype": "bf16", "parallel.activation_checkpoint": "selective"})
+    cfg = load_config("debug", overrides)
     plan = plan_parallel(cfg, DistEnv(rank=0, local_rank=0, world_size=world, device=device))
     assert (plan.fsdp, plan.copies, plan.compute_dtype, plan.autocast_dtype) == expect
 
@@ -103,6 +107,11 @@ def test_plan_decides_fsdp_copies_and_autocast_once(world, device, fsdp, copies,
         (2, {"parallel.copies": "on", "train.dtype": "bf16"}, "parallel.copies=on needs one process"),
         (1, {"parallel.copies": "on", "train.dtype": "fp32"}, "parallel.copies=on needs .* train.dtype bf16"),
         (1, {"parallel.copies": "on", "parallel.fsdp": "on", "train.dtype": "bf16"}, "parallel.fsdp auto or off"),
+        (
+            1,
+            {"parallel.copies": "on", "train.dtype": "bf16", "parallel.activation_checkpoint": "full"},
+            "does not work with parallel.activation_checkpoint=full",
+        ),
     ],
 )
 def test_plan_refuses_impossible_settings(world, overrides, needle):

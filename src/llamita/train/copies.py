@@ -14,6 +14,10 @@ optimizer see exactly what they see without this), and each has a persistent bf1
 * gradients accumulated over several micro-batches are summed in fp32 (`accumulate_fp32`), as FSDP2 would;
 * a master changed by anything else (a checkpoint load, `load_state_dict`, an in-place edit) is noticed through
   its version counter and copied again before the next forward.
+
+The copies are swapped out when the root forward returns, so a backward that recomputes a block (activation
+checkpointing) would see the fp32 masters: `parallel.plan_parallel` refuses that combination and `auto` leaves
+the copies off there.
 """
 
 from __future__ import annotations

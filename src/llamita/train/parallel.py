@@ -149,10 +149,17 @@ def plan_parallel(cfg: RunConfig, env: DistEnv) -> ParallelPlan:
             "parallel.copies=on needs one process, parallel.fsdp auto or off, and train.dtype bf16 "
             f"(got {env.world_size} processes, fsdp {par.fsdp}, dtype {name}); with several processes FSDP2 casts"
         )
-    # On one GPU, copies beat FSDP2's single-rank gathers and casts (bench/results/2026-11-24-train-throughput.md).
+    if par.copies == "on" and par.activation_checkpoint != "none":
+        raise ConfigError(
+            f"parallel.copies=on does not work with parallel.activation_checkpoint={par.activation_checkpoint}: "
+            "backward would recompute the blocks after the compute copies were swapped out; set parallel.copies "
+            "off (FSDP2 casts instead) or parallel.activation_checkpoint none"
+        )
+    # On one GPU, copies beat FSDP2's single-rank gathers and casts (bench/results/2026-11-24-compute-copies.md).
     copies = par.copies == "on" or (
         par.copies == "auto"
         and par.fsdp != "on"
+        and par.activation_checkpoint == "none"
         and env.world_size == 1
         and env.device.type == "cuda"
         and compute_dtype == torch.bfloat16
