@@ -19,6 +19,7 @@ from llamita.train.metrics import read_metrics
 from llamita.train.parallel import (
     DistEnv,
     apply_activation_checkpointing,
+    apply_compile,
     apply_float8,
     apply_fsdp,
     build_mesh,
@@ -242,6 +243,34 @@ def test_fsdp_on_one_process_matches_plain(debug_config, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- compile
+def test_compiled_blocks_keep_static_shapes(debug_config, tmp_path):
+    """A batch of another size gets its own graph instead of turning the training graph shape-generic (dynamo's
+    automatic dynamic shapes), and the trainer validates without compiling at all."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _tiny()
+    apply_compile(model)
+    vocab = model.config.vocab_size
+    for batch in (8, 5, 6, 8):
+        x = torch.randint(0, vocab, (batch, 16))
+        model(x, targets=x).backward()
+    assert counters["stats"]["unique_graphs"] == 3  # static: one per size; automatic dynamic would make 2
+
+    torch._dynamo.reset()
+    counters.clear()
+    run = tmp_path / "run"  # validation (step 0, 20, 40) batches of 3 sequences, training micro-batches of 4
+    pretrain(debug_config(run, **{"parallel.compile": "true", "eval.batch_size": "3", "train.max_steps": "3"}))
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    counters.clear()
+    pretrain(
+        debug_config(tmp_path / "no-val", **{"parallel.compile": "true", "eval.interval": "0", "train.max_steps": "3"})
+    )
+    assert graphs == counters["stats"]["unique_graphs"]  # validation added no graph
+
+
 def test_compile_with_selective_checkpointing_and_fsdp_on_cpu(debug_config, tmp_path):
     """The whole stack on inductor's CPU backend: compiled blocks, selective AC, FSDP2; same losses as eager."""
     common = {"train.max_steps": "2", "eval.interval": "0", "checkpoint.interval": "0"}

@@ -267,10 +267,12 @@ def apply_compile(model: Llama) -> None:
     """torch.compile each block in place (`Module.compile`), so no `_orig_mod.` enters parameter names.
 
     Blocks are identical, so one compiled graph serves all of them; compiling per block keeps compile time short
-    and leaves FSDP2's per-block communication outside the graphs.
+    and leaves FSDP2's per-block communication outside the graphs. Shapes are static: with dynamo's automatic
+    dynamic shapes, one call of another batch size (a validation batch before the first training step) made the
+    training graphs shape-generic for the rest of the run, 10% slower in fp8 on an H100.
     """
     for block in model.model.layers:
-        block.compile()
+        block.compile(dynamic=False)
 
 
 def apply_fsdp(

@@ -207,20 +207,25 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def validate(self) -> dict[str, float]:
-        """Validation loss and perplexity on the held-out shards (mean over ranks)."""
+        """Validation loss and perplexity on the held-out shards (mean over ranks).
+
+        Runs the compiled blocks eagerly: their graphs stay the training step's, and validation batches of another
+        size cost no recompilation (the same for `eval.tasks`).
+        """
         ev = self.cfg.eval
-        result = validation_loss(
-            self.model,
-            self.val_shards,
-            seq_len=self.cfg.data.seq_len,
-            batch_size=ev.batch_size,
-            # Rank r scores windows r, r + world, ...: batches / world per rank covers the same windows as one rank.
-            max_batches=-(-ev.batches // self.world_size),
-            device=self.device,
-            autocast=self.autocast,
-            # The shards were written for the tokenizer's vocabulary, which the model's may exceed (padding).
-            vocab_size=self.tokenizer.vocab_size if self.tokenizer is not None else None,
-        )
+        with torch.compiler.set_stance("force_eager"):
+            result = validation_loss(
+                self.model,
+                self.val_shards,
+                seq_len=self.cfg.data.seq_len,
+                batch_size=ev.batch_size,
+                # Rank r scores windows r, r + world, ...: batches / world per rank covers the windows of one rank.
+                max_batches=-(-ev.batches // self.world_size),
+                device=self.device,
+                autocast=self.autocast,
+                # The shards were written for the tokenizer's vocabulary, which the model's may exceed (padding).
+                vocab_size=self.tokenizer.vocab_size if self.tokenizer is not None else None,
+            )
         self.model.train()
         return result
 
@@ -271,14 +276,15 @@ class Trainer:
         from llamita.evaluate.harness import evaluate_tasks, scalar_metrics
 
         ev = self.cfg.eval
-        result = evaluate_tasks(
-            self.model,
-            self.tokenizer,
-            ev.tasks,
-            limit=ev.task_limit or None,
-            device=self.device,
-            autocast_dtype=self.autocast_dtype,
-        )
+        with torch.compiler.set_stance("force_eager"):  # see `validate`
+            result = evaluate_tasks(
+                self.model,
+                self.tokenizer,
+                ev.tasks,
+                limit=ev.task_limit or None,
+                device=self.device,
+                autocast_dtype=self.autocast_dtype,
+            )
         flat = scalar_metrics(result)
         logger.log({"step": self.state.step, "tokens": self.state.tokens, **flat})
         shown = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in flat.items())
