@@ -45,12 +45,19 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_bad_steps_are_skipped_and_counted(debug_config, tmp_path, monkeypatch, value):
+COPIES = {"parallel.copies": "on", "train.dtype": "bf16"}  # bf16 compute copies, updated by CopiesAdamW
+
+
+@pytest.mark.parametrize(
+    ("value", "extra"),
+    [(float("nan"), {}), (float("inf"), {}), (float("nan"), COPIES)],
+    ids=["nan", "inf", "nan-copies"],
+)
+def test_bad_steps_are_skipped_and_counted(debug_config, tmp_path, monkeypatch, value, extra):
     poisoned = PoisonedLoss(bad={3, 4}, value=value)
     monkeypatch.setattr(trainer_module, "causal_lm_loss", poisoned)
     run = tmp_path / "run"
-    result = pretrain(debug_config(run, **FAST, **{"train.max_steps": "6"}))
+    result = pretrain(debug_config(run, **FAST, **extra, **{"train.max_steps": "6"}))
     assert result["step"] == 6
     logged = rows(run)
     assert [r["skipped_steps"] for r in logged] == [0, 0, 1, 2, 2, 2]
