@@ -13,8 +13,8 @@ from llamita.model.llama import Llama
 from llamita.pretrain import pretrain
 from llamita.train.checkpoint import checkpoint_path
 from llamita.train.copies import ComputeCopies
-from llamita.train.metrics import read_metrics
 from llamita.train.optim import _adamw_update, _compiled_adamw_update, build_optimizer, clipped_step, gradient_norm
+from pretrain_runs import losses
 
 CPU = torch.device("cpu")
 
@@ -25,7 +25,7 @@ def _tiny(tie: bool = True) -> Llama:
 
 
 def _losses(run) -> list[float]:
-    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    return [loss for _, loss in losses(run)]
 
 
 def _adamw_f64(p, g, m, v, step, lr, b1, b2, eps, wd):

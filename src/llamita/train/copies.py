@@ -37,12 +37,10 @@ class ComputeCopies:
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
-        self.dtype = dtype
         self.accumulate_fp32 = False
         self._slots: list[tuple[nn.Module, str, nn.Parameter]] = []
         self._copies: dict[int, nn.Parameter] = {}  # id(master) -> copy; a tied weight has one
         self._masters: list[nn.Parameter] = []
-        self._index: dict[int, int] = {}  # id(master) -> position in _masters
         for module in model.modules():
             for name, master in module._parameters.items():
                 if master is None:
@@ -55,7 +53,6 @@ class ComputeCopies:
                     if master.requires_grad:
                         copy.register_post_accumulate_grad_hook(self._make_fp32_hook(master))
                     self._copies[id(master)] = copy
-                    self._index[id(master)] = len(self._masters)
                     self._masters.append(master)
         self._synced = [-1] * len(self._masters)  # master._version when its copy was last written
         self._swapped = False

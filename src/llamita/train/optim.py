@@ -102,18 +102,17 @@ class CopiesAdamW(torch.optim.AdamW):
     def step(self, closure: None = None) -> None:
         update = None
         for group in self.param_groups:
-            params = [p for p in group["params"] if self.copies.grad_of(p) is not None]
-            if not params:
+            pairs = [(p, g) for p in group["params"] if (g := self.copies.grad_of(p)) is not None]
+            if not pairs:
                 continue
-            device = params[0].device
+            device = pairs[0][0].device
             if update is None:
                 update = _compiled_adamw_update() if device.type == "cuda" else _adamw_update
-                one = torch.ones((), device=device)
                 skip = self.found_inf if self.found_inf is not None else torch.zeros((), device=device)
-                coef = self.grad_coef if self.grad_coef is not None else one
+                coef = self.grad_coef if self.grad_coef is not None else torch.ones((), device=device)
             lr = _device_scalar(group["lr"], device)
             beta1, beta2 = group["betas"]
-            for p in params:
+            for p, grad in pairs:
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32, device=device)
@@ -121,7 +120,7 @@ class CopiesAdamW(torch.optim.AdamW):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 update(
                     p.view(-1),
-                    self.copies.grad_of(p).view(-1),
+                    grad.view(-1),
                     state["exp_avg"].view(-1),
                     state["exp_avg_sq"].view(-1),
                     self.copies.copy_of(p).view(-1),
@@ -137,14 +136,10 @@ class CopiesAdamW(torch.optim.AdamW):
         self.copies.mark_synced()
 
 
-def _device_scalar(value: float | Tensor, device: torch.device) -> Tensor:
+def _device_scalar(value: float, device: torch.device) -> Tensor:
     """A 0-d fp32 tensor on `device` without a host sync (through pinned memory on CUDA)."""
-    if isinstance(value, Tensor):
-        return value.to(device=device, dtype=torch.float32)
     host = torch.tensor(float(value), dtype=torch.float32)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 def gradient_norm(optimizer: torch.optim.Optimizer) -> Tensor:
