@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from llamita.config import ConfigError
 from llamita.generate import decode_one, generate, prefill, sample
 from llamita.model import KVCache, Llama, ModelConfig
 
@@ -95,7 +96,8 @@ def test_length_is_clamped_to_max_seq_len(model):
     n = TINY.max_seq_len
     assert len(generate(model, list(range(n - 3)), 100, temperature=0)) == 4
     assert len(generate(model, list(range(n)), 100, temperature=0)) == 1
-    assert generate(model, [1], 0) == []
+    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1"):
+        generate(model, [1], 0)
 
 
 def test_bad_prompts_and_settings_raise(model):

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import tokenizers
 
+from llamita.config import ConfigError
+from llamita.data.sources import SourceError
 from llamita.tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer
 
 VOCAB = 600
@@ -165,10 +167,10 @@ def test_missing_files_give_clear_errors(tmp_path):
 
 
 def test_vocab_size_and_empty_input_are_rejected(corpus, tmp_path):
-    with pytest.raises(ValueError, match=f"at least {MIN_VOCAB_SIZE}"):
+    with pytest.raises(ConfigError, match=f"at least {MIN_VOCAB_SIZE}"):
         train_tokenizer(corpus, MIN_VOCAB_SIZE - 1)
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(ValueError, match="no documents"):
+    with pytest.raises(SourceError, match="no documents"):
         train_tokenizer([tmp_path / "empty.txt"], VOCAB)
 
 

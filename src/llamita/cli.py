@@ -9,7 +9,7 @@ import sys
 import typing
 from pathlib import Path
 
-from llamita.config import ConfigError, iter_fields
+from llamita.config import ConfigError, RunConfig, iter_fields, to_dict
 
 
 def _type_name(tp: object) -> str:
@@ -19,10 +19,24 @@ def _type_name(tp: object) -> str:
 
 
 def _config_help() -> str:
-    lines = ["config keys (override any with --KEY VALUE, e.g. --optim.lr 3e-4):"]
+    defaults = to_dict(RunConfig())
+    lines = ["config keys (override any with --KEY VALUE, e.g. --optim.lr 3e-4; defaults before the recipe's):"]
     for key, tp, doc in iter_fields():
-        lines.append(f"  --{key} ({_type_name(tp)}): {doc}")
+        default: object = defaults
+        for part in key.split("."):
+            default = default[part]  # type: ignore[index]
+        lines.append(f"  --{key} ({_type_name(tp)}, default {json.dumps(default)}): {doc}")
     return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option with a default ends its help with it; descriptions and epilogs keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        default = action.default
+        shown = not (default is None or default is False or default is argparse.SUPPRESS or action.required)
+        return f"{help} (default: %(default)s)" if shown and "%(default)" not in help else help
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
@@ -51,9 +65,17 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     from llamita.data.sources import expand_inputs
     from llamita.tokenizer import train_tokenizer
 
-    files = expand_inputs(args.input)
-    tok = train_tokenizer(files, args.vocab_size, Path(args.out), text_field=args.text_field)
-    print(f"trained a {tok.vocab_size}-token BPE tokenizer on {len(files)} file(s) -> {args.out}")
+    existing = Path(args.out) / "tokenizer.json"
+    if existing.is_file() and not args.force:
+        raise FileExistsError(
+            f"{existing} already exists (data prepared with it would no longer match); choose another --out, or "
+            "pass --force to replace it"
+        )
+    found = expand_inputs(args.input)
+    if found.skipped_total:
+        print(f"llamita train-tokenizer: {found.skipped_summary()}", file=sys.stderr)
+    tok = train_tokenizer(found.files, args.vocab_size, Path(args.out), text_field=args.text_field)
+    print(f"trained a {tok.vocab_size}-token BPE tokenizer on {len(found.files)} file(s) -> {args.out}")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -96,11 +118,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise ConfigError("--checkpoint is required (or --compare A.json B.json)")
     if args.tasks and args.text:
         raise ConfigError("--tasks and --text are separate evaluations; run them one at a time")
+    for flag, value in [("--num-fewshot", args.num_fewshot), ("--batches", args.batches),
+                        ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)]:  # fmt: skip
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
+    if args.limit is not None and not args.limit > 0:
+        raise ConfigError(f"--limit must be > 0 (below 1: a fraction of each task), got {args.limit}")
     task_data = dict(item.split("=", 1) for item in args.data or [] if "=" in item)
     shard_dirs = [item for item in args.data or [] if "=" not in item]
     if (args.tasks and shard_dirs) or (not args.tasks and task_data):
         raise ConfigError("--data takes TASK=PATH with --tasks, and prepared source directories without it")
-    device = pick_device(args.device)
+    device = pick_device(args.device, option="--device")
     if args.tasks:
         markdown = run.run_tasks(
             args.checkpoint,
@@ -115,9 +143,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(markdown)
     elif args.text:
         dtype = run.resolve_dtype(args.dtype, device)
-        files = [Path(f) for f in args.text]
         result = run.run_text(
-            args.checkpoint, files, device=device, dtype=dtype, batch_size=args.batch_size or 8, out=args.out
+            args.checkpoint, args.text, device=device, dtype=dtype, batch_size=args.batch_size or 8, out=args.out
         )
         print(json.dumps(result, indent=1))
     else:
@@ -135,42 +162,66 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from llamita.generate import generate
+    from llamita.generate import check_sampling, generate
     from llamita.pretrained import load_pretrained
     from llamita.train.parallel import pick_device
 
-    pre = load_pretrained(args.checkpoint, pick_device(args.device))
+    temperature = 0.0 if args.greedy else args.temperature
+    check_sampling(temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    pre = load_pretrained(args.checkpoint, pick_device(args.device, option="--device"))
     prompt_ids = pre.tokenizer.encode(args.prompt, bos=True)
+    context = pre.model_config.max_seq_len
+    if len(prompt_ids) > context:
+        raise ConfigError(
+            f"--prompt is {len(prompt_ids)} tokens long but the model's context is {context} tokens; shorten it"
+        )
     new = generate(
         pre.model,
         prompt_ids,
         args.max_new_tokens,
-        temperature=0.0 if args.greedy else args.temperature,
+        temperature=temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         eos_id=pre.tokenizer.eos_id,
         seed=args.seed,
     )
-    print(args.prompt + pre.tokenizer.decode(new))
+    # Decoding prompt and continuation together keeps the space a continuation starts with (as transformers does).
+    print(pre.tokenizer.decode(prompt_ids + new))
+    if len(new) < args.max_new_tokens and new[-1] != pre.tokenizer.eos_id:
+        print(
+            f"llamita generate: stopped after {len(new)} of {args.max_new_tokens} new tokens: the prompt "
+            f"({len(prompt_ids)} tokens) and the continuation filled the model's context of {context} tokens",
+            file=sys.stderr,
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from llamita.demo import run_demo
 
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if args.corpus_mb is not None and not args.corpus_mb > 0:
+        raise ConfigError(f"--corpus-mb must be > 0, got {args.corpus_mb}")
     run_demo(Path(args.out), max_steps=args.steps, corpus_mb=args.corpus_mb)
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from llamita.interop import export_hf
 
-    out = export_hf(args.checkpoint, args.out, args.dtype, max_shard_bytes=int(args.max_shard_gb * 10**9))
+    if args.max_shard_gb <= 0:
+        raise ConfigError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
+    out = export_hf(
+        args.checkpoint, args.out, args.dtype, max_shard_bytes=int(args.max_shard_gb * 10**9), force=args.force
+    )
     print(f"wrote a Hugging Face LlamaForCausalLM directory ({args.dtype}) -> {out}")
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> None:
     from llamita.interop import export_gguf
 
-    out = export_gguf(args.checkpoint, args.out, args.dtype)
+    out = export_gguf(args.checkpoint, args.out, args.dtype, force=args.force)
     print(f"wrote a llama.cpp GGUF file ({args.dtype}) -> {out}")
 
 
@@ -189,7 +240,16 @@ def user_errors() -> tuple[type[Exception], ...]:
     from llamita.interop.hf import HFFormatError
     from llamita.train.checkpoint import CheckpointError
 
-    return (ConfigError, FileNotFoundError, SourceError, ShardError, CheckpointError, HFFormatError, GGUFExportError)
+    return (
+        ConfigError,
+        FileNotFoundError,
+        FileExistsError,
+        SourceError,
+        ShardError,
+        CheckpointError,
+        HFFormatError,
+        GGUFExportError,
+    )
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -200,21 +260,28 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="pipeline: train-tokenizer -> prepare -> pretrain -> evaluate / generate; `llamita demo` runs it all",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = _HelpFormatter
 
-    p = sub.add_parser("train-tokenizer", help="train a Llama-style BPE tokenizer (byte fallback) on text files")
+    p = sub.add_parser(
+        "train-tokenizer", formatter_class=fmt, help="train a Llama-style BPE tokenizer (byte fallback) on text files"
+    )
     p.add_argument(
         "--input",
         nargs="+",
         required=True,
-        help="files, directories or globs (.txt, .jsonl[.gz|.zst], .parquet)",
+        help="files, directories or globs (.txt[.gz|.zst], .jsonl[.gz|.zst], .parquet)",
     )
     p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size including special and byte tokens")
     p.add_argument("--text-field", default="text", help="JSON/parquet field holding the text")
     p.add_argument("--out", required=True, help="output directory (loadable by transformers.AutoTokenizer)")
+    p.add_argument("--force", action="store_true", help="replace a tokenizer already in --out")
     p.set_defaults(func=cmd_train_tokenizer)
 
-    p = sub.add_parser("prepare", help="tokenize a source into token shards with a manifest and a validation split")
+    p = sub.add_parser(
+        "prepare",
+        formatter_class=fmt,
+        help="tokenize a source into token shards with a manifest and a validation split",
+    )
     p.add_argument("--name", required=True, help="source name used in the mixture (e.g. slimpajama)")
     p.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory")
@@ -228,15 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "pretrain",
+        formatter_class=fmt,
         help="pretrain a model from a YAML recipe plus --section.key overrides",
         epilog=_config_help(),
-        formatter_class=fmt,
     )
     p.add_argument("--config", help="recipe file or bundled recipe name (demo, debug, tinyllama-1.1b)")
     p.set_defaults(func=cmd_pretrain, takes_overrides=True)
 
     p = sub.add_parser(
         "evaluate",
+        formatter_class=fmt,
         help="zero-shot tasks (lm-eval-exact), text perplexity / bits per byte, or validation loss on shards",
         description="Without --tasks or --text: validation loss and perplexity on held-out shards (the run's own "
         "sources by default). --tasks scores TinyLlama's suite exactly as lm-evaluation-harness 0.4 does, from "
@@ -253,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-fewshot", type=int, default=0, help="solved examples before each question (lm-eval's seed 1234)"
     )
     p.add_argument("--limit", type=float, default=None, help="documents per task (below 1: a fraction), for quick runs")
-    p.add_argument("--text", nargs="+", help="raw text files (.txt, .jsonl, .parquet): loss, perplexity, bits per byte")
+    p.add_argument(
+        "--text", nargs="+", help="raw text files, directories or globs (as prepare): loss, perplexity, bits per byte"
+    )
     p.add_argument(
         "--data", nargs="*", help="TASK=PATH for --tasks; otherwise prepared source directories (default: the run's)"
     )
@@ -277,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two --out results side by side")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("generate", help="sample a continuation of a prompt (KV cache; greedy or top-k/top-p)")
+    p = sub.add_parser(
+        "generate", formatter_class=fmt, help="sample a continuation of a prompt (KV cache; greedy or top-k/top-p)"
+    )
     p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most")
@@ -289,31 +361,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded corpus (Python's stdlib code and docs), CPU")
+    p = sub.add_parser(
+        "demo",
+        formatter_class=fmt,
+        help="the whole pipeline on the embedded corpus (Python's stdlib code and docs), CPU",
+    )
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo recipe's)")
     p.add_argument("--corpus-mb", type=float, default=None, help="cap the corpus size in MB (default: demo's)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face directory or a llama.cpp GGUF file")
+    p = sub.add_parser(
+        "export", formatter_class=fmt, help="write a checkpoint as a Hugging Face directory or a llama.cpp GGUF file"
+    )
     formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    q = formats.add_parser("hf", help="a transformers LlamaForCausalLM directory (safetensors, config, tokenizer)")
+    q = formats.add_parser(
+        "hf", formatter_class=fmt, help="a transformers LlamaForCausalLM directory (safetensors, config, tokenizer)"
+    )
     q.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (fp32: lossless)")
     q.add_argument(
         "--max-shard-gb", type=float, default=5.0, help="largest safetensors file in GB; larger models are sharded"
     )
+    q.add_argument("--force", action="store_true", help="replace a model already in --out")
     q.set_defaults(func=cmd_export_hf)
-    q = formats.add_parser("gguf", help="a llama.cpp GGUF file (weights, metadata and tokenizer)")
+    q = formats.add_parser("gguf", formatter_class=fmt, help="a llama.cpp GGUF file (weights, metadata and tokenizer)")
     q.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")
     q.add_argument("--out", required=True, help="output .gguf file")
     q.add_argument("--dtype", default="f16", choices=["f16", "q8_0", "q4_0"], help="matrix storage type")
+    q.add_argument("--force", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=cmd_export_gguf)
 
-    p = sub.add_parser("import", help="convert a Hugging Face Llama directory into a llamita run directory")
+    p = sub.add_parser(
+        "import", formatter_class=fmt, help="convert a Hugging Face Llama directory into a llamita run directory"
+    )
     formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    q = formats.add_parser("hf", help="a transformers Llama directory (config.json, safetensors or .bin, tokenizer)")
+    q = formats.add_parser(
+        "hf", formatter_class=fmt, help="a transformers Llama directory (config.json, safetensors or .bin, tokenizer)"
+    )
     q.add_argument("--model", required=True, help="Hugging Face model directory")
     q.add_argument("--out", required=True, help="run directory to create (a step-0 checkpoint and the tokenizer)")
     q.set_defaults(func=cmd_import_hf)

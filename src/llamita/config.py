@@ -11,10 +11,13 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import json
 import keyword
+import re
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -166,6 +169,8 @@ class CheckpointConfig:
     """auto (latest complete checkpoint in the run directory, if any), none, or a checkpoint path."""
     allow_data_change: bool = False
     """Resume even if the training shards differ from the checkpoint's (names, token counts or sha256)."""
+    allow_config_change: bool = False
+    """Resume even if settings that change the run's math (see config.RESUME_FREE) differ from the checkpoint's."""
 
 
 @dataclass
@@ -175,13 +180,13 @@ class LogConfig:
     tensorboard: bool = True
     """Write TensorBoard events to <out_dir>/tb."""
     progress: bool = True
-    """Show a progress bar on the console."""
+    """Show a progress bar when stdout is a terminal; otherwise (or when false) print a line every `interval`."""
 
 
 @dataclass
 class RunConfig:
     out_dir: str = "runs/default"
-    """Run directory: checkpoints, metrics.jsonl, TensorBoard events, tokenizer copy, loss plot."""
+    """Run directory: checkpoints, config.yaml, metrics.jsonl, TensorBoard events, tokenizer copy, loss.png."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -273,11 +278,14 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     try:
+        if tp in (int, float) and isinstance(value, bool):
+            raise ValueError  # YAML's true/false is no number
         if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
+            # A command-line string is read as YAML reads the same value, so 10.5 is refused in both.
             if isinstance(value, str):
                 value = float(value) if any(c in value for c in ".eE") else int(value.replace("_", ""))
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
             return int(value)
         if tp is float:
             return float(value)
@@ -292,11 +300,74 @@ def _build(cls: type, values: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values = {_field_name(k): v for k, v in values.items()}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(map(_key_name, set(values) - names))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(map(_key_name, names))}")
+        section = f"section {where!r}" if where else "the top level"
+        raise ConfigError(f"unknown key(s) {unknown} in {section}; valid keys: {sorted(map(_key_name, names))}")
     kwargs = {k: _convert(v, hints[k], f"{where}.{_key_name(k)}" if where else _key_name(k)) for k, v in values.items()}
     return cls(**kwargs)
+
+
+# What each numeric key accepts, as the words of the error and the test; the other keys are checked by their type.
+_AT_LEAST_0 = (">= 0", lambda v: v >= 0)
+_AT_LEAST_1 = (">= 1", lambda v: v >= 1)
+_BETA = ("in [0, 1)", lambda v: 0 <= v < 1)
+BOUNDS: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "data.seq_len": _AT_LEAST_1,
+    "data.prefetch": _AT_LEAST_0,
+    "model.vocab_size": _AT_LEAST_1,
+    "optim.lr": _AT_LEAST_0,
+    "optim.min_lr": _AT_LEAST_0,
+    "optim.warmup_steps": _AT_LEAST_0,
+    "optim.weight_decay": _AT_LEAST_0,
+    "optim.beta1": _BETA,
+    "optim.beta2": _BETA,
+    "optim.eps": ("> 0", lambda v: v > 0),
+    "optim.grad_clip": _AT_LEAST_0,
+    "train.global_batch_tokens": _AT_LEAST_1,
+    "train.micro_batch": _AT_LEAST_1,
+    "train.max_steps": _AT_LEAST_0,
+    "train.max_tokens": _AT_LEAST_0,
+    "train.threads": _AT_LEAST_0,
+    "train.max_bad_steps": _AT_LEAST_0,
+    "train.spike_sigma": _AT_LEAST_0,
+    "train.spike_window": (">= 2", lambda v: v >= 2),
+    "parallel.dp_replicate": _AT_LEAST_1,
+    "eval.interval": _AT_LEAST_0,
+    "eval.batches": _AT_LEAST_1,
+    "eval.batch_size": _AT_LEAST_1,
+    "eval.task_interval": _AT_LEAST_0,
+    "eval.task_limit": _AT_LEAST_0,
+    "checkpoint.interval": _AT_LEAST_0,
+    "checkpoint.keep_last": _AT_LEAST_0,
+    "log.interval": _AT_LEAST_1,
+}
+
+
+def get_by_path(cfg: Any, key: str) -> Any:
+    """The value of a dotted key (``optim.lr``) in a config tree."""
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, _field_name(part))
+    return node
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Refuse values no run can use (a negative learning rate, a zero batch, an unknown preset) before any work.
+
+    Raises:
+        ConfigError: naming the first key out of its range (see `BOUNDS`) and the range.
+    """
+    from llamita.model.config import PRESETS
+
+    for key, (wanted, ok) in BOUNDS.items():
+        value = get_by_path(cfg, key)
+        if value is not None and not ok(value):  # NaN fails every test
+            raise ConfigError(f"{key}: must be {wanted}, got {value!r}")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr: {cfg.optim.min_lr:g} is above optim.lr {cfg.optim.lr:g}; it must not be")
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; choose from {', '.join(PRESETS)}")
 
 
 def resolve_recipe(name_or_path: str) -> Path:
@@ -322,9 +393,15 @@ def load_config(recipe: str | None = None, overrides: dict[str, str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(values).__name__}")
-    cfg = _build(RunConfig, values, "")
+        try:
+            cfg = _build(RunConfig, values, "")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    else:
+        cfg = RunConfig()
     for key, raw in (overrides or {}).items():
         set_by_path(cfg, key, raw)
+    check_config(cfg)
     return cfg
 
 
@@ -364,3 +441,81 @@ def save_config(cfg: RunConfig, path: Path) -> None:
 def config_from_dict(values: dict) -> RunConfig:
     """Rebuild a RunConfig from `to_dict`'s output (e.g. the copy saved with a checkpoint)."""
     return _build(RunConfig, values, "")
+
+
+RESUME_FREE = (
+    "out_dir",
+    "data.tokenizer",
+    "data.sources[].path",
+    "data.prefetch",
+    "data.verify_tokens",
+    "train.micro_batch",
+    "train.device",
+    "train.threads",
+    "train.max_bad_steps",
+    "parallel.fsdp",
+    "parallel.copies",
+    "parallel.dp_replicate",
+    "parallel.reshard_after_forward",
+    "parallel.activation_checkpoint",
+    "parallel.compile",
+    "eval",
+    "checkpoint",
+    "log",
+    "init",
+)
+"""Keys (and sections) a resume may change freely: where things are, how fast and how often, not what is computed.
+
+Paths may move because their contents are checked (the tokenizer against each manifest, the shards against the
+checkpoint's sha256); `train.micro_batch` and the parallel layout change the accumulation as another number of ranks
+does, with the same global batch. Every other key (model, optim, the schedule's steps and tokens, seed, dtype, the
+spike guard, float8, sequence length, sources' names and weights, stages) changes the run's math: a resume that
+changes one needs `checkpoint.allow_config_change`.
+"""
+
+RESUME_IGNORED = ("checkpoint.resume", "init.from")
+"""Keys never compared on resume: they say where a run starts, not what it computes."""
+
+UNSET = object()
+"""The value of a key one side of `resume_changes` lacks (a list entry the other config does not have)."""
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of the scalars in `to_dict` output; list entries are keyed ``data.sources[1].name``."""
+    if isinstance(value, dict):
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return {prefix: value}
+    return {key: leaf for k, v in items for key, leaf in _leaves(v, k).items()}
+
+
+def resume_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """What `cfg` changes in the config a checkpoint was saved with: {dotted key: (saved value, new value)}.
+
+    Args:
+        saved: `to_dict` output, e.g. a checkpoint's ``run_config``; a key it lacks (a field added since) counts at
+            its default. A list entry only one side has is `UNSET` on the other.
+        cfg: the config of the run that resumes.
+    """
+    old = _leaves(to_dict(RunConfig())) | _leaves(saved)
+    new = _leaves(to_dict(cfg))
+    keys = [*new, *(k for k in old if k not in new)]
+    changes = {k: (old.get(k, UNSET), new.get(k, UNSET)) for k in keys if k not in RESUME_IGNORED}
+    return {k: (a, b) for k, (a, b) in changes.items() if a != b}
+
+
+def changes_math(key: str) -> bool:
+    """Whether a resume that changes `key` (a `resume_changes` key) changes the run's math; see `RESUME_FREE`."""
+    generic = re.sub(r"\[\d+\]", "[]", key)
+    return not any(generic == free or generic.startswith(free + ".") for free in RESUME_FREE)
+
+
+def describe_change(key: str, old: Any, new: Any) -> str:
+    """``optim.lr: 0.001 -> 0.005``, values as JSON writes them."""
+
+    def show(value: Any) -> str:
+        return "unset" if value is UNSET else json.dumps(value)
+
+    return f"{key}: {show(old)} -> {show(new)}"

@@ -40,7 +40,7 @@ def run_demo(
     from llamita.generate import generate
     from llamita.pretrain import pretrain
     from llamita.pretrained import load_pretrained
-    from llamita.train.metrics import plot_loss, read_metrics
+    from llamita.train.metrics import read_metrics
     from llamita.train.parallel import cpu_has_native_bf16
 
     t0 = time.perf_counter()
@@ -105,7 +105,6 @@ def run_demo(
     rows = read_metrics(out / "metrics.jsonl")
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     train_rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
-    png = plot_loss(out / "metrics.jsonl", out / "loss.png")
     summary = {
         **result,
         "first_val_loss": val[0] if val else None,
@@ -117,6 +116,6 @@ def run_demo(
     }
     print(
         f"demo done in {summary['total_seconds'] / 60:.1f} min: val loss {summary['first_val_loss']:.3f} -> "
-        f"{summary['final_val_loss']:.3f}; run folder {out} (checkpoints, metrics.jsonl, tb/, {png.name})"
+        f"{summary['final_val_loss']:.3f}; run folder {out} (checkpoints, metrics.jsonl, tb/, loss.png)"
     )
     return summary

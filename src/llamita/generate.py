@@ -6,15 +6,32 @@ reuse them with their own sampling.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from llamita.config import ConfigError
 from llamita.model.llama import KVCache, Llama
 
 # Every decode step attends to one more key, and cuDNN attention (SDPA's first choice on Hopper) builds a new
 # plan for each new length: ~60 ms a step on an H100, against ~0.05 ms for flash attention.
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling settings that mean nothing, before any model work.
+
+    Raises:
+        ConfigError: temperature below 0 (or not finite), top_k below 1, or top_p outside (0, 1].
+    """
+    if not 0 <= temperature < math.inf:
+        raise ConfigError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be >= 1 (or unset for no limit), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1] (or unset), got {top_p}")
 
 
 def sample(
@@ -36,12 +53,7 @@ def sample(
     Returns:
         [...] int64 token ids.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)  # [...]
 
@@ -124,24 +136,26 @@ def generate(
         The new token ids only.
 
     Raises:
-        ValueError: If the prompt is empty, holds ids outside the vocabulary, or is longer than max_seq_len.
+        ConfigError: If the prompt is empty, holds ids outside the vocabulary, or is longer than max_seq_len;
+            if `max_new_tokens` is below 1; or for sampling settings `check_sampling` refuses.
     """
     config = model.config
     n_prompt = len(prompt_ids)
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if n_prompt == 0:
-        raise ValueError("prompt_ids is empty; generation needs at least one token (e.g. the BOS id)")
+        raise ConfigError("the prompt is empty; generation needs at least one token (e.g. the BOS id)")
     if n_prompt > config.max_seq_len:
-        raise ValueError(
-            f"prompt has {n_prompt} tokens but the model's max_seq_len is {config.max_seq_len}; "
+        raise ConfigError(
+            f"the prompt has {n_prompt} tokens but the model's context (max_seq_len) is {config.max_seq_len}; "
             f"shorten the prompt to at most {config.max_seq_len} tokens"
         )
     bad = [i for i in prompt_ids if not 0 <= i < config.vocab_size]
     if bad:
-        raise ValueError(f"prompt_ids {bad[:5]} are outside the vocabulary 0..{config.vocab_size - 1}")
+        raise ConfigError(f"prompt ids {bad[:5]} are outside the vocabulary 0..{config.vocab_size - 1}")
     # The last generated token is never fed back, so the sequence may end one past max_seq_len.
     n_new = min(max_new_tokens, config.max_seq_len - n_prompt + 1)
-    if n_new <= 0:
-        return []
 
     weight = next(model.parameters())
     generator = None if seed is None else torch.Generator(device=weight.device).manual_seed(seed)

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llamita.config import ConfigError, RunConfig, save_config
+from llamita.config import ConfigError, RunConfig, check_config, save_config
 from llamita.data.loader import DataLoader
-from llamita.data.mixture import Mixture
+from llamita.data.mixture import Mixture, MixtureError
 from llamita.data.prepare import load_manifest, shard_paths
 from llamita.data.shards import ShardError, read_shard
 from llamita.model import Llama, ModelConfig, get_preset
@@ -19,14 +19,16 @@ from llamita.tokenizer import Tokenizer
 from llamita.train.copies import ComputeCopies
 from llamita.train.optim import build_optimizer
 from llamita.train.parallel import build_mesh, first_failure, init_distributed, parallelize, plan_parallel
-from llamita.train.trainer import Trainer
+from llamita.train.trainer import Trainer, find_resume
 
 
 def build_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> ModelConfig:
     """The architecture, its vocabulary covering the tokenizer's and its context covering `data.seq_len`.
 
-    A fresh run takes `model.preset` with the tokenizer's vocabulary; a run with `init.from` takes the architecture
-    of the weights it starts from (an HF directory's config.json, or the checkpoint's model config).
+    A fresh run takes `model.preset` with the tokenizer's vocabulary and `data.seq_len` as its context (the
+    lengths it is trained on, which exports and evaluation then use); a run with `init.from` takes the architecture
+    of the weights it starts from (an HF directory's config.json, or the checkpoint's model config) and keeps their
+    context when it trains on shorter windows.
     """
     if cfg.init.from_:
         from llamita.interop.init_weights import read_model_config
@@ -45,7 +47,8 @@ def build_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> ModelConfig:
         raise ConfigError(
             f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
         )
-    changes: dict[str, Any] = {"vocab_size": vocab, "max_seq_len": max(preset.max_seq_len, cfg.data.seq_len)}
+    context = max(preset.max_seq_len, cfg.data.seq_len) if cfg.init.from_ else cfg.data.seq_len
+    changes: dict[str, Any] = {"vocab_size": vocab, "max_seq_len": context}
     if cfg.model.tie_embeddings is not None:
         changes["tie_embeddings"] = cfg.model.tie_embeddings
     return dataclasses.replace(preset, **changes)
@@ -87,16 +90,52 @@ def global_batch_sequences(cfg: RunConfig, world_size: int) -> int:
     return cfg.train.global_batch_tokens // cfg.data.seq_len
 
 
+def build_mixture(cfg: RunConfig) -> Mixture:
+    """The source weights per step: `data.stages` if given, else each source's constant `weight`.
+
+    Raises:
+        ConfigError: naming the config field (``data.stages[1].weights.web``, ``data.sources[0].weight``) that
+            makes the mixture invalid, e.g. a negative weight, or a stage naming a source not in `data.sources`.
+    """
+    names = [s.name for s in cfg.data.sources]
+    try:
+        if cfg.data.stages:
+            return Mixture.from_config(cfg.data.stages, sources=names)
+        return Mixture.constant({s.name: s.weight for s in cfg.data.sources})
+    except MixtureError as e:
+        if cfg.data.stages:
+            where = e.where("data.stages")
+        else:
+            where = "data.sources" if e.source is None else f"data.sources[{names.index(e.source)}].weight"
+        raise ConfigError(f"{where}: {e.problem}") from None
+
+
 def build_data(
     cfg: RunConfig, tokenizer: Tokenizer, rank: int, world_size: int, device: torch.device
 ) -> tuple[DataLoader, list[Path]]:
-    """The training loader over the mixture of prepared sources, and the validation shards of all sources."""
+    """The training loader over the mixture of prepared sources, and the validation shards of all sources.
+
+    The config is checked (names, paths, mixture) and every manifest read before any shard is.
+    """
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty; add prepared sources ({name, path, weight}) to the recipe")
-    train, val, checksums = {}, [], {}
+    first: dict[str, int] = {}
     for i, src in enumerate(cfg.data.sources):
         if not src.name or not src.path:
             raise ConfigError(f"data.sources[{i}]: both name and path are required")
+        if src.name in first:
+            j = first[src.name]
+            raise ConfigError(
+                f"data.sources[{j}] ({cfg.data.sources[j].path}) and data.sources[{i}] ({src.path}) are both named "
+                f"{src.name!r}; give every source its own name (the mixture and the loader state are keyed by it)"
+            )
+        first[src.name] = i
+    mixture = build_mixture(cfg)
+    global_batch = global_batch_sequences(cfg, world_size)
+    window = cfg.data.seq_len + 1
+    train, val, checksums = {}, [], {}
+    val_tokens = 0
+    for i, src in enumerate(cfg.data.sources):
         manifest = load_manifest(Path(src.path))
         if manifest["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
             raise ConfigError(
@@ -104,9 +143,27 @@ def build_data(
                 f"{cfg.data.tokenizer}; run `llamita prepare` again with this tokenizer"
             )
         train[src.name] = shard_paths(Path(src.path), "train")
+        if not train[src.name]:
+            raise ConfigError(
+                f"data.sources[{i}] ({src.name!r}, {src.path}) has no training shards (0 train tokens); run "
+                "`llamita prepare` again on inputs that hold documents, or remove the source"
+            )
+        train_tokens = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
+        if train_tokens < window:
+            raise ConfigError(
+                f"data.sources[{i}] ({src.name!r}, {src.path}) holds {train_tokens} training tokens, fewer than one "
+                f"window of data.seq_len + 1 = {window}; add data to it, lower data.seq_len, or remove the source"
+            )
         # The manifest's sha256 of each shard: a resume refuses shards replaced since the checkpoint.
         checksums[src.name] = [s["sha256"] for s in manifest["shards"] if s["split"] == "train"]
         val += shard_paths(Path(src.path), "val")
+        val_tokens += sum(s["tokens"] for s in manifest["shards"] if s["split"] == "val")
+    if val and val_tokens // window < world_size:
+        raise ConfigError(
+            f"the validation shards of data.sources hold {val_tokens} tokens, fewer than one window of "
+            f"data.seq_len + 1 = {window} per rank ({world_size} rank(s)), so no validation loss could be computed; "
+            "prepare with a larger --val-fraction or lower data.seq_len"
+        )
     verify_shards(
         [path for paths in train.values() for path in paths] + val,
         tokenizer.vocab_size,
@@ -114,16 +171,12 @@ def build_data(
         world_size,
         check_tokens=cfg.data.verify_tokens,
     )
-    if cfg.data.stages:
-        mixture = Mixture.from_config(cfg.data.stages)
-    else:
-        mixture = Mixture.constant({s.name: s.weight for s in cfg.data.sources})
     loader = DataLoader(
         train,
         mixture,
         seq_len=cfg.data.seq_len,
         micro_batch=cfg.train.micro_batch,
-        global_batch=global_batch_sequences(cfg, world_size),
+        global_batch=global_batch,
         rank=rank,
         world_size=world_size,
         seed=cfg.train.seed,
@@ -195,6 +248,7 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _pretrain(cfg: RunConfig) -> dict[str, Any]:
+    check_config(cfg)  # a config built in Python has not been through load_config's check
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     env = init_distributed(cfg.train.device)
@@ -202,17 +256,20 @@ def _pretrain(cfg: RunConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Reads one trainer state: a checkpoint that this config may not resume stops the run before data and model.
+    resuming = find_resume(cfg) is not None
 
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer is empty; point it at a tokenizer directory (llamita train-tokenizer)")
     tokenizer = Tokenizer.load(cfg.data.tokenizer)
-    if env.rank == 0:
-        tokenizer.save(out_dir / "tokenizer")
     check_eval_tasks(cfg)
     loader, val_shards = build_data(cfg, tokenizer, env.rank, env.world_size, env.device)
     max_steps = resolve_steps(cfg)
 
     model_config = build_model_config(cfg, tokenizer)
+    if env.rank == 0:  # the run's copy states the model's context, as its HF export does
+        tokenizer.model_max_length = model_config.max_seq_len
+        tokenizer.save(out_dir / "tokenizer")
     model = build_model(model_config, env.device, cfg.train.seed)
     if cfg.init.from_:
         # Continual pretraining: weights only; a checkpoint of this run (checkpoint.resume) still takes precedence.
@@ -223,8 +280,8 @@ def _pretrain(cfg: RunConfig) -> dict[str, Any]:
     parallelize(model, cfg.parallel, mesh, env.device, param_dtype=plan.compute_dtype)
     copies = ComputeCopies(model, plan.compute_dtype) if plan.copies else None
     optimizer = build_optimizer(model, cfg.optim, env.device, copies)
-    if env.rank == 0:
-        save_config(cfg, out_dir / "config.yaml")
+    if env.rank == 0 and not (resuming and (out_dir / "config.yaml").is_file()):
+        save_config(cfg, out_dir / "config.yaml")  # a resume keeps the first start's (changes: CONFIG_CHANGES_FILE)
 
     trainer = Trainer(
         cfg,

@@ -26,7 +26,8 @@ from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
-from llamita.data.sources import Rejects, iter_documents
+from llamita.config import ConfigError
+from llamita.data.sources import Rejects, SourceError, iter_documents
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
@@ -210,11 +211,11 @@ def train_tokenizer(
         text_field: JSON key or parquet column holding the text.
 
     Raises:
-        ValueError: ``vocab_size`` is below :data:`MIN_VOCAB_SIZE`, or the files hold no document.
-        llamita.data.sources.SourceError: a file cannot be read.
+        ConfigError: ``vocab_size`` is below :data:`MIN_VOCAB_SIZE`.
+        llamita.data.sources.SourceError: a file cannot be read, or the files hold no document.
     """
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(
+        raise ConfigError(
             f"vocab_size={vocab_size} is too small: it must be at least {MIN_VOCAB_SIZE} "
             f"(3 special + {len(BYTE_TOKENS)} byte tokens + room for characters and merges)"
         )
@@ -223,7 +224,7 @@ def train_tokenizer(
     learned = vocab_size - len(BYTE_TOKENS)  # the trainer's budget: special tokens, characters and merges
     alphabet = _choose_alphabet(_documents(paths, text_field, rejects), max_chars=(learned - 3) // 2)
     if not alphabet:
-        raise ValueError(f"no documents to train on in {[str(p) for p in paths]} ({rejects.summary()})")
+        raise SourceError(f"no documents to train on in {[str(p) for p in paths]} ({rejects.summary()})")
     if rejects.total:
         warnings.warn(f"tokenizer training skipped records: {rejects.summary()}", stacklevel=2)
 

@@ -10,6 +10,7 @@ import zstandard
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from llamita.config import ConfigError
 from llamita.data import prepare
 from llamita.data.prepare import load_manifest, prepare_source, shard_paths
 from llamita.data.shards import read_shard
@@ -210,9 +211,9 @@ def test_not_prepared_directory_says_to_run_prepare(tmp_path):
 
 def test_bad_settings_are_refused(corpus, tokenizer_dir, tmp_path):
     root, _, _ = corpus
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(ConfigError, match="--val-fraction"):
         _run(root, tokenizer_dir, tmp_path / "x", val_fraction=1.0)
-    with pytest.raises(ValueError, match="shard_tokens"):
+    with pytest.raises(ConfigError, match="--shard-tokens"):
         _run(root, tokenizer_dir, tmp_path / "x", shard_tokens=0)
 
 
@@ -224,3 +225,56 @@ def test_worker_errors_reach_the_caller_and_leave_no_manifest(corpus, tokenizer_
         _run(root, tokenizer_dir, tmp_path / "out", workers=2)
     assert str(broken) in str(err.value)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "setting", "match"),
+    [
+        (
+            "jsonl",
+            {"text_field": "content"},
+            r"toy: no documents to train on in 2 input file\(s\): all 70 record\(s\) were rejected \("
+            r"invalid JSON: 1; missing field 'content': 68; invalid UTF-8: 1\); the first .* line \d+; .*--text-field",
+        ),
+        ("empty", {}, r"toy: no documents to train on in 2 input file\(s\): they hold no records"),
+    ],
+)
+def test_inputs_without_documents_are_an_error_and_leave_no_output(
+    corpus, tokenizer_dir, tmp_path, inputs, setting, match
+):
+    root, _, _ = corpus
+    out = tmp_path / "out"
+    _run(root, tokenizer_dir, out)  # a finished preparation, which the failed one must not leave looking current
+    if inputs == "jsonl":
+        root = root / "**" / "*.jsonl*"
+    elif inputs == "empty":
+        root = tmp_path / "empty"
+        root.mkdir()
+        (root / "a.jsonl").write_text("")
+        (root / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b"\n\n"))
+    with pytest.raises(SourceError, match=match):
+        _run(root, tokenizer_dir, out, **setting)
+    assert sorted(out.rglob("*")) == []
+
+
+def test_a_manifest_without_train_shards_is_rebuilt(corpus, tokenizer_dir, tmp_path):
+    root, _, _ = corpus
+    out = tmp_path / "out"
+    first = _run(root, tokenizer_dir, out)
+    # As an older llamita wrote it for inputs that yielded nothing.
+    stale = dict(first, shards=[s for s in first["shards"] if s["split"] == "val"])
+    (out / "manifest.json").write_text(json.dumps(stale))
+    assert _run(root, tokenizer_dir, out)["shards"] == first["shards"]
+
+
+def test_skipped_files_are_reported_and_recorded(corpus, tokenizer_dir, tmp_path, capsys):
+    root, _, _ = corpus
+    (root / "notes.json").write_text("{}")
+    (root / "sub" / "page.8.gz").write_bytes(b"")
+    manifest = _run(root, tokenizer_dir, tmp_path / "out", progress=True)
+    assert manifest["skipped"] == {
+        "unsupported_type": {"count": 2, "examples": [str(root / "notes.json"), str(root / "sub" / "page.8.gz")]}
+    }
+    err = capsys.readouterr().err
+    assert err.count("skipped 2 path(s)") == 1 and "notes.json" in err
+    assert err.count("5 record(s) rejected") == 1

@@ -28,6 +28,10 @@ def write_fixture(directory: Path, suffix: str, docs: list[str] = DOCS) -> Path:
     path = directory / f"data{suffix}"
     if suffix == ".txt":
         path.write_text(docs[0], encoding="utf-8")
+    elif suffix == ".txt.gz":
+        path.write_bytes(gzip.compress(docs[0].encode()))
+    elif suffix == ".txt.zst":
+        path.write_bytes(zstandard.ZstdCompressor().compress(docs[0].encode()))
     elif suffix == ".jsonl":
         path.write_bytes(_jsonl_bytes(docs))
     elif suffix == ".jsonl.gz":
@@ -45,7 +49,7 @@ def test_every_format_yields_its_documents(tmp_path, suffix):
     field = "content" if suffix == ".parquet" else "text"
     rejects = Rejects()
     docs = list(iter_documents(path, text_field=field, rejects=rejects))
-    assert docs == (DOCS[:1] if suffix == ".txt" else DOCS)
+    assert docs == (DOCS[:1] if suffix.startswith(".txt") else DOCS)
     assert rejects.total == 0
 
 
@@ -113,9 +117,9 @@ def test_parquet_without_the_column_names_file_column_and_columns(tmp_path):
     assert str(path) in message and "'text'" in message and "id, content" in message
 
 
-@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst", ".txt.gz", ".txt.zst"])
 def test_truncated_archive_raises_naming_the_file(tmp_path, suffix):
-    docs = [f"document number {i} " * 20 for i in range(300)]
+    docs = [" ".join(f"document number {i}" for i in range(j, j + 300)) for j in range(300)]
     path = write_fixture(tmp_path, suffix, docs)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -124,7 +128,7 @@ def test_truncated_archive_raises_naming_the_file(tmp_path, suffix):
     assert str(path) in str(err.value)
 
 
-@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst", ".txt.gz", ".txt.zst"])
 def test_corrupt_archive_raises_naming_the_file(tmp_path, suffix):
     path = tmp_path / f"junk{suffix}"
     path.write_bytes(b"this is not compressed data at all" * 10)
@@ -164,8 +168,38 @@ def test_expand_inputs_files_dirs_globs(tmp_path):
     (tmp_path / "a" / ".hidden" / "skip.jsonl").write_text("x")
 
     got = expand_inputs([str(tmp_path / "a"), str(tmp_path / "*.txt"), str(files[0]), str(tmp_path / "a")])
-    assert got == sorted(f.resolve() for f in files)
-    assert expand_inputs([str(tmp_path / "**" / "*.zst")]) == [files[1].resolve()]
+    assert got.files == sorted(f.resolve() for f in files)
+    assert expand_inputs([str(tmp_path / "**" / "*.zst")]).files == [files[1].resolve()]
+
+
+def test_expand_inputs_reports_what_it_skips(tmp_path):
+    (tmp_path / "d" / ".git").mkdir(parents=True)
+    (tmp_path / "d" / ".git" / "HEAD").write_text("ref")
+    for name in ["a.jsonl", "b.txt.gz", "c.txt.zst", "x.json", "man.8.gz", "README", ".DS_Store"]:
+        (tmp_path / "d" / name).write_text("x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "d" / "link").symlink_to(tmp_path / "elsewhere")
+
+    found = expand_inputs([str(tmp_path / "d")])
+    d = (tmp_path / "d").resolve()
+    assert found.files == [d / "a.jsonl", d / "b.txt.gz", d / "c.txt.zst"]
+    assert found.skipped == {
+        "unsupported_type": [d / "README", d / "man.8.gz", d / "x.json"],
+        "hidden": [d / ".DS_Store", d / ".git"],
+        "symlinked_dir": [d / "link"],
+    }
+    assert found.skipped_total == 6
+    summary = found.skipped_summary(examples=2)
+    assert summary.startswith("skipped 6 path(s)")
+    assert "unsupported type: 3 (" in summary and ".json: 1" in summary and ".8.gz: 1" in summary
+    assert "no suffix: 1" in summary and f"{d / 'README'}, {d / 'man.8.gz'}, ..." in summary
+    assert found.skipped_dict(examples=1)["unsupported_type"] == {"count": 3, "examples": [str(d / "README")]}
+
+    # A glob reports the unsupported files it matches; files it reads are not reported.
+    globbed = expand_inputs([str(tmp_path / "d" / "*")])
+    assert globbed.files == found.files and globbed.skipped["unsupported_type"] == found.skipped["unsupported_type"]
+    clean = expand_inputs([str(tmp_path / "d" / "a.jsonl")])
+    assert clean.skipped == {} and clean.skipped_summary() == ""
 
 
 def test_expand_inputs_errors_name_the_pattern(tmp_path):
@@ -182,6 +216,10 @@ def test_expand_inputs_errors_name_the_pattern(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no input files"):
         expand_inputs([str(tmp_path / "empty")])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "rows.json").write_text("[]")
+    with pytest.raises(SourceError, match=r"no input files; skipped 1 path.*unsupported type: 1 \(\.json: 1"):
+        expand_inputs([str(tmp_path / "other")])
 
 
 def test_rejects_merge_keeps_first_location(tmp_path):
@@ -191,6 +229,7 @@ def test_rejects_merge_keeps_first_location(tmp_path):
     b.add("g.jsonl", "invalid_json")
     a.merge(b)
     assert a.by_file == {"f.jsonl": {"empty": 2}, "g.jsonl": {"invalid_json": 1}}
+    assert a.by_reason == {"invalid_json": 1, "empty": 2}
     assert a.to_dict() == {
         "total": 3,
         "by_file": {"f.jsonl": {"empty": 2}, "g.jsonl": {"invalid_json": 1}},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -46,6 +47,28 @@ def test_text_perplexity(eval_model, tmp_path, capsys):
     assert result["text_bytes"] == len(text.read_bytes()) and 0 < result["text_bits_per_byte"] < 20
 
 
+def test_text_perplexity_of_a_directory_and_a_glob(eval_model, tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("the river flows to the sea. " * 10, encoding="utf-8")
+    (docs / "b.txt.gz").write_bytes(gzip.compress(("a small boat on the lake. " * 10).encode()))
+    (docs / "notes.json").write_text("{}")
+    n_bytes = len((docs / "a.txt").read_bytes()) + len(gzip.decompress((docs / "b.txt.gz").read_bytes()))
+    base = ["evaluate", "--checkpoint", str(eval_model["hf_dir"]), "--device", "cpu", "--text"]
+
+    main([*base, str(docs)])
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["text_documents"] == 2 and result["text_bytes"] == n_bytes
+    notes = str(docs.resolve() / "notes.json")
+    assert result["text_skipped"] == {"unsupported_type": {"count": 1, "examples": [notes]}}
+    assert "llamita evaluate: skipped 1 path(s)" in captured.err and "notes.json" in captured.err
+
+    main([*base, str(docs / "*.txt*")])
+    globbed = json.loads(capsys.readouterr().out)
+    assert globbed["text_loss"] == pytest.approx(result["text_loss"]) and "text_skipped" not in globbed
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -65,3 +88,24 @@ def test_checkpoint_is_required_without_compare(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--tasks", "piqa"])
     assert "--checkpoint is required" in capsys.readouterr().err
+
+
+def test_val_loss_without_validation_shards_is_a_clear_error(eval_model, tmp_path, capsys):
+    from llamita.data.prepare import prepare_source
+    from llamita.interop import import_hf
+
+    imported = tmp_path / "imported"
+    import_hf(eval_model["hf_dir"], imported)  # a run that names no data sources
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--checkpoint", str(imported)])
+    assert exit_info.value.code == 2
+    assert "the run names no data sources" in capsys.readouterr().err
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("a document that lands in the train split only\n")
+    no_val = tmp_path / "no_val"
+    prepare_source("x", [str(docs)], eval_model["hf_dir"], no_val, val_fraction=0.0, progress=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--checkpoint", str(imported), "--data", str(no_val), "--seq-len", "16"])
+    assert exit_info.value.code == 2
+    assert f"no val shards in {no_val}" in capsys.readouterr().err

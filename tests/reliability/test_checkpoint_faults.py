@@ -63,12 +63,13 @@ def test_damaged_checkpoint_fails_naming_the_file(saved_run, debug_config, tmp_p
         load_pretrained(run)
     assert victim.name in str(info.value)
     with pytest.raises(ckpt.CheckpointError, match=victim.name):  # resume refuses it too
-        pretrain(debug_config(run, **FAST, **{"train.max_steps": "6"}))
+        pretrain(debug_config(run, **FAST, **{"train.max_steps": "4"}))
 
 
 def test_disk_full_during_save_keeps_previous_checkpoint(debug_config, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    pretrain(debug_config(run, **FAST, **{"train.max_steps": "2"}))
+    pretrain(debug_config(run, **FAST, **{"train.max_steps": "4"}))
+    shutil.rmtree(ckpt.checkpoint_path(run, 4))  # the run was cut after step 2
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +18,16 @@ FAST = {"train.threads": "1", "eval.interval": "0", "checkpoint.interval": "2", 
 
 @pytest.fixture
 def run_on_copy(private_prose, debug_config, tmp_path):
-    """A 2-step run on a private copy of the prose source; returns (config factory, copied source dir)."""
+    """A 4-step run on a private copy of the prose source, cut after step 2; returns (config factory, copied source
+    dir)."""
     sources, prose = private_prose
 
     def make(steps: int, **overrides: str):
         values = {**FAST, "data.sources": sources, "train.max_steps": str(steps), **overrides}
         return debug_config(tmp_path / "run", **values)
 
-    pretrain(make(2))
+    pretrain(make(4))
+    shutil.rmtree(ckpt.checkpoint_path(tmp_path / "run", 4))
     return make, prose
 
 

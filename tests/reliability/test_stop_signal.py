@@ -1,4 +1,5 @@
-"""SIGTERM to one of 2 gloo ranks: every rank saves at the next step boundary and exits 0; the resume is exact."""
+"""SIGTERM to one of 2 gloo ranks: every rank saves at the next step boundary and exits 0; the resume is exact.
+SIGINT in one process: the summary reports the latest loss and validation, each with its step."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import signal
 import time
 
 from checkpoint_compare import assert_same_checkpoint
+from llamita.pretrain import pretrain
 from llamita.train import checkpoint as ckpt
+from llamita.train.metrics import read_metrics
+from llamita.train.trainer import Trainer
 from pretrain_runs import finish, losses, torchrun, train_rows, worker_pid
 
 STEPS = 40
@@ -46,3 +50,28 @@ def test_sigterm_on_one_rank_checkpoints_all_and_resume_is_exact(debug_config, t
     assert train_rows(run) == train_rows(straight)  # per-step loss, grad norm and lr
     # The final 2-rank FSDP checkpoints: model, optimizer, both ranks' RNG and the loader state, bit for bit.
     assert_same_checkpoint(ckpt.checkpoint_path(straight, STEPS), ckpt.checkpoint_path(run, STEPS))
+
+
+def test_sigint_summary_pairs_the_latest_values_with_their_steps(debug_config, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    cfg = debug_config(run, **{**SETTINGS, "eval.interval": "10", "log.interval": "5"})
+    train_step = Trainer.train_step
+
+    def interrupted_at_27(self):
+        out = train_step(self)
+        if self.state.step == 27:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_at_27)
+    result = pretrain(cfg)
+    rows = read_metrics(run / "metrics.jsonl")
+    last_train = [r for r in rows if "loss" in r][-1]
+    last_val = [r for r in rows if "val_loss" in r][-1]
+    assert result["stopped"] and 27 < result["step"] < 30  # the host learns of the stop a step or two late
+    assert ckpt.read_state(ckpt.list_checkpoints(run)[-1])["step"] == result["step"]
+    assert [result[k] for k in ("step", "loss", "tokens")] == [last_train[k] for k in ("step", "loss", "tokens")]
+    assert (result["val_step"], result["val_loss"]) == (20, last_val["val_loss"]) and last_val["step"] == 20
+    out = capsys.readouterr().out
+    assert f"step {result['step']:>6} | loss {result['loss']:.4f} | lr " in out  # the stop step is shown too
+    assert "stopped by SIGINT" in out

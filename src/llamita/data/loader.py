@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llamita.config import ConfigError
 from llamita.data.mixture import Mixture
 from llamita.data.shards import read_shard
 
@@ -495,9 +496,9 @@ def eval_batches(
     span = seq_len + 1
     per_rank = (stream.total // span) // world_size
     if per_rank == 0:
-        raise ValueError(
-            f"eval_batches: {stream.total} validation tokens give fewer than one window of {span} per rank "
-            f"(world_size {world_size}); add validation data or lower seq_len"
+        raise ConfigError(
+            f"{stream.total} tokens in {len(shards)} shard(s) give fewer than one window of seq_len + 1 = {span} per "
+            f"rank ({world_size} rank(s)); add data or lower the sequence length"
         )
     n_batches = -(-per_rank // batch_size)
     if max_batches is not None:

@@ -33,23 +33,45 @@ class Stage:
     end_weights: dict[str, float] | None = None
 
 
+class MixtureError(ValueError):
+    """A malformed mixture: ``problem`` at a stage, field and source (each None where it does not apply).
+
+    ``str()`` locates it under ``stages`` (``"stages[1].weights.web: must be ..."``); :meth:`where` puts it under
+    another root, e.g. the config key ``data.stages``.
+    """
+
+    def __init__(
+        self, problem: str, stage: int | None = None, field: str | None = None, source: str | None = None
+    ) -> None:
+        self.problem, self.stage, self.field, self.source = problem, stage, field, source
+        super().__init__(f"{self.where('stages')}: {problem}")
+
+    def where(self, root: str) -> str:
+        """The location of the problem below ``root``: ``root[stage].field.source``."""
+        stage = "" if self.stage is None else f"[{self.stage}]"
+        field = "" if self.field is None else f".{self.field}"
+        source = "" if self.source is None else f".{self.source}"
+        return f"{root}{stage}{field}{source}"
+
+
 class Mixture:
     """Per-step source weights built from consecutive stages.
 
     Args:
         stages: The stages in order. All stages must name the same sources (use weight 0 to switch one off).
+        sources: The source names every stage must weigh; if None, those of the first stage.
 
     Raises:
-        ValueError: If the stages are empty, name different sources, have negative, non-finite or
+        MixtureError: If the stages are empty, name different sources, have negative, non-finite or
             all-zero weights, a non-positive step count, a ramp without an end, or a stage without an end
             that is not last.
     """
 
-    def __init__(self, stages: Sequence[Stage]) -> None:
+    def __init__(self, stages: Sequence[Stage], sources: Sequence[str] | None = None) -> None:
         if not stages:
-            raise ValueError("mixture: at least one stage is required")
+            raise MixtureError("at least one stage is required")
         self.stages: tuple[Stage, ...] = tuple(stages)
-        self.sources: tuple[str, ...] = tuple(sorted(self.stages[0].weights))
+        self.sources: tuple[str, ...] = tuple(sorted(self.stages[0].weights if sources is None else sources))
         self._starts: list[int] = []
         start = 0
         for i, stage in enumerate(self.stages):
@@ -71,7 +93,7 @@ class Mixture:
         return cls([Stage(steps=None, weights=dict(weights))])
 
     @classmethod
-    def from_config(cls, stages: Sequence[Mapping[str, Any]]) -> Mixture:
+    def from_config(cls, stages: Sequence[Mapping[str, Any]], sources: Sequence[str] | None = None) -> Mixture:
         """Build a mixture from YAML-style dicts.
 
         Each dict has ``weights`` (a mapping of source name to number), optionally ``steps`` (a positive
@@ -79,28 +101,30 @@ class Mixture:
 
         Args:
             stages: The stage dicts in order.
+            sources: The source names every stage must weigh (the run's ``data.sources``); if None, those of
+                the first stage.
 
         Returns:
             The mixture.
 
         Raises:
-            ValueError: Naming the stage index and field when a stage is malformed.
+            MixtureError: Naming the stage index and field when a stage is malformed.
         """
         if isinstance(stages, Mapping) or not isinstance(stages, Sequence):
-            raise ValueError(f"mixture: expected a list of stages, got {type(stages).__name__}")
+            raise MixtureError(f"expected a list of stages, got {type(stages).__name__}")
         parsed = []
         allowed = {"steps", "weights", "end_weights"}
         for i, raw in enumerate(stages):
             if not isinstance(raw, Mapping):
-                raise ValueError(f"mixture stage {i}: expected a mapping, got {type(raw).__name__}")
+                raise MixtureError(f"expected a mapping, got {type(raw).__name__}", i)
             unknown = sorted(set(raw) - allowed)
             if unknown:
-                raise ValueError(f"mixture stage {i}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+                raise MixtureError(f"unknown field(s) {unknown}; allowed: {sorted(allowed)}", i)
             if "weights" not in raw:
-                raise ValueError(f"mixture stage {i}: missing field 'weights'")
+                raise MixtureError("missing field 'weights'", i)
             steps = raw.get("steps")
             if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
-                raise ValueError(f"mixture stage {i}: field 'steps' must be an integer or null, got {steps!r}")
+                raise MixtureError(f"must be an integer or null, got {steps!r}", i, "steps")
             end = raw.get("end_weights")
             parsed.append(
                 Stage(
@@ -109,7 +133,7 @@ class Mixture:
                     end_weights=None if end is None else _parse_weights(i, "end_weights", end),
                 )
             )
-        return cls(parsed)
+        return cls(parsed, sources)
 
     def weights(self, step: int) -> dict[str, float]:
         """Normalised source weights for an optimizer step.
@@ -139,11 +163,11 @@ class Mixture:
     def _validate_stage(self, i: int, stage: Stage, last: bool) -> None:
         if stage.steps is None:
             if not last:
-                raise ValueError(f"mixture stage {i}: 'steps' is null but only the last stage may run to the end")
+                raise MixtureError("is null (until the end of training), which only the last stage may be", i, "steps")
             if stage.end_weights is not None:
-                raise ValueError(f"mixture stage {i}: a ramp ('end_weights') needs a finite 'steps'")
+                raise MixtureError("a ramp needs a finite 'steps'", i, "end_weights")
         elif isinstance(stage.steps, bool) or not isinstance(stage.steps, int) or stage.steps <= 0:
-            raise ValueError(f"mixture stage {i}: 'steps' must be a positive integer, got {stage.steps!r}")
+            raise MixtureError(f"must be a positive integer, got {stage.steps!r}", i, "steps")
         fields = [("weights", stage.weights)]
         if stage.end_weights is not None:
             fields.append(("end_weights", stage.end_weights))
@@ -152,27 +176,26 @@ class Mixture:
             missing = sorted(set(self.sources) - names)
             unknown = sorted(names - set(self.sources))
             if missing or unknown:
-                raise ValueError(
-                    f"mixture stage {i}: field '{field}' must name the same sources as stage 0 "
-                    f"{list(self.sources)}; missing {missing}, unknown {unknown} "
-                    "(use weight 0 to disable one)"
+                raise MixtureError(
+                    f"must weigh exactly the sources {list(self.sources)}; missing {missing}, unknown {unknown} "
+                    "(use weight 0 to disable one)",
+                    i,
+                    field,
                 )
             for name, w in weights.items():
                 if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
-                    raise ValueError(
-                        f"mixture stage {i}: field '{field}' weight of {name!r} must be a finite number >= 0, got {w!r}"
-                    )
+                    raise MixtureError(f"must be a finite number >= 0, got {w!r}", i, field, name)
             if sum(weights.values()) <= 0:
-                raise ValueError(f"mixture stage {i}: field '{field}' has all weights zero; give one a weight > 0")
+                raise MixtureError("all weights are zero; give one a weight > 0", i, field)
 
 
 def _parse_weights(i: int, field: str, raw: Any) -> dict[str, float]:
     if not isinstance(raw, Mapping) or not raw:
-        raise ValueError(f"mixture stage {i}: field '{field}' must be a non-empty mapping of source name to weight")
+        raise MixtureError(f"must be a non-empty mapping of source name to weight, got {raw!r}", i, field)
     out = {}
     for name, w in raw.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)):
-            raise ValueError(f"mixture stage {i}: field '{field}' weight of {name!r} must be a number, got {w!r}")
+            raise MixtureError(f"must be a number, got {w!r}", i, field, str(name))
         out[str(name)] = float(w)
     return out
 

@@ -31,8 +31,9 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from llamita.config import ConfigError
 from llamita.data.shards import FORMAT_VERSION, HEADER_BYTES, ShardError, dtype_for_vocab, write_shard
-from llamita.data.sources import Rejects, Span, expand_inputs, iter_records, plan_spans
+from llamita.data.sources import Rejects, SourceError, Span, expand_inputs, iter_records, plan_spans
 from llamita.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -86,19 +87,25 @@ def prepare_source(
         The manifest (also written to ``out_dir/manifest.json``).
 
     Raises:
-        SourceError: an input cannot be read.
-        ValueError: a setting is out of range.
+        SourceError: an input cannot be read, or the inputs yield no document for the train split (no records,
+            or all rejected: the message counts the reasons); ``out_dir`` is then left without shards or manifest.
+        ConfigError: a setting is out of range, or an empty source name.
     """
+    if not name:
+        raise ConfigError("--name is empty; name the source (the mixture and logs refer to it)")
     if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+        raise ConfigError(f"--shard-tokens must be >= 1, got {shard_tokens}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
     out_dir, tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
     console = Console(stderr=True) if progress else None
 
-    files = expand_inputs(inputs)
+    found = expand_inputs(inputs)
+    if found.skipped_total:
+        _say(f"{name}: {found.skipped_summary()}", console, logging.WARNING)
+    files = found.files
     base = Path(os.path.commonpath([str(f.parent) for f in files]))
     inputs_meta = []
     for f in files:
@@ -161,6 +168,9 @@ def prepare_source(
 
     if val_fraction > 0:
         _ensure_both_splits(writers)
+    if writers["train"].docs == 0:
+        _remove_outputs(out_dir)
+        raise SourceError(_no_train_documents(name, len(files), rejects, writers["val"].docs, text_field))
     shards = [shard for split in SPLITS for shard in writers[split].finish()]
 
     by_file = rejects.by_file
@@ -188,6 +198,7 @@ def prepare_source(
         "tokenizer": tokenizer_meta,
         "settings": settings,
         "inputs": inputs_meta,
+        "skipped": found.skipped_dict(),
         "totals": totals,
         "rejects": rejects.to_dict(),
         "shards": shards,
@@ -201,9 +212,7 @@ def prepare_source(
         console,
     )
     if rejects.total:
-        log.warning("%s: %s", name, rejects.summary())
-        if console is not None:
-            console.print(rejects.summary())
+        _say(f"{name}: {rejects.summary()}", console, logging.WARNING)
     return manifest
 
 
@@ -409,6 +418,32 @@ class _SplitWriter:
         self.pending_tokens = len(rest)
 
 
+def _no_train_documents(name: str, n_files: int, rejects: Rejects, val_docs: int, text_field: str) -> str:
+    """Why a preparation has nothing for the train split, and what to do about it."""
+    where = f"{name}: no documents to train on in {n_files} input file(s)"
+    if val_docs:
+        return f"{where}: the only document went to the validation split; add documents or use --val-fraction 0"
+    if not rejects.total:
+        return f"{where}: they hold no records (empty files?); check the --input paths"
+    words = {
+        "invalid_json": "invalid JSON",
+        "missing_field": f"missing field {text_field!r}",
+        "not_a_string": f"field {text_field!r} is not a string",
+        "invalid_utf8": "invalid UTF-8",
+        "empty": "empty text",
+    }
+    by_reason = rejects.by_reason
+    counts = "; ".join(f"{words[reason]}: {n:,}" for reason, n in by_reason.items())
+    message = f"{where}: all {rejects.total:,} record(s) were rejected ({counts})"
+    file, firsts = min(rejects.to_dict()["first"].items(), default=(None, {}))
+    if file is not None:
+        reason, at = next(iter(firsts.items()))
+        message += f"; the first {words[reason]} is at {file} {at}"
+    if 2 * by_reason.get("missing_field", 0) >= rejects.total:
+        message += f"; is {text_field!r} the field holding the text? Set --text-field to the JSON key or parquet column"
+    return message
+
+
 def _ensure_both_splits(writers: dict[str, _SplitWriter]) -> None:
     """Move one document to an empty split from the other one, when the other has at least two."""
     for empty, full in (("val", "train"), ("train", "val")):
@@ -428,10 +463,15 @@ def _read_manifest_if_any(out_dir: Path) -> dict | None:
 def _up_to_date(
     manifest: dict, name: str, tokenizer_meta: dict, settings: dict, inputs_meta: list[dict], out_dir: Path
 ) -> bool:
-    """Whether ``manifest`` describes exactly what this call would produce, and its shards are all present."""
+    """Whether ``manifest`` describes exactly what this call would produce, and its shards are all present.
+
+    A manifest without train shards (written by a llamita that allowed it) is never up to date: rebuilding it
+    reports why the inputs yield no documents.
+    """
     fingerprint = ("fingerprint", "vocab_size", "bos_id", "eos_id")
     same = (
-        manifest.get("name") == name
+        any(s.get("split") == "train" for s in manifest.get("shards", []))
+        and manifest.get("name") == name
         and all(manifest.get("tokenizer", {}).get(k) == tokenizer_meta[k] for k in fingerprint)
         and manifest.get("settings") == settings
         and [(i.get("path"), i.get("size"), i.get("mtime_ns")) for i in manifest.get("inputs", [])]
@@ -454,6 +494,8 @@ def _remove_outputs(out_dir: Path) -> None:
         if directory.is_dir():
             for path in [*directory.glob("shard_*.bin"), *directory.glob(".shard_*.tmp*")]:
                 path.unlink()
+            if not any(directory.iterdir()):
+                directory.rmdir()
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -487,7 +529,9 @@ def _progress_bar(console: Console | None, name: str, n_files: int) -> Iterator[
         yield lambda **fields: bar.update(task, **fields)
 
 
-def _say(message: str, console: Console | None) -> None:
-    log.info(message)
+def _say(message: str, console: Console | None, level: int = logging.INFO) -> None:
+    """Print ``message`` on the console, or log it when there is none: one report either way."""
     if console is not None:
-        console.print(message)
+        console.print(message, markup=False, soft_wrap=True)
+    else:
+        log.log(level, message)

@@ -2,14 +2,16 @@
 
 Supported formats, chosen by file suffix:
 
-- ``.txt``: the whole file is one document.
+- ``.txt``, ``.txt.gz``, ``.txt.zst``: the whole (decompressed) file is one document.
 - ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``: one JSON object per line, the text in ``text_field``
   (SlimPajama ships ``.jsonl.zst``). Blank lines carry no record and are skipped.
 - ``.parquet``: the text in column ``text_field`` (Starcoderdata uses ``"content"``), read batch by batch.
 
 A record that cannot become a document is never dropped silently: it is counted in :class:`Rejects` under its
 file and one of the reasons in :data:`REJECT_REASONS`. Errors that make a whole file unreadable (a truncated
-archive, a parquet file without the text column) raise :class:`SourceError` naming the file.
+archive, a parquet file without the text column) raise :class:`SourceError` naming the file. Likewise a file that a
+directory or glob leads to but that is not read (an unsupported type, a hidden one) is listed in
+:attr:`InputFiles.skipped` under one of the reasons in :data:`SKIP_REASONS`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import glob
 import gzip
 import io
 import json
+import os
 import zlib
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,8 +33,15 @@ try:
 except ImportError:  # a core dependency, but images that run llamita from source may lack it
     zstandard = None
 
-SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+SUPPORTED_SUFFIXES = (".txt", ".txt.gz", ".txt.zst", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 REJECT_REASONS = ("invalid_json", "missing_field", "not_a_string", "invalid_utf8", "empty")
+SKIP_REASONS = {
+    "unsupported_type": "unsupported type",
+    "hidden": "hidden (name starts with '.')",
+    "not_a_file": "not a regular file",
+    "symlinked_dir": "symlinked directory, not followed (name it as an input to read it)",
+}
+"""Why a path found under a directory or glob input is not read: reason -> what the report says."""
 
 _READ_CHUNK = 1 << 20
 _PARQUET_BATCH_ROWS = 1024
@@ -52,58 +64,135 @@ def source_format(path: Path) -> str | None:
     return None
 
 
-def expand_inputs(patterns: list[str]) -> list[Path]:
+@dataclass(frozen=True)
+class InputFiles:
+    """What :func:`expand_inputs` found.
+
+    Attributes:
+        files: the files to read: absolute, sorted, without duplicates.
+        skipped: reason (a key of :data:`SKIP_REASONS`) -> the paths under a directory or glob input that are
+            not read for that reason, absolute and sorted. A hidden directory is listed once, not walked.
+    """
+
+    files: list[Path]
+    skipped: dict[str, list[Path]]
+
+    @property
+    def skipped_total(self) -> int:
+        """Number of paths skipped over all reasons."""
+        return sum(map(len, self.skipped.values()))
+
+    def skipped_summary(self, examples: int = 3) -> str:
+        """One line naming how many paths were not read, why, and a few of them; empty if none were skipped."""
+        if not self.skipped_total:
+            return ""
+        parts = []
+        for reason, paths in self.skipped.items():
+            detail = ""
+            if reason == "unsupported_type":
+                kinds = Counter("".join(p.suffixes[-2:]) or "no suffix" for p in paths).most_common(5)
+                detail = ", ".join(f"{kind}: {n}" for kind, n in kinds) + "; "
+            names = ", ".join(map(str, paths[:examples])) + (", ..." if len(paths) > examples else "")
+            parts.append(f"{SKIP_REASONS[reason]}: {len(paths)} ({detail}e.g. {names})")
+        return (
+            f"skipped {self.skipped_total} path(s) found under the inputs, which are not read: "
+            + "; ".join(parts)
+            + f". Readable suffixes: {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+
+    def skipped_dict(self, examples: int = 10) -> dict[str, dict]:
+        """A JSON-serialisable form: ``{reason: {"count": n, "examples": [the first paths]}}``."""
+        return {r: {"count": len(p), "examples": [str(x) for x in p[:examples]]} for r, p in self.skipped.items()}
+
+
+def expand_inputs(patterns: list[str]) -> InputFiles:
     """Expand files, directories and glob patterns into the input files they name.
 
-    Directories are searched recursively for files with a supported suffix (hidden files and directories are
-    skipped); globs may use ``**``. A file named explicitly must have a supported suffix.
+    Directories are searched recursively for files with a supported suffix; globs may use ``**``. Hidden files
+    and directories under a directory, files of other types and symlinked directories are not read, and are
+    listed in the result's ``skipped``. A file named explicitly must have a supported suffix.
 
     Args:
         patterns: paths, directories or glob patterns.
 
     Returns:
-        Absolute paths, sorted and without duplicates.
+        The files to read and the paths passed over.
 
     Raises:
         SourceError: a pattern matches no supported file, or names a file with an unsupported suffix.
     """
     found: set[Path] = set()
+    skipped: dict[str, set[Path]] = {}
     for pattern in patterns:
-        found.update(_expand_one(pattern))
-    return sorted(found, key=str)
+        found.update(_expand_one(pattern, skipped))
+    return _input_files(found, skipped)
 
 
-def _expand_one(pattern: str) -> list[Path]:
+def _input_files(files: set[Path], skipped: dict[str, set[Path]]) -> InputFiles:
+    return InputFiles(
+        files=sorted(files, key=str),
+        skipped={r: sorted(skipped[r], key=str) for r in SKIP_REASONS if skipped.get(r)},
+    )
+
+
+def _expand_one(pattern: str, skipped: dict[str, set[Path]]) -> list[Path]:
     supported = ", ".join(SUPPORTED_SUFFIXES)
     path = Path(pattern).expanduser()
+    mine: dict[str, set[Path]] = {}
     if path.is_dir():
-        files = _files_under(path)
+        files = _files_under(path, mine)
         if not files:
-            raise SourceError(f"{pattern}: directory holds no input files (supported: {supported})")
-        return files
-    if path.is_file():
+            what = _input_files(set(), mine).skipped_summary() or f"supported suffixes are {supported}"
+            raise SourceError(f"{pattern}: directory holds no input files; {what}")
+    elif path.is_file():
         if source_format(path) is None:
             raise SourceError(f"{pattern}: unsupported file type; supported suffixes are {supported}")
-        return [path.resolve()]
-    if not any(ch in pattern for ch in "*?["):
+        files = [path.resolve()]
+    elif not any(ch in pattern for ch in "*?["):
         raise SourceError(f"{pattern}: no such file or directory")
-    hits = [Path(hit) for hit in glob.glob(str(path), recursive=True)]
-    files = [f for hit in hits for f in (_files_under(hit) if hit.is_dir() else [hit.resolve()])]
-    files = [f for f in files if f.is_file() and source_format(f) is not None]
-    if not files:
-        what = "matches nothing" if not hits else f"matches no supported file (supported: {supported})"
-        raise SourceError(f"{pattern}: {what}")
+    else:
+        hits = [Path(hit) for hit in glob.glob(str(path), recursive=True)]
+        files = []
+        for hit in hits:
+            if hit.is_dir():
+                files += _files_under(hit, mine)
+            elif not hit.is_file():
+                mine.setdefault("not_a_file", set()).add(hit.absolute())
+            elif source_format(hit) is None:
+                mine.setdefault("unsupported_type", set()).add(hit.resolve())
+            else:
+                files.append(hit.resolve())
+        if not files:
+            why = _input_files(set(), mine).skipped_summary() or f"supported suffixes are {supported}"
+            raise SourceError(f"{pattern}: " + (f"matches no supported file; {why}" if hits else "matches nothing"))
+    for reason, paths in mine.items():
+        skipped.setdefault(reason, set()).update(paths)
     return files
 
 
-def _files_under(directory: Path) -> list[Path]:
+def _files_under(directory: Path, skipped: dict[str, set[Path]]) -> list[Path]:
+    """The supported files under ``directory``; what is passed over goes to ``skipped`` by reason."""
     files = []
-    for path in directory.rglob("*"):
-        rel = path.relative_to(directory)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.is_file() and source_format(path) is not None:
-            files.append(path.resolve())
+    for root, dirs, names in os.walk(directory):
+        here = Path(root)
+        for name in list(dirs):
+            reason = "hidden" if name.startswith(".") else "symlinked_dir" if (here / name).is_symlink() else None
+            if reason is not None:
+                # Hidden directories (.git, .cache) and symlinks (possible cycles) are not walked.
+                dirs.remove(name)
+                skipped.setdefault(reason, set()).add((here / name).absolute())
+        for name in names:
+            path = here / name
+            if name.startswith("."):
+                reason = "hidden"
+            elif not path.is_file():
+                reason = "not_a_file"
+            elif source_format(path) is None:
+                reason = "unsupported_type"
+            else:
+                files.append(path.resolve())
+                continue
+            skipped.setdefault(reason, set()).add(path.absolute())
     return files
 
 
@@ -139,6 +228,14 @@ class Rejects:
     def total(self) -> int:
         """Number of rejected records over all files."""
         return sum(n for counts in self._counts.values() for n in counts.values())
+
+    @property
+    def by_reason(self) -> dict[str, int]:
+        """``{reason: count}`` over all files, in :data:`REJECT_REASONS` order, for the reasons that occurred."""
+        totals: Counter[str] = Counter()
+        for counts in self._counts.values():
+            totals.update(counts)
+        return {reason: totals[reason] for reason in REJECT_REASONS if totals[reason]}
 
     @property
     def by_file(self) -> dict[str, dict[str, int]]:
@@ -213,8 +310,8 @@ def iter_records(
         raise SourceError(f"{path}: unsupported file type; supported suffixes are {', '.join(SUPPORTED_SUFFIXES)}")
     if not path.is_file():
         raise SourceError(f"{path}: no such file")
-    if fmt == ".txt":
-        yield from _txt_records(path, rejects)
+    if fmt.startswith(".txt"):
+        yield from _txt_records(path, fmt, rejects)
     elif fmt == ".parquet":
         yield from _parquet_records(path, text_field, rejects, span)
     else:
@@ -248,9 +345,14 @@ def plan_spans(path: Path, target_bytes: int) -> list[Span | None]:
     return [None]
 
 
-def _txt_records(path: Path, rejects: Rejects) -> Iterator[tuple[int, str | None]]:
+def _txt_records(path: Path, fmt: str, rejects: Rejects) -> Iterator[tuple[int, str | None]]:
     try:
-        text = path.read_bytes().decode("utf-8")
+        with _open_stream(path, fmt) as fh:
+            data = fh.read()
+    except _ARCHIVE_ERRORS as err:
+        raise _archive_error(path, fmt, err) from err
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         rejects.add(path, "invalid_utf8", f"byte {err.start}")
         yield 0, None
@@ -269,7 +371,7 @@ def _jsonl_records(
     if start and fmt != ".jsonl":
         raise ValueError(f"{path}: compressed files cannot be read from an offset")
     try:
-        with _open_lines(path, fmt) as fh:
+        with _open_stream(path, fmt) as fh:
             pos = start
             if start:
                 # Finish the line that straddles `start`: it belongs to the previous span.
@@ -285,9 +387,7 @@ def _jsonl_records(
                 where = f"line {lineno}" if not start else f"byte {line_pos}"
                 yield line_pos, _json_text(raw, text_field, path, where, rejects)
     except _ARCHIVE_ERRORS as err:
-        raise SourceError(
-            f"{path}: truncated or corrupt {fmt} archive ({err}); re-download or re-compress the file"
-        ) from err
+        raise _archive_error(path, fmt, err) from err
 
 
 def _json_text(raw: bytes, text_field: str, path: Path, where: str, rejects: Rejects) -> str | None:
@@ -328,12 +428,17 @@ _ARCHIVE_ERRORS: tuple[type[Exception], ...] = (EOFError, zlib.error, gzip.BadGz
 )
 
 
-def _open_lines(path: Path, fmt: str) -> BinaryIO:
-    if fmt == ".jsonl":
-        return open(path, "rb")
-    if fmt == ".jsonl.gz":
+def _archive_error(path: Path, fmt: str, err: Exception) -> SourceError:
+    return SourceError(f"{path}: truncated or corrupt {fmt} archive ({err}); re-download or re-compress the file")
+
+
+def _open_stream(path: Path, fmt: str) -> BinaryIO:
+    """The decompressed bytes of a ``.txt``/``.jsonl`` file, plain or ``.gz``/``.zst``."""
+    if fmt.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
-    return io.BufferedReader(_ZstdReader(path), buffer_size=_READ_CHUNK)  # type: ignore[return-value]
+    if fmt.endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(path), buffer_size=_READ_CHUNK)  # type: ignore[return-value]
+    return open(path, "rb")
 
 
 class _ZstdReader(io.RawIOBase):

@@ -60,7 +60,7 @@ class LlamitaLM(TemplateLM):
             max_batch_size: Accepted for lm-eval's interface; unused.
         """
         super().__init__()
-        self._device = pick_device(device or "auto")
+        self._device = pick_device(device or "auto", option="--model_args device")
         loaded = load_model(checkpoint, self._device, resolve_dtype(dtype, self._device))
         self.model = loaded.model
         self.llamita_tokenizer = loaded.tokenizer

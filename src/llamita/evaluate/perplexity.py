@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from llamita.config import ConfigError
 from llamita.data.loader import eval_batches
 from llamita.data.sources import SourceError, iter_documents
 from llamita.evaluate.scoring import rolling_windows, score_pairs
@@ -68,7 +69,7 @@ def validation_loss(
         dist.all_reduce(total)
     loss_sum, tokens = total.tolist()
     if tokens == 0:
-        raise ValueError(
+        raise ConfigError(
             f"no validation windows of {seq_len + 1} tokens in {len(shards)} shard(s); "
             "prepare with a larger val fraction or lower the sequence length"
         )
@@ -87,7 +88,8 @@ def text_perplexity(
 ) -> dict[str, float | int]:
     """Loss, perplexity and bits per byte of raw text, each document scored whole in rolling windows.
 
-    A document is a ``.txt`` file, or one record of a ``.jsonl[.gz|.zst]`` / ``.parquet`` file (`text_field`).
+    A document is a ``.txt[.gz|.zst]`` file, or one record of a ``.jsonl[.gz|.zst]`` / ``.parquet`` file
+    (`text_field`).
     Its tokens (no BOS) are predicted once each, the first after BOS, in lm-eval's ``loglikelihood_rolling``
     windows of the model's max_seq_len (`llamita.evaluate.scoring.rolling_windows`). Bits per byte = total NLL /
     (ln 2 * UTF-8 bytes of the text), which, unlike loss per token, compares models with different tokenizers.

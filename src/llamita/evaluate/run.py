@@ -7,12 +7,14 @@ Three measurements, each a function: multiple-choice tasks (`run_tasks`), perple
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llamita.config import ConfigError
+from llamita.data.sources import expand_inputs
 from llamita.evaluate.harness import evaluate_tasks
 from llamita.evaluate.load_model import LoadedModel, is_hf_directory, load_model
 from llamita.evaluate.perplexity import text_perplexity, validation_loss
@@ -102,11 +104,21 @@ def run_tasks(
 
 
 def run_text(
-    checkpoint: str, files: list[Path], *, device: torch.device, dtype: torch.dtype, batch_size: int, out: str | None
+    checkpoint: str, inputs: list[str], *, device: torch.device, dtype: torch.dtype, batch_size: int, out: str | None
 ) -> dict[str, Any]:
-    """Perplexity and bits per byte of raw text files (`text_perplexity`); writes the JSON to `out`."""
+    """Perplexity and bits per byte of raw text (`text_perplexity`); writes the JSON to `out`.
+
+    `inputs` are files, directories or globs, expanded as `llamita prepare` expands them; the paths they lead to
+    that are not read are reported on stderr and in the result's ``text_skipped``.
+    """
+    found = expand_inputs(inputs)
+    if found.skipped_total:
+        print(f"llamita evaluate: {found.skipped_summary()}", file=sys.stderr)
+    files = found.files
     loaded = load_model(checkpoint, device, dtype)
     result = {**_describe(loaded, device, dtype), "text_files": [str(f) for f in files]}
+    if found.skipped_total:
+        result["text_skipped"] = found.skipped_dict()
     result.update(text_perplexity(loaded.model, loaded.tokenizer, files, batch_size=batch_size))
     _write(result, out)
     return result
@@ -124,23 +136,38 @@ def run_shards(
     out: str | None,
 ) -> dict[str, Any]:
     """Validation loss on prepared shards: `data_dirs`, else the run's own sources; writes the JSON to `out`."""
+    from llamita.config import config_from_dict
     from llamita.data.prepare import shard_paths
     from llamita.pretrained import load_pretrained
+    from llamita.train import checkpoint as ckpt
 
-    if is_hf_directory(checkpoint):
-        if not data_dirs or not seq_len:
+    hf = is_hf_directory(checkpoint)
+    if hf and (not data_dirs or not seq_len):
+        raise ConfigError(
+            f"{checkpoint} is a Hugging Face directory, which names no training data: pass --data with prepared "
+            "source directories and --seq-len"
+        )
+    if not hf:  # the run's own sources and window, read before the weights are loaded
+        run_config = config_from_dict(ckpt.read_state(ckpt.resolve_checkpoint(checkpoint))["run_config"])
+        data_dirs = data_dirs or [s.path for s in run_config.data.sources]
+        seq_len = seq_len or run_config.data.seq_len
+        if not data_dirs:
             raise ConfigError(
-                f"{checkpoint} is a Hugging Face directory, which names no training data: pass --data with prepared "
-                "source directories and --seq-len"
+                f"{checkpoint}: the run names no data sources (an imported model has none), so there is nothing to "
+                "score; pass --data with prepared source directories, or --text FILES"
             )
+    shards = [p for d in data_dirs for p in shard_paths(Path(d), split)]
+    if not shards:
+        raise ConfigError(
+            f"no {split} shards in {', '.join(map(str, data_dirs))} (a source whose {split} split is empty); pass "
+            f"--data with other prepared sources{', or --split train' if split == 'val' else ''}, or --text FILES"
+        )
+    if hf:
         loaded = load_model(checkpoint, device)
         model, source, step = loaded.model, loaded.source, None
     else:
         pre = load_pretrained(checkpoint, device)
         model, source, step = pre.model, pre.checkpoint, pre.step
-        data_dirs = data_dirs or [s.path for s in pre.run_config.data.sources]
-        seq_len = seq_len or pre.run_config.data.seq_len
-    shards = [p for d in data_dirs for p in shard_paths(Path(d), split)]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     result = validation_loss(
         model,

@@ -70,14 +70,19 @@ class CheckpointReader:
 
     Args:
         path: a run directory (its latest complete checkpoint) or one checkpoint folder.
+        verify: compare every file with the checkpoint's checksums.json first (one read of the checkpoint), as
+            every command that reads weights does; off only to read the model config.
 
     Raises:
-        llamita.train.checkpoint.CheckpointError: no complete checkpoint there, unreadable metadata, or a model
-            tensor that the checkpoint's model config implies is missing or has another shape.
+        llamita.train.checkpoint.CheckpointError: no complete checkpoint there, a file whose sha256 differs from
+            checksums.json, unreadable metadata, or a model tensor that the checkpoint's model config implies is
+            missing or has another shape.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, verify: bool = True) -> None:
         self.folder = ckpt.resolve_checkpoint(path)
+        if verify:
+            ckpt.verify_checksums(self.folder)
         state = ckpt.read_state(self.folder)
         try:
             self.model_config = ModelConfig(**state["model_config"])

@@ -289,13 +289,14 @@ def _write_metadata(writer: gguf.GGUFWriter, config: ModelConfig, vocab: GGUFVoc
         writer.add_chat_template(vocab.chat_template)
 
 
-def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16") -> Path:
+def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16", *, force: bool = False) -> Path:
     """Write a llamita checkpoint as a GGUF file that llama.cpp loads, tokenizer included.
 
     Args:
         checkpoint: a run directory (its latest checkpoint) or one checkpoint folder.
         out: the .gguf file to write.
         dtype: f16, q8_0 or q4_0 for the matrices (norms stay f32; see `_storage_type` for the exceptions).
+        force: replace `out` if it exists.
 
     Returns:
         `out` as a Path.
@@ -305,15 +306,18 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16") -> 
         ValueError: an unknown dtype.
         GGUFExportError: a tokenizer that llama.cpp's Llama tokenizer cannot reproduce.
         ImportError: the gguf package is not installed.
+        FileExistsError: `out` exists and `force` is off.
     """
     if dtype not in QUANT_TYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(QUANT_TYPES)}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; choose another --out, or pass --force to replace it")
     gguf = _import_gguf()
     source = CheckpointReader(checkpoint)
     config = source.model_config
     vocab = gguf_vocab(source.tokenizer(), config.vocab_size)
     plans = _plan(config, source.names, dtype)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(out, "llama")
     _write_metadata(writer, config, vocab, dtype, name=source.folder.parent.parent.name)

@@ -353,6 +353,7 @@ def export_hf(
     dtype: str = "fp32",
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    force: bool = False,
 ) -> Path:
     """Write a llamita checkpoint as a Hugging Face LlamaForCausalLM directory with its tokenizer.
 
@@ -362,7 +363,7 @@ def export_hf(
 
     Args:
         checkpoint: a run directory (its latest checkpoint) or one checkpoint folder.
-        out: the directory to write (created; files of the same names are replaced).
+        out: the directory to write (created; one that already holds a model is replaced only with `force`).
         dtype: fp32 (lossless for llamita's fp32 checkpoints), bf16 or fp16.
         max_shard_bytes: largest safetensors file before the weights are split into shards.
 
@@ -372,12 +373,19 @@ def export_hf(
     Raises:
         llamita.train.checkpoint.CheckpointError: no checkpoint at `checkpoint`, or its tokenizer copy is missing.
         ValueError: an unknown dtype.
+        FileExistsError: `out` already holds a model (config.json or safetensors) and `force` is off.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    out = Path(out)
+    held = [p.name for p in [out / "config.json", *out.glob("model*.safetensors")] if p.is_file()]
+    if held and not force:
+        raise FileExistsError(
+            f"{out} already holds a model ({', '.join(sorted(held))}); choose another --out, or pass --force to "
+            "replace it"
+        )
     source = CheckpointReader(checkpoint)
     tokenizer = source.tokenizer()
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / SAFETENSORS_INDEX]:
         stale.unlink(missing_ok=True)  # a previous export's shards would be read alongside the new ones

@@ -19,8 +19,10 @@ IGNORED_FIELDS = ("max_seq_len", "init_std")
 """ModelConfig fields that shape no weight: the RoPE table length and the initialisation scale may differ."""
 
 
-def open_weights(path: str | Path) -> WeightSource:
+def open_weights(path: str | Path, *, verify: bool = True) -> WeightSource:
     """The weights at `path`: a Hugging Face directory (has config.json) or a llamita run / checkpoint folder.
+
+    A llamita checkpoint is checked against its checksums first unless `verify` is off (see `CheckpointReader`).
 
     Raises:
         llamita.train.checkpoint.CheckpointError: `path` is neither, or an incomplete checkpoint.
@@ -29,12 +31,12 @@ def open_weights(path: str | Path) -> WeightSource:
     path = Path(path)
     if (path / "config.json").is_file():
         return HFWeights(path)
-    return CheckpointReader(path)
+    return CheckpointReader(path, verify=verify)
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of the weights at `path` (see `open_weights`), to build a model that `load_init_weights` fits."""
-    return open_weights(path).model_config
+    return open_weights(path, verify=False).model_config  # the weights are verified when they are loaded
 
 
 def config_differences(expected: ModelConfig, found: ModelConfig) -> list[str]:

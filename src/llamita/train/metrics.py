@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,8 @@ def peak_flops(device: torch.device) -> float | None:
 class MetricsLogger:
     """Write one JSON object per logged step to metrics.jsonl, mirror scalars to TensorBoard, show progress.
 
-    Only rank 0 writes; other ranks get a logger that does nothing.
+    Only rank 0 writes; other ranks get a logger that does nothing. The progress bar is drawn only on a terminal:
+    elsewhere (a file, a Slurm log) and with `progress` off, `report` prints plain lines instead.
     """
 
     def __init__(
@@ -56,7 +59,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=start_step or None)
-        if progress:
+        if progress and sys.stdout.isatty():  # redrawing a bar in a log file would fill it
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
@@ -80,11 +83,21 @@ class MetricsLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
-        if self._progress is not None and "loss" in row:
-            info = f"loss {row['loss']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:,.0f} tok/s"
-            if row.get("mfu") is not None:
-                info += f" MFU {100 * row['mfu']:.1f}%"
-            self._progress.update(self._task, completed=step, info=info)
+
+    def report(self, row: dict[str, Any]) -> None:
+        """Show a training row (as `log` takes it) on the console: in the progress bar, or as one plain line."""
+        if not self.enabled:
+            return
+        parts = [f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}", f"grad norm {row['grad_norm']:.2f}"]
+        parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+        if row.get("mfu") is not None:
+            parts.append(f"MFU {100 * row['mfu']:.1f}%")
+        if row.get("skipped_steps"):
+            parts.append(f"{row['skipped_steps']} skipped steps")
+        if self._progress is not None:
+            self._progress.update(self._task, completed=row["step"], info=" | ".join(parts))
+        else:
+            print(" | ".join([f"step {row['step']:>6}", *parts]), flush=True)
 
     def advance(self, step: int) -> None:
         """Move the progress bar without writing a row."""
@@ -99,6 +112,16 @@ class MetricsLogger:
             self._progress.console.print(message)
         else:
             print(message, flush=True)
+
+    def plot(self) -> None:
+        """Redraw <out_dir>/loss.png from metrics.jsonl (`plot_loss`); a failure is a warning, never an error."""
+        if not self.enabled:
+            return
+        png = self.path.with_name("loss.png")
+        try:
+            plot_loss(self.path, png)
+        except Exception as e:  # e.g. no matplotlib: the plot is a convenience and must not stop a training run
+            warnings.warn(f"could not write the loss plot {png}: {type(e).__name__}: {e}", stacklevel=2)
 
     def close(self) -> None:
         if not self.enabled:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import TypeVar
@@ -63,16 +64,25 @@ class ParallelPlan:
     """Autocast to this dtype in the trainer; None when FSDP2 already casts the weights, or in fp32."""
 
 
-def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+def pick_device(name: str, local_rank: int | None = None, option: str = "train.device") -> torch.device:
     """`auto` means CUDA when available, else CPU; under torchrun (`local_rank` given) CUDA is GPU `local_rank`.
 
+    Args:
+        name: auto, cpu, cuda or cuda:N.
+        local_rank: this process's GPU under torchrun.
+        option: the setting `name` came from, named in errors (a config key or a command-line flag).
+
     Raises:
-        ConfigError: An explicit `cuda` without a GPU.
+        ConfigError: An unknown device name, an explicit `cuda` without a GPU, or a GPU index it does not have.
     """
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"{option}: unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but no CUDA device is available; use cpu or auto")
+        raise ConfigError(f"{option}: cuda requested but no CUDA device is available; use cpu or auto")
+    if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+        raise ConfigError(f"{option}: {name} requested but only {torch.cuda.device_count()} GPU(s) are visible")
     if name.startswith("cuda") and local_rank is not None:
         return torch.device("cuda", local_rank)  # one GPU per process
     return torch.device(name)

@@ -4,13 +4,16 @@ The trainer receives a model that is already built, initialised and (for multi-G
 never constructs parallelism itself. Per-step losses stay on the device until a log interval flushes them. Whether
 a step may change the weights (NaN/Inf, loss spikes) is decided on the device by `guard.StepGuard` and handed to
 the fused AdamW kernel; the host reads each step's outcome one step late, so it keeps running up to one step
-ahead of the device. SIGTERM/SIGINT make every rank save a checkpoint at the same step boundary and return.
+ahead of the device. SIGTERM/SIGINT make every rank save a checkpoint at the same step boundary and return. A
+resume refuses a config that changes the run's math since the checkpoint unless `checkpoint.allow_config_change`
+(`find_resume`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import signal
 import threading
@@ -23,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llamita.config import RunConfig, to_dict
+from llamita.config import UNSET, RunConfig, changes_math, describe_change, resume_changes, to_dict
 from llamita.evaluate.perplexity import validation_loss
 from llamita.model.config import ModelConfig
 from llamita.tokenizer import Tokenizer
@@ -39,6 +42,52 @@ def causal_lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
     The model computes it (chunked, from its output head) so the full logits are never materialised.
     """
     return model(inputs, targets=targets)  # scalar
+
+
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
+"""In the run directory: one row per resume whose config differs from its checkpoint's (config.yaml stays the
+first start's)."""
+
+
+def find_resume(cfg: RunConfig) -> tuple[Path, dict[str, tuple[Any, Any]]] | None:
+    """The checkpoint that `checkpoint.resume` names (auto: the latest in the run directory, if any), and what `cfg`
+    changes in the config it was saved with (`config.resume_changes`); None when the run starts fresh.
+
+    Reads only the checkpoint's trainer state, so an entry calls it before any expensive work; `Trainer.fit` calls it
+    again when it resumes.
+
+    Raises:
+        CheckpointError: the checkpoint holds weights only, or `cfg` changes settings that change the run's math
+            (`config.changes_math`) without `checkpoint.allow_config_change`.
+    """
+    choice = cfg.checkpoint.resume
+    if choice == "none":
+        return None
+    if choice == "auto":
+        found = ckpt.list_checkpoints(Path(cfg.out_dir))
+        if not found:
+            return None
+        path = found[-1]
+    else:
+        path = ckpt.resolve_checkpoint(choice)
+    state = ckpt.read_state(path)
+    if "loader" not in state:
+        raise ckpt.CheckpointError(
+            f"{path} holds weights only (no optimizer or data state, e.g. written by `llamita import hf`); "
+            f"start a new run from it with --init.from {path.parent.parent} and another --out_dir"
+        )
+    changes = resume_changes(state["run_config"], cfg)
+    refused = [describe_change(k, *v) for k, v in changes.items() if changes_math(k)]
+    if refused and not cfg.checkpoint.allow_config_change:
+        listed = "".join(f"\n  {line}" for line in refused)
+        raise ckpt.CheckpointError(
+            f"{path}: this run's config changes settings of the checkpoint's run that change its math "
+            f"(checkpoint value -> new value):{listed}\nresume with the checkpoint's settings (its `run_config` in "
+            f"{path / ckpt.STATE_FILE}), start a new out_dir (--init.from {path} keeps the weights), or set "
+            "checkpoint.allow_config_change=true to continue with the new settings (recorded in "
+            f"{Path(cfg.out_dir) / CONFIG_CHANGES_FILE})"
+        )
+    return path, changes
 
 
 @dataclasses.dataclass
@@ -101,6 +150,7 @@ class Trainer:
         if cfg.eval.tasks and tokenizer is None:
             raise ValueError("eval.tasks needs the tokenizer: pass tokenizer= to the Trainer")
         self._batches: Iterator | None = None
+        self.config_changes: dict[str, tuple[Any, Any]] = {}  # since the checkpoint `resume` loaded
         self._stop_signal = 0  # set by a SIGTERM/SIGINT handler while `fit` runs
         copies = getattr(optimizer, "copies", None)
         if copies is not None:  # bf16 gradients of several micro-batches are summed in fp32
@@ -129,22 +179,12 @@ class Trainer:
         return path
 
     def resume(self) -> Path | None:
-        """Load the checkpoint named by `checkpoint.resume` (auto: the latest in the run directory, if any)."""
-        choice = self.cfg.checkpoint.resume
-        if choice == "none":
+        """Load the checkpoint named by `checkpoint.resume` (auto: the latest in the run directory, if any); see
+        `find_resume` for what it refuses."""
+        found = find_resume(self.cfg)
+        if found is None:
             return None
-        if choice == "auto":
-            found = ckpt.list_checkpoints(self.out_dir)
-            if not found:
-                return None
-            path = found[-1]
-        else:
-            path = ckpt.resolve_checkpoint(choice)
-        if "loader" not in ckpt.read_state(path):
-            raise ckpt.CheckpointError(
-                f"{path} holds weights only (no optimizer or data state, e.g. written by `llamita import hf`); "
-                f"start a new run from it with --init.from {path.parent.parent} and another --out_dir"
-            )
+        path, self.config_changes = found
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
         if state["model_config"] != dataclasses.asdict(self.model_config):
             raise ckpt.CheckpointError(
@@ -229,8 +269,13 @@ class Trainer:
         self.model.train()
         return result
 
-    def _flush(self, pending: list, logger: MetricsLogger, meter: Throughput) -> dict[str, float]:
-        """Bring buffered per-step losses to the host (one sync) and write one metrics row per step; {} if none."""
+    def _flush(
+        self, pending: list, logger: MetricsLogger, meter: Throughput, *, report: bool = False
+    ) -> dict[str, float]:
+        """Bring buffered per-step losses to the host (one sync) and write one metrics row per step; {} if none.
+
+        With `report` the last row is also shown on the console (`MetricsLogger.report`).
+        """
         if not pending:
             return {}
         losses = torch.stack([p[1] for p in pending])
@@ -263,13 +308,15 @@ class Trainer:
                 row["max_memory_gib"] = memory
             logger.log(row)
         pending.clear()
+        if report:
+            logger.report(row)
         return row
 
     def _log_validation(self, logger: MetricsLogger) -> dict[str, float]:
         result = self.validate()
         logger.log({"step": self.state.step, "tokens": self.state.tokens, **result})
         logger.print(f"step {self.state.step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}")
-        return result
+        return {**result, "val_step": self.state.step}
 
     def _log_tasks(self, logger: MetricsLogger) -> dict[str, float]:
         """Score `eval.tasks` as lm-evaluation-harness would (all ranks call this) and log accuracy vs tokens."""
@@ -289,10 +336,37 @@ class Trainer:
         logger.log({"step": self.state.step, "tokens": self.state.tokens, **flat})
         shown = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in flat.items())
         logger.print(f"step {self.state.step:>6} | {shown}")
-        return flat
+        return {**flat, "task_step": self.state.step}
+
+    def _record_config_changes(self, path: Path, logger: MetricsLogger) -> None:
+        """Print what this run changed in the config of the checkpoint it resumed and append it, with the step and
+        the whole new config, to `CONFIG_CHANGES_FILE` (rank 0)."""
+        record = self.out_dir / CONFIG_CHANGES_FILE
+        shown = "; ".join(
+            describe_change(k, *v) + (" (changes the run's math)" if changes_math(k) else "")
+            for k, v in self.config_changes.items()
+        )
+        logger.print(f"config changed since {path.name}: {shown}; recorded in {record}")
+        if self.rank != 0:
+            return
+        sides = ("checkpoint", "new")
+        row = {
+            "step": self.state.step,
+            "checkpoint": str(path),
+            "changes": {k: {s: x for s, x in zip(sides, v) if x is not UNSET} for k, v in self.config_changes.items()},
+            "config": to_dict(self.cfg),
+        }
+        with record.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def fit(self) -> dict[str, Any]:
-        """Train to `max_steps`; return the last metrics (loss, val_loss, tokens/s, ...)."""
+        """Train to `max_steps`; return the latest metrics, each group with the step it was measured at.
+
+        The summary holds `step` and `tokens` (the last optimizer step of the run) with the training row of that step
+        (`loss`, `lr`, `grad_norm`, `tokens_per_s`, `skipped_steps`, ... when this call trained); the latest
+        validation of this call (`val_loss`, `val_ppl`) at `val_step`; the latest `eval.tasks` scores (`eval/...`)
+        at `task_step`; and `stopped: true` after a stop by SIGTERM/SIGINT.
+        """
         resumed = self.resume()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log = self.cfg.log
@@ -314,6 +388,8 @@ class Trainer:
         )
         if resumed is not None:
             logger.print(f"resumed from {resumed} at step {self.state.step}")
+            if self.config_changes:
+                self._record_config_changes(resumed, logger)
         peak = peak_flops(self.device)  # one GPU's; tokens/s counts every rank's tokens
         meter = Throughput(mc.flops_per_token(self.cfg.data.seq_len), peak * self.world_size if peak else None)
         meter.update(self.state.tokens)
@@ -329,7 +405,7 @@ class Trainer:
                 if close is not None:
                     close()
                 logger.close()
-        last["step"] = self.state.step
+        last["step"], last["tokens"] = self.state.step, self.state.tokens
         return last
 
     def _train_loop(self, logger: MetricsLogger, meter: Throughput, pending: list, last: dict[str, Any]) -> None:
@@ -348,8 +424,9 @@ class Trainer:
             previous = HostCopy(summary)
             too_bad = streak >= self.cfg.train.max_bad_steps > 0
             if stop or too_bad:
-                last.update(self._flush(pending, logger, meter))
+                last.update(self._flush(pending, logger, meter, report=True))
                 path = self.save()
+                logger.plot()
                 if too_bad:
                     raise FloatingPointError(
                         f"{int(streak)} consecutive steps up to step {step - 1} had a NaN/Inf loss or gradient "
@@ -363,7 +440,7 @@ class Trainer:
                 last["stopped"] = True
                 return
             if step % log.interval == 0 or done:
-                last.update(self._flush(pending, logger, meter))
+                last.update(self._flush(pending, logger, meter, report=True))
             eval_due = self.cfg.eval.interval > 0 and step % self.cfg.eval.interval == 0
             if self.val_shards and (eval_due or done):
                 last.update(self._flush(pending, logger, meter))
@@ -378,5 +455,6 @@ class Trainer:
             if ckpt_due or done:
                 last.update(self._flush(pending, logger, meter))
                 self.save()
+                logger.plot()  # the end of a run always saves, so its plot is complete
                 meter.update(self.state.tokens)
             logger.advance(step)
