@@ -172,3 +172,13 @@ def test_unknown_keys_name_the_recipe_and_the_section(tmp_path):
 def test_values_no_run_can_use_are_refused_naming_the_key(key, value, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config("debug", {key: value})
+
+
+def test_yaml_errors_are_one_line_naming_the_place(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("train:\n  max_steps: [1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(recipe))
+    assert str(e.value).startswith(f"{recipe}:3:1: not valid YAML: ") and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^data\.sources: not valid YAML \(.*\): '\[\{name: a'$"):
+        load_config("debug", {"data.sources": "[{name: a"})

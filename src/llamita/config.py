@@ -239,6 +239,19 @@ def iter_fields(cls: type = RunConfig, prefix: str = "") -> typing.Iterator[tupl
             yield f"{prefix}{_key_name(f.name)}", tp, docs.get(f.name, "")
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """The one-line reason of a YAML parse error (PyYAML's message spans several lines)."""
+    return getattr(error, "problem", None) or str(error).splitlines()[0]
+
+
+def _parse_yaml_value(text: str, where: str) -> Any:
+    """A list or mapping given on the command line, in YAML flow style (``[{name: a, path: b}]``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(e)}): {text!r}") from None
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML or command-line value to the field type `tp`, or raise ConfigError naming `where`."""
     origin = typing.get_origin(tp)
@@ -250,7 +263,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_yaml_value(value, where)
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -267,7 +280,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return _build(tp, value, where)
     if tp is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_yaml_value(value, where)
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return value
@@ -390,7 +403,9 @@ def load_config(recipe: str | None = None, overrides: dict[str, str] | None = No
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(values).__name__}")
         try:
