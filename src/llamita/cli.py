@@ -232,15 +232,100 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
     print(f"imported {args.model} -> {folder} (use --checkpoint {args.out})")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from llamita.plan import laws, questions
+
+    q = args.question
+    if q == "optimal":
+        title, answer = (
+            "compute-optimal model",
+            questions.optimal(laws.get_law(args.law), flops=args.flops, loss=args.loss),
+        )
+    elif q == "inference":
+        title = f"inference-aware model for {args.inference_tokens:g} inference tokens"
+        answer = questions.inference(
+            laws.get_law(args.law), inference_tokens=args.inference_tokens, loss=args.loss, params=args.params
+        )
+    elif q == "cost":
+        model = questions.model_of(args.preset, args.params)
+        tokens_per_s, source = _plan_throughput(args, model)
+        title = "training time and cost"
+        answer = questions.cost(
+            model,
+            tokens=args.tokens,
+            gpus=args.gpus,
+            tokens_per_s_per_gpu=tokens_per_s,
+            throughput_source=source,
+            price_per_gpu_hour=args.price,
+            seq_len=args.seq_len,
+        )
+    elif q == "memory":
+        title = f"memory per GPU ({args.preset}, seq {args.seq_len}, micro-batch {args.micro_batch})"
+        answer = questions.memory(
+            questions.model_of(args.preset, None),
+            gpu=args.gpu,
+            seq_len=args.seq_len,
+            micro_batch=args.micro_batch,
+            fsdp_degree=args.fsdp,
+            activation_checkpoint=args.activation_checkpoint,
+            float8=args.float8,
+            compile=not args.eager,
+        )
+    elif q == "serve":
+        title = "serving cost"
+        answer = questions.serve(args.tokens_per_s, price_per_gpu_hour=args.price, gpus=args.gpus)
+    elif q == "fit":
+        title = f"scaling law fitted to {len(args.runs)} run(s)"
+        answer = questions.fit(args.runs, args.out, bootstrap=args.bootstrap)
+    else:  # plot
+        law = laws.get_law(args.law)
+        planned = tuple(map(float, args.planned.split(","))) if args.planned else None
+        if planned is not None and len(planned) != 2:
+            raise ConfigError(f"--planned takes N,D (parameters,tokens), got {args.planned!r}")
+        out = laws.iso_loss_plot(law, args.out, planned=planned, inference_tokens=args.inference_tokens)
+        title, answer = "iso-loss plot", {"law": law.name, "plot": str(out)}
+    print(json.dumps(answer, indent=1, default=str) if args.json else questions.render(title, answer))
+
+
+def _plan_throughput(args: argparse.Namespace, model: object) -> tuple[float, str]:
+    """The per-GPU tokens/s of `plan cost`: stated, read from a bench results file, or measured here."""
+    given = [x for x in (args.tokens_per_s, args.throughput, args.measure or None) if x is not None]
+    if len(given) != 1:
+        raise ConfigError("give the throughput one way: --tokens-per-s X, --throughput BENCH.json, or --measure")
+    if args.tokens_per_s is not None:
+        return args.tokens_per_s, "stated (--tokens-per-s)"
+    if args.throughput is not None:
+        from llamita.plan.cost import throughput_from_bench
+        from llamita.plan.gpus import parse_gpus
+
+        found = throughput_from_bench(args.throughput, args.system)
+        if not args.gpus.strip().isdigit():
+            family = parse_gpus(args.gpus)[1].name.split("-")[0]
+            if family not in found.device:
+                raise ConfigError(
+                    f"--throughput: {found.run} was measured on {found.device}, not on {family}; a throughput does "
+                    f"not carry over between GPUs: give --tokens-per-s measured on {family}, or --gpus with its count"
+                )
+        return found.tokens_per_s, f"{found.path}: {found.run} ({found.device})"
+    if args.preset is None:
+        raise ConfigError("--measure runs a preset's shape: give --preset")
+    from llamita.plan.measure import measure_throughput
+
+    found = measure_throughput(args.preset, seq_len=args.seq_len or 2048, micro_batch=args.micro_batch)
+    return found.tokens_per_s, f"measured here ({found.device}, {found.steps} steps of llamita pretrain)"
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input or configuration: printed as one line, without a traceback."""
     from llamita.data.shards import ShardError
     from llamita.data.sources import SourceError
     from llamita.interop.gguf import GGUFExportError
     from llamita.interop.hf import HFFormatError
+    from llamita.plan.errors import PlanError
     from llamita.train.checkpoint import CheckpointError
 
     return (
+        PlanError,
         ConfigError,
         FileNotFoundError,
         FileExistsError,
@@ -403,7 +488,70 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True, help="Hugging Face model directory")
     q.add_argument("--out", required=True, help="run directory to create (a step-0 checkpoint and the tokenizer)")
     q.set_defaults(func=cmd_import_hf)
+    _add_plan_parser(sub, fmt)
     return parser
+
+
+def _add_plan_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
+    p = sub.add_parser(
+        "plan",
+        formatter_class=fmt,
+        help="how big, how long, on what, for how much: scaling laws, memory, GPU-hours and dollars",
+        description="Each question prints a table (--json: the numbers). Laws: hoffmann (Chinchilla approach 3), "
+        "besiroglu (its 2024 refit), or a JSON file written by `llamita plan fit`.",
+    )
+    questions = p.add_subparsers(dest="question", required=True, metavar="QUESTION")
+
+    def question(name: str, help: str, law: bool = False) -> argparse.ArgumentParser:
+        q = questions.add_parser(name, formatter_class=fmt, help=help)
+        if law:
+            q.add_argument("--law", default="hoffmann", help="hoffmann, besiroglu, or a law file from `plan fit`")
+        q.add_argument("--json", action="store_true", help="print the answer as JSON")
+        q.set_defaults(func=cmd_plan)
+        return q
+
+    q = question("optimal", "compute-optimal parameters and tokens for a FLOP budget or a target loss", law=True)
+    q.add_argument("--flops", type=float, help="training FLOP budget (C = 6·N·D)")
+    q.add_argument("--loss", type=float, help="target loss (nats/token) instead of a budget")
+    q = question("inference", "least training + inference FLOPs for a loss and an inference volume", law=True)
+    q.add_argument("--inference-tokens", type=float, required=True, help="tokens the model will generate or read")
+    q.add_argument("--loss", type=float, help="the loss the model must reach")
+    q.add_argument("--params", type=float, help="or: the loss of the compute-optimal model of this many parameters")
+    q = question("cost", "GPU-hours, wall-clock hours and dollars of a run")
+    q.add_argument("--preset", help="model preset (or --params)")
+    q.add_argument("--params", type=float, help="parameter count, for a model that is no preset (6·N FLOPs/token)")
+    q.add_argument("--tokens", type=float, required=True, help="training tokens")
+    q.add_argument("--gpus", default="1", help="COUNTxGPU such as 16xA100-40G, or a count")
+    q.add_argument("--tokens-per-s", type=float, help="measured training tokens/s per GPU")
+    q.add_argument("--throughput", help="or: a bench/results JSON of bench/train_throughput.py")
+    q.add_argument("--system", help="the run of that JSON to take (default: llamita bf16)")
+    q.add_argument("--measure", action="store_true", help="or: time a short llamita pretrain of --preset here")
+    q.add_argument("--seq-len", type=int, help="sequence length (attention FLOPs; --measure's shape, default 2048)")
+    q.add_argument("--micro-batch", type=int, default=8, help="--measure's sequences per step")
+    q.add_argument("--price", type=float, help="dollars per GPU-hour")
+    q = question("memory", "memory per GPU of a training step; which GPUs it fits and the largest micro-batch")
+    q.add_argument("--preset", required=True, help="model preset")
+    q.add_argument("--seq-len", type=int, default=2048, help="sequence length")
+    q.add_argument("--micro-batch", type=int, default=8, help="sequences per GPU per forward")
+    q.add_argument("--fsdp", type=int, default=1, help="GPUs that shard weights, gradients and optimizer state")
+    q.add_argument(
+        "--activation-checkpoint", default="none", choices=["none", "selective", "full"], help="recomputation"
+    )
+    q.add_argument("--float8", action="store_true", help="float8 linears (torchao)")
+    q.add_argument("--eager", action="store_true", help="blocks not compiled (parallel.compile false)")
+    q.add_argument("--gpu", help="check one GPU (default: every GPU of the catalogue)")
+    q = question("serve", "dollars per million generated tokens at a measured throughput")
+    q.add_argument("--tokens-per-s", type=float, required=True, help="measured generation tokens/s of the GPUs")
+    q.add_argument("--price", type=float, required=True, help="dollars per GPU-hour")
+    q.add_argument("--gpus", type=int, default=1, help="GPUs serving")
+    q = question("fit", "fit L(N, D) to your runs' validation losses (Hoffmann's approach 3, bootstrap intervals)")
+    q.add_argument("runs", nargs="+", help="llamita pretrain run directories")
+    q.add_argument("--out", required=True, help="law file to write (JSON; --law takes it)")
+    q.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals")
+    q = question("plot", "iso-loss contours with the compute-optimal line (PNG)", law=True)
+    q.add_argument("--out", required=True, help="PNG file")
+    q.add_argument("--planned", help="your planned point N,D (parameters,tokens)")
+    q.add_argument("--inference-tokens", type=float, help="also mark the inference-aware optimum")
 
 
 def main(argv: list[str] | None = None) -> None:

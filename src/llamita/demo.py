@@ -20,6 +20,46 @@ DEMO_CORPUS_MB = {"prose": 3.0, "code": 6.0}
 PROMPTS = ["The list type", "def read_file(path):"]
 
 
+def prepare_demo_data(
+    out: Path, *, corpus_mb: float | None = None, vocab_size: int = DEMO_VOCAB
+) -> tuple[Path, dict[str, Path]]:
+    """The demo's corpus, tokenizer and prepared sources below `out` (stages 1-3; finished work is kept).
+
+    Returns:
+        The tokenizer directory and {source name: prepared directory} for `prose` and `code`.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    caps = {k: int(1e6 * (corpus_mb or v)) for k, v in DEMO_CORPUS_MB.items()}
+    corpus = write_demo_corpus(out / "corpus", max_code_bytes=caps["code"], max_prose_bytes=caps["prose"])
+    stats = demo_corpus_stats(corpus)
+    print(f"[1/5] corpus: {stats}")
+
+    tok_dir = out / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.load(tok_dir)
+        print(f"[2/5] tokenizer: {tok_dir} exists ({tokenizer.vocab_size} tokens), kept")
+    else:
+        tokenizer = train_tokenizer(sorted(corpus.values()), vocab_size, tok_dir)
+        print(f"[2/5] tokenizer: trained {tokenizer.vocab_size} tokens -> {tok_dir}")
+
+    data_dirs = {}
+    for name, path in corpus.items():
+        data_dirs[name] = out / "data" / name
+        m = prepare_source(
+            name, [str(path)], tok_dir, data_dirs[name], shard_tokens=2**20, val_fraction=0.02, workers=1
+        )
+        print(f"[3/5] prepared {name}: {m['totals']}")
+    return tok_dir, data_dirs
+
+
+def demo_sources(data_dirs: dict[str, Path]) -> str:
+    """The `data.sources` override that mixes the demo's prose and code 7:3, as TinyLlama mixes its sources."""
+    return (
+        f"[{{name: prose, path: '{data_dirs['prose']}', weight: 0.7}}, "
+        f"{{name: code, path: '{data_dirs['code']}', weight: 0.3}}]"
+    )
+
+
 def run_demo(
     out: Path,
     *,
@@ -44,37 +84,13 @@ def run_demo(
     from llamita.train.parallel import cpu_has_native_bf16
 
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    caps = {k: int(1e6 * (corpus_mb or v)) for k, v in DEMO_CORPUS_MB.items()}
-    corpus = write_demo_corpus(out / "corpus", max_code_bytes=caps["code"], max_prose_bytes=caps["prose"])
-    stats = demo_corpus_stats(corpus)
-    print(f"[1/5] corpus: {stats}")
-
-    tok_dir = out / "tokenizer"
-    if (tok_dir / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.load(tok_dir)
-        print(f"[2/5] tokenizer: {tok_dir} exists ({tokenizer.vocab_size} tokens), kept")
-    else:
-        tokenizer = train_tokenizer(sorted(corpus.values()), vocab_size, tok_dir)
-        print(f"[2/5] tokenizer: trained {tokenizer.vocab_size} tokens -> {tok_dir}")
-
-    data_dirs = {}
-    for name, path in corpus.items():
-        data_dirs[name] = out / "data" / name
-        m = prepare_source(
-            name, [str(path)], tok_dir, data_dirs[name], shard_tokens=2**20, val_fraction=0.02, workers=1
-        )
-        t = m["totals"]
-        print(f"[3/5] prepared {name}: {t}")
+    tok_dir, data_dirs = prepare_demo_data(out, corpus_mb=corpus_mb, vocab_size=vocab_size)
     t_prep = time.perf_counter() - t0
 
     values = {
         "out_dir": str(out),
         "data.tokenizer": str(tok_dir),
-        "data.sources": (
-            f"[{{name: prose, path: '{data_dirs['prose']}', weight: 0.7}}, "
-            f"{{name: code, path: '{data_dirs['code']}', weight: 0.3}}]"
-        ),
+        "data.sources": demo_sources(data_dirs),
         **({"train.max_steps": str(max_steps)} if max_steps else {}),
         **(overrides or {}),
     }
@@ -91,16 +107,10 @@ def run_demo(
     pre = load_pretrained(out)
     print("[5/5] samples (temperature 0.8, top-k 50):")
     for i, prompt in enumerate(PROMPTS):
-        ids = generate(
-            pre.model,
-            pre.tokenizer.encode(prompt, bos=True),
-            60,
-            temperature=0.8,
-            top_k=50,
-            eos_id=pre.tokenizer.eos_id,
-            seed=i,
-        )
-        print(f"--- {prompt!r}\n{prompt}{pre.tokenizer.decode(ids)}\n")
+        prompt_ids = pre.tokenizer.encode(prompt, bos=True)
+        ids = generate(pre.model, prompt_ids, 60, temperature=0.8, top_k=50, eos_id=pre.tokenizer.eos_id, seed=i)
+        # Decoded together with the prompt, the continuation keeps its leading space.
+        print(f"--- {prompt!r}\n{pre.tokenizer.decode(prompt_ids + ids)}\n")
 
     rows = read_metrics(out / "metrics.jsonl")
     val = [r["val_loss"] for r in rows if "val_loss" in r]

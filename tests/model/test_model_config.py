@@ -29,9 +29,17 @@ DOCUMENTED_SHAPES = {
     },
     "tinyllama-120m": {"vocab_size": 32000, "dim": 768, "n_layers": 12, "n_heads": 12, "n_kv_heads": 1},
     "tinyllama-1.1b": {"vocab_size": 32000, "dim": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4},
+    "sweep-xs": {"vocab_size": 1024, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "tie_embeddings": True},
+    "sweep-s": {"vocab_size": 1024, "dim": 96, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "tie_embeddings": True},
+    "sweep-m": {"vocab_size": 1024, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "tie_embeddings": True},
+    "sweep-l": {"vocab_size": 1024, "dim": 192, "n_layers": 6, "n_heads": 6, "n_kv_heads": 3, "tie_embeddings": True},
 }
 DOCUMENTED_SIZES = {
     "debug": {"max_seq_len": 128},
+    "sweep-xs": {"intermediate_size": 172, "max_seq_len": 256},
+    "sweep-s": {"intermediate_size": 256, "max_seq_len": 256},
+    "sweep-m": {"intermediate_size": 344, "max_seq_len": 256},
+    "sweep-l": {"intermediate_size": 512, "max_seq_len": 256},
     "demo": {"intermediate_size": 688, "max_seq_len": 256},
     "tinyllama-120m": {"intermediate_size": 2048, "max_seq_len": 2048},
     "tinyllama-1.1b": {
@@ -44,6 +52,10 @@ DOCUMENTED_SIZES = {
 PARAM_RANGES = {
     "debug": (1e5, 2e5),
     "demo": (1e6, 1e7),
+    "sweep-xs": (0.15e6, 0.17e6),
+    "sweep-s": (0.39e6, 0.41e6),
+    "sweep-m": (0.85e6, 0.87e6),
+    "sweep-l": (2.6e6, 2.7e6),
     "tinyllama-120m": (115e6, 125e6),
     "tinyllama-1.1b": (1e9, 1.2e9),
 }
@@ -56,7 +68,7 @@ def test_presets_have_the_documented_shapes(name):
     assert {field: getattr(config, field) for field in expected} == expected
     low, high = PARAM_RANGES[name]
     assert low < config.num_params < high
-    assert config.tie_embeddings == (name == "demo")
+    assert config.tie_embeddings == (name == "demo" or name.startswith("sweep-"))
 
 
 def test_tinyllama_1b_counts():

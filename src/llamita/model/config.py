@@ -150,6 +150,49 @@ PRESETS: dict[str, ModelConfig] = {
         max_seq_len=256,
         tie_embeddings=True,
     ),
+    # The scaling sweep (`bench/plan_sweep.py`, `llamita plan fit`): four widths and depths that train on the demo
+    # corpus in seconds on a GPU; with the sweep's 1024-token vocabulary they have 0.16M, 0.40M, 0.86M and 2.6M
+    # parameters, so 0.5-4M training tokens span 0.2 to 25 tokens per parameter.
+    "sweep-xs": ModelConfig(
+        vocab_size=1024,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        intermediate_size=172,
+        max_seq_len=256,
+        tie_embeddings=True,
+    ),  # fmt: skip
+    "sweep-s": ModelConfig(
+        vocab_size=1024,
+        dim=96,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        intermediate_size=256,
+        max_seq_len=256,
+        tie_embeddings=True,
+    ),  # fmt: skip
+    "sweep-m": ModelConfig(
+        vocab_size=1024,
+        dim=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        intermediate_size=344,
+        max_seq_len=256,
+        tie_embeddings=True,
+    ),  # fmt: skip
+    "sweep-l": ModelConfig(
+        vocab_size=1024,
+        dim=192,
+        n_layers=6,
+        n_heads=6,
+        n_kv_heads=3,
+        intermediate_size=512,
+        max_seq_len=256,
+        tie_embeddings=True,
+    ),  # fmt: skip
     # TinyLlama's tiny_LLaMA_120M (multi-query attention).
     "tinyllama-120m": ModelConfig(
         vocab_size=32000,

@@ -11,8 +11,11 @@ from typing import Any
 
 import torch
 
+from llamita.plan.gpus import GPUS
+
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) used for MFU; MFU is not reported on other devices.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+PEAK_BF16_FLOPS = {gpu.name.split("-")[0]: gpu.peak_bf16_flops for gpu in GPUS.values()}
+"""By the family part of the planner's catalogue names (H100, A100, ...), matched in `torch.cuda.get_device_name`."""
 
 
 def peak_flops(device: torch.device) -> float | None:

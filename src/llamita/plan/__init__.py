@@ -1,0 +1,1 @@
+"""Planning a training run: scaling laws, memory and cost."""
