@@ -19,8 +19,12 @@ def test_demo_pipeline_small(tmp_path):
         "checkpoint.interval": "10",
         "log.progress": "false",
     }
-    summary = run_demo(out, max_steps=20, corpus_mb=0.25, vocab_size=512, overrides=small)
+    chat = {"data.seq_len": "128", "train.global_batch_tokens": "1024", "train.micro_batch": "8",
+            "train.max_steps": "6", "eval.interval": "3", "log.progress": "false"}  # fmt: skip
+    summary = run_demo(out, max_steps=20, corpus_mb=0.25, vocab_size=512, overrides=small, chat_overrides=chat)
     assert summary["step"] == 20
+    assert summary["chat"]["step"] == 6 and summary["chat"]["val_loss"] > 0
+    assert (out / "chat" / "tokenizer" / "tokenizer_config.json").read_text().count("<|assistant|>") >= 1
     assert summary["final_val_loss"] < summary["first_val_loss"]
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))
@@ -30,8 +34,8 @@ def test_demo_pipeline_small(tmp_path):
     for name in ("prose", "code"):
         assert (out / "data" / name / "manifest.json").is_file()
     # A second run finds every stage done and changes nothing.
-    again = run_demo(out, max_steps=20, corpus_mb=0.25, vocab_size=512, overrides=small)
-    assert again["step"] == 20
+    again = run_demo(out, max_steps=20, corpus_mb=0.25, vocab_size=512, overrides=small, chat_overrides=chat)
+    assert again["step"] == 20 and again["chat"]["step"] == 6
 
 
 def test_demo_trains_in_fp32_on_cpus_without_native_bf16(tmp_path, monkeypatch, capsys):
@@ -46,7 +50,7 @@ def test_demo_trains_in_fp32_on_cpus_without_native_bf16(tmp_path, monkeypatch, 
         "train.micro_batch": "8",
     }
     small |= {"eval.interval": "0", "checkpoint.interval": "0", "log.progress": "false"}
-    run_demo(tmp_path / "demo", max_steps=2, corpus_mb=0.05, vocab_size=400, overrides=small)
+    run_demo(tmp_path / "demo", max_steps=2, corpus_mb=0.05, vocab_size=400, overrides=small, chat_stage=False)
     out = capsys.readouterr().out
     assert "training in fp32" in out
     model_line = next(line for line in out.splitlines() if " steps on cpu" in line)

@@ -106,6 +106,37 @@ def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> None:
         print(json.dumps(result, indent=1))
 
 
+def cmd_sft(args: argparse.Namespace, extra: list[str]) -> None:
+    from llamita.config import load_config
+    from llamita.sft import sft
+
+    cfg = load_config(args.config, parse_overrides(extra))
+    result = sft(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(result, indent=1))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from llamita.generate import check_sampling
+    from llamita.inference.chat import ChatSession, Sampling, run_terminal
+    from llamita.pretrained import load_pretrained
+    from llamita.train.parallel import pick_device
+
+    temperature = 0.0 if args.greedy else args.temperature
+    check_sampling(temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    pre = load_pretrained(args.checkpoint, pick_device(args.device, option="--device"))
+    sampling = Sampling(temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
+    session = ChatSession(pre, sampling, system=args.system)
+    if args.prompt is None:
+        run_terminal(session)
+        return
+    for piece in session.reply(args.prompt):
+        print(piece, end="", flush=True)
+    print()
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from llamita.evaluate import run
     from llamita.evaluate.report import compare
@@ -212,6 +243,12 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 
     if args.max_shard_gb <= 0:
         raise ConfigError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
+    if args.adapter:
+        from llamita.chat.lora import export_run_adapter
+
+        out = export_run_adapter(args.checkpoint, args.out, args.dtype, force=args.force)
+        print(f"wrote a peft LoRA adapter directory ({args.dtype}) -> {out} (its base: the run's init.from)")
+        return
     out = export_hf(
         args.checkpoint, args.out, args.dtype, max_shard_bytes=int(args.max_shard_gb * 10**9), force=args.force
     )
@@ -388,6 +425,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain, takes_overrides=True)
 
     p = sub.add_parser(
+        "sft",
+        formatter_class=fmt,
+        help="fine-tune a model on conversations (chat template, packed rows, optional LoRA)",
+        description="Supervised fine-tuning of --init.from (a llamita run or checkpoint, or an HF Llama directory) on "
+        "the conversations of --sft.data, through the pretraining trainer: every `pretrain` key applies, plus the "
+        "sft.* and lora.* keys below.",
+        epilog=_config_help(),
+    )
+    p.add_argument("--config", help="recipe file or bundled recipe name (sft-zephyr, sft-debug)")
+    p.set_defaults(func=cmd_sft, takes_overrides=True)
+
+    p = sub.add_parser(
+        "chat",
+        formatter_class=fmt,
+        help="chat with a fine-tuned model in the terminal (streamed, multi-turn), or answer one --prompt",
+    )
+    p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")
+    p.add_argument("--prompt", help="answer this one message and exit (for scripts)")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling probability mass")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
         "evaluate",
         formatter_class=fmt,
         help="zero-shot tasks (lm-eval-exact), text perplexity / bits per byte, or validation loss on shards",
@@ -470,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-gb", type=float, default=5.0, help="largest safetensors file in GB; larger models are sharded"
     )
     q.add_argument("--force", action="store_true", help="replace a model already in --out")
+    q.add_argument(
+        "--adapter", action="store_true", help="a LoRA run: its adapters as a peft adapter directory (default: merged)"
+    )
     q.set_defaults(func=cmd_export_hf)
     q = formats.add_parser("gguf", formatter_class=fmt, help="a llama.cpp GGUF file (weights, metadata and tokenizer)")
     q.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")

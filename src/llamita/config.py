@@ -184,6 +184,42 @@ class LogConfig:
 
 
 @dataclass
+class SFTConfig:
+    data: list[str] = field(default_factory=list)
+    """Conversation files, directories or globs (.jsonl[.gz|.zst], .parquet, HF datasets copies), for `llamita sft`."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "openllama"] = "auto"
+    """Record schema: messages (UltraChat), sharegpt (conversations/from/value), alpaca, openllama; auto detects."""
+    split: str = ""
+    """The split of an HF datasets copy to read (UltraChat-200k: train_sft); empty: every file."""
+    template: str = "zephyr"
+    """Chat template: zephyr (TinyLlama-Chat's), chatml, llama2, tokenizer (the tokenizer's own), or a Jinja file."""
+    train_on: Literal["assistant", "all"] = "assistant"
+    """Targets that carry loss: every assistant turn with its end-of-turn token, or every token."""
+    over_length: Literal["drop", "truncate"] = "drop"
+    """A conversation longer than data.seq_len: dropped (counted), or cut after its last assistant turn that fits."""
+    packing: bool = True
+    """Several conversations per row (attention stays inside each); false: one per row, padded."""
+    val_fraction: float = 0.01
+    """Conversations held out (by a hash of their text) for the validation loss on assistant tokens."""
+    epochs: float = 1.0
+    """Passes over the training rows, when train.max_steps and train.max_tokens are 0."""
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 0
+    """LoRA rank; 0 fine-tunes every weight (the default)."""
+    alpha: float = 16.0
+    """LoRA scale numerator: the update is (alpha / rank) B A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Linear layers that get adapters, by name."""
+
+
+@dataclass
 class RunConfig:
     out_dir: str = "runs/default"
     """Run directory: checkpoints, config.yaml, metrics.jsonl, TensorBoard events, tokenizer copy, loss.png."""
@@ -196,6 +232,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @cache
@@ -354,6 +392,11 @@ BOUNDS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "checkpoint.interval": _AT_LEAST_0,
     "checkpoint.keep_last": _AT_LEAST_0,
     "log.interval": _AT_LEAST_1,
+    "sft.val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "sft.epochs": ("> 0", lambda v: v > 0),
+    "lora.rank": _AT_LEAST_0,
+    "lora.alpha": ("> 0", lambda v: v > 0),
+    "lora.dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
 }
 
 
@@ -478,14 +521,16 @@ RESUME_FREE = (
     "checkpoint",
     "log",
     "init",
+    "sft.data",
 )
 """Keys (and sections) a resume may change freely: where things are, how fast and how often, not what is computed.
 
 Paths may move because their contents are checked (the tokenizer against each manifest, the shards against the
-checkpoint's sha256); `train.micro_batch` and the parallel layout change the accumulation as another number of ranks
-does, with the same global batch. Every other key (model, optim, the schedule's steps and tokens, seed, dtype, the
-spike guard, float8, sequence length, sources' names and weights, stages) changes the run's math: a resume that
-changes one needs `checkpoint.allow_config_change`.
+checkpoint's sha256, chat conversations through the packed rows' fingerprint); `train.micro_batch` and the
+parallel layout change the accumulation as another number of ranks does, with the same global batch. Every other
+key (model, optim, the schedule's steps and tokens, seed, dtype, the spike guard, float8, sequence length, sources'
+names and weights, stages, sft and lora settings) changes the run's math: a resume that changes one needs
+`checkpoint.allow_config_change`.
 """
 
 RESUME_IGNORED = ("checkpoint.resume", "init.from")

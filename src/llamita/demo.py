@@ -32,15 +32,15 @@ def prepare_demo_data(
     caps = {k: int(1e6 * (corpus_mb or v)) for k, v in DEMO_CORPUS_MB.items()}
     corpus = write_demo_corpus(out / "corpus", max_code_bytes=caps["code"], max_prose_bytes=caps["prose"])
     stats = demo_corpus_stats(corpus)
-    print(f"[1/5] corpus: {stats}")
+    print(f"[1/6] corpus: {stats}")
 
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
         tokenizer = Tokenizer.load(tok_dir)
-        print(f"[2/5] tokenizer: {tok_dir} exists ({tokenizer.vocab_size} tokens), kept")
+        print(f"[2/6] tokenizer: {tok_dir} exists ({tokenizer.vocab_size} tokens), kept")
     else:
         tokenizer = train_tokenizer(sorted(corpus.values()), vocab_size, tok_dir)
-        print(f"[2/5] tokenizer: trained {tokenizer.vocab_size} tokens -> {tok_dir}")
+        print(f"[2/6] tokenizer: trained {tokenizer.vocab_size} tokens -> {tok_dir}")
 
     data_dirs = {}
     for name, path in corpus.items():
@@ -48,7 +48,7 @@ def prepare_demo_data(
         m = prepare_source(
             name, [str(path)], tok_dir, data_dirs[name], shard_tokens=2**20, val_fraction=0.02, workers=1
         )
-        print(f"[3/5] prepared {name}: {m['totals']}")
+        print(f"[3/6] prepared {name}: {m['totals']}")
     return tok_dir, data_dirs
 
 
@@ -67,6 +67,8 @@ def run_demo(
     corpus_mb: float | None = None,
     vocab_size: int = DEMO_VOCAB,
     overrides: dict[str, str] | None = None,
+    chat_stage: bool = True,
+    chat_overrides: dict[str, str] | None = None,
 ) -> dict:
     """Run the demo pipeline into `out`; return the final training metrics plus timings.
 
@@ -76,6 +78,8 @@ def run_demo(
         corpus_mb: cap per source in MB (default: all ~2.3 MB of prose, 6 MB of code).
         vocab_size: tokenizer vocabulary size.
         overrides: further dotted config overrides (used by the tests to shrink the run).
+        chat_stage: also fine-tune the model into a chat model (`run_demo_chat`).
+        chat_overrides: dotted overrides of the chat stage's recipe (sft-demo).
     """
     from llamita.generate import generate
     from llamita.pretrain import pretrain
@@ -99,18 +103,22 @@ def run_demo(
         values["train.dtype"] = "fp32"
         print("this CPU has no native bf16 matrix instructions (AVX512-BF16 or AMX): training in fp32")
     cfg = load_config("demo", values)
-    print(f"[4/5] pretraining the {cfg.model.preset} preset for {cfg.train.max_steps} steps")
+    print(f"[4/6] pretraining the {cfg.model.preset} preset for {cfg.train.max_steps} steps")
     t1 = time.perf_counter()
     result = pretrain(cfg)
     t_train = time.perf_counter() - t1
 
     pre = load_pretrained(out)
-    print("[5/5] samples (temperature 0.8, top-k 50):")
+    print("[5/6] samples (temperature 0.8, top-k 50):")
     for i, prompt in enumerate(PROMPTS):
         prompt_ids = pre.tokenizer.encode(prompt, bos=True)
         ids = generate(pre.model, prompt_ids, 60, temperature=0.8, top_k=50, eos_id=pre.tokenizer.eos_id, seed=i)
         # Decoded together with the prompt, the continuation keeps its leading space.
         print(f"--- {prompt!r}\n{pre.tokenizer.decode(prompt_ids + ids)}\n")
+
+    t2 = time.perf_counter()
+    chat = run_demo_chat(out, values, chat_overrides) if chat_stage else None
+    t_chat = time.perf_counter() - t2
 
     rows = read_metrics(out / "metrics.jsonl")
     val = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -122,10 +130,41 @@ def run_demo(
         "median_tokens_per_s": sorted(train_rates)[len(train_rates) // 2] if train_rates else None,
         "prepare_seconds": round(t_prep, 1),
         "train_seconds": round(t_train, 1),
+        "chat": chat,
+        "chat_seconds": round(t_chat, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     print(
         f"demo done in {summary['total_seconds'] / 60:.1f} min: val loss {summary['first_val_loss']:.3f} -> "
         f"{summary['final_val_loss']:.3f}; run folder {out} (checkpoints, metrics.jsonl, tb/, loss.png)"
+        + (f"; chat model {out / 'chat'} (llamita chat --checkpoint {out / 'chat'})" if chat else "")
     )
     return summary
+
+
+CHAT_QUESTIONS = ["What does json.dumps() do?", "What does os.path.join() do?"]
+
+
+def run_demo_chat(out: Path, pretrain_values: dict[str, str], overrides: dict[str, str] | None = None) -> dict:
+    """The demo's chat stage: the standard library's instruction set, SFT of the pretrained demo model, a chat."""
+    from llamita.data.demo_corpus import write_demo_chat
+    from llamita.inference.chat import ChatSession, Sampling
+    from llamita.pretrained import load_pretrained
+    from llamita.sft import sft
+
+    conversations = write_demo_chat(out / "corpus" / "chat.jsonl")
+    values = {
+        "out_dir": str(out / "chat"),
+        "init.from": str(out),
+        "sft.data": f"['{conversations}']",
+        **{k: v for k, v in pretrain_values.items() if k == "train.dtype"},
+        **(overrides or {}),
+    }
+    cfg = load_config("sft-demo", values)
+    print(f"[6/6] chat: fine-tuning the demo model on {conversations} (zephyr template) for {cfg.sft.epochs:g} epochs")
+    result = sft(cfg)
+    pre = load_pretrained(out / "chat")
+    for question in CHAT_QUESTIONS:
+        session = ChatSession(pre, Sampling(temperature=0.0, max_new_tokens=60))
+        print(f"you> {question}\nassistant> {''.join(session.reply(question))}")
+    return {k: result[k] for k in ("step", "loss", "val_loss") if k in result}

@@ -7,6 +7,7 @@ reuse them with their own sampling.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import Tensor
@@ -105,7 +106,6 @@ def decode_one(model: Llama, token: Tensor, cache: KVCache, pos: int) -> Tensor:
     return model.lm_head(hidden).float()  # [B, V]
 
 
-@torch.inference_mode()
 def generate(
     model: Llama,
     prompt_ids: list[int],
@@ -114,13 +114,35 @@ def generate(
     temperature: float = 0.8,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     seed: int | None = None,
 ) -> list[int]:
-    """Continue a prompt, on whatever device the model is on.
+    """The new token ids of `stream` (same arguments), as one list."""
+    return list(
+        stream(
+            model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+            seed=seed,
+        )
+    )  # fmt: skip
 
-    Generation stops after `max_new_tokens`, after emitting `eos_id` (which is included in the result), or
-    when the next token would need a position beyond the model's max_seq_len, whichever comes first.
+
+@torch.inference_mode()  # as a decorator it wraps each resumption of the generator, not the consumer's code
+def stream(
+    model: Llama,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | Collection[int] | None = None,
+    seed: int | None = None,
+) -> Iterator[int]:
+    """Continue a prompt, on whatever device the model is on, yielding each new token id as it is sampled.
+
+    Generation stops after `max_new_tokens`, after emitting a stop id (`eos_id`: one id or several, e.g. a chat
+    template's end-of-turn; it is yielded too), or when the next token would need a position beyond the model's
+    max_seq_len, whichever comes first.
 
     Args:
         model: The language model.
@@ -129,10 +151,10 @@ def generate(
         temperature: Sampling temperature; 0 means greedy.
         top_k: Sample only among the k most likely tokens.
         top_p: Sample only from the nucleus of this much probability.
-        eos_id: Stop once this id has been generated.
+        eos_id: Stop once this id (or any of these ids) has been generated.
         seed: Makes sampling reproducible; None draws from torch's global generator.
 
-    Returns:
+    Yields:
         The new token ids only.
 
     Raises:
@@ -160,15 +182,17 @@ def generate(
     weight = next(model.parameters())
     generator = None if seed is None else torch.Generator(device=weight.device).manual_seed(seed)
     cache = KVCache(config, 1, n_prompt + n_new - 1, device=weight.device, dtype=weight.dtype)
+    stops = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
 
     def pick(logits: Tensor) -> Tensor:
         return sample(logits, temperature, top_k, top_p, generator)  # [1]
 
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=weight.device)  # [1, T]
     token = pick(prefill(model, tokens, cache))  # [1]
-    new_ids = [int(token.item())]
-    while new_ids[-1] != eos_id and len(new_ids) < n_new:
-        pos = n_prompt + len(new_ids) - 1  # where the token just sampled goes
+    for made in range(1, n_new + 1):
+        new_id = int(token.item())
+        yield new_id
+        if new_id in stops or made == n_new:
+            return
+        pos = n_prompt + made - 1  # where the token just sampled goes
         token = pick(decode_one(model, token.view(1, 1), cache, pos))  # [1]
-        new_ids.append(int(token.item()))
-    return new_ids

@@ -14,6 +14,7 @@ from llamita.data.loader import DataLoader
 from llamita.data.mixture import Mixture, MixtureError
 from llamita.data.prepare import load_manifest, shard_paths
 from llamita.data.shards import ShardError, read_shard
+from llamita.evaluate.perplexity import ShardValidation
 from llamita.model import Llama, ModelConfig, get_preset
 from llamita.tokenizer import Tokenizer
 from llamita.train.copies import ComputeCopies
@@ -289,7 +290,8 @@ def _pretrain(cfg: RunConfig) -> dict[str, Any]:
         model_config,
         optimizer,
         loader,
-        val_shards,
+        # The shards were written for the tokenizer's vocabulary, which the model's may exceed (padding).
+        ShardValidation(val_shards, cfg.data.seq_len, tokenizer.vocab_size) if val_shards else None,
         env.device,
         max_steps,
         autocast=plan.autocast_dtype,

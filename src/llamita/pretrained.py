@@ -44,6 +44,13 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> Pre
         model = Llama(model_config)
     model.to_empty(device=device)
     model.init_weights()  # fills non-persistent buffers (RoPE); the weights come from the checkpoint
-    ckpt.load_checkpoint(folder, model)
+    if run_config.lora.rank > 0:  # a LoRA fine-tune: its adapters are loaded with the base, then merged in
+        from llamita.chat.lora import LoRAConfig, apply_lora, merge_lora
+
+        apply_lora(model, LoRAConfig.of(run_config.lora))
+        ckpt.load_checkpoint(folder, model)
+        merge_lora(model)
+    else:
+        ckpt.load_checkpoint(folder, model)
     model.eval()
     return Pretrained(model, tokenizer, model_config, run_config, folder, state["step"])

@@ -7,11 +7,15 @@ the learned pieces. :func:`train_tokenizer` builds the same thing with the ``tok
 :meth:`Tokenizer.save` writes a directory that ``transformers.AutoTokenizer`` loads and encodes identically.
 
 Text is data: a document containing the characters ``</s>`` is encoded as those characters, never as the EOS
-id (as SentencePiece does); BOS/EOS ids are added only through ``encode(bos=..., eos=...)``.
+id (as SentencePiece does); BOS/EOS ids are added only through ``encode(bos=..., eos=...)``. A chat template is
+the exception: its rendering is read by :meth:`Tokenizer.encode_rendered`, where special-token strings are the
+tokens, as transformers' ``apply_chat_template`` reads it. A tokenizer carries its template (``chat_template``)
+and the special tokens a template adds (:meth:`Tokenizer.add_special_tokens`) through save and load.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -39,6 +43,8 @@ CHARACTER_COVERAGE = 0.99995
 MAX_TOKEN_CHARS = 16
 """Longest learned token in characters (SentencePiece's default), so boilerplate does not become one token."""
 DEFAULT_MODEL_MAX_LENGTH = 2048
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+"""Where transformers >= 4.50 saves a tokenizer's chat template; read before tokenizer_config.json, as it does."""
 
 
 class Tokenizer:
@@ -51,6 +57,7 @@ class Tokenizer:
         unk_token: the unknown token, or None if the vocabulary has none.
         model_max_length: context length written to ``tokenizer_config.json``.
         source: where the tokenizer came from, for error messages.
+        chat_template: the Jinja chat template written to ``tokenizer_config.json``, or None.
     """
 
     def __init__(
@@ -61,6 +68,7 @@ class Tokenizer:
         unk_token: str | None = UNK,
         model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
         source: str = "tokenizer",
+        chat_template: str | None = None,
     ) -> None:
         self._backend = backend
         # Special-token strings in text stay text (as in SentencePiece; saved as split_special_tokens).
@@ -68,6 +76,7 @@ class Tokenizer:
         self._tokens = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token}
         self._ids = {field: self._token_id(token, field, source) for field, token in self._tokens.items()}
         self.model_max_length = model_max_length
+        self.chat_template = chat_template
 
     def _token_id(self, token: str | None, field: str, source: str) -> int | None:
         if token is None:
@@ -87,7 +96,8 @@ class Tokenizer:
 
         A directory is read as ``tokenizer.json`` when present, else ``tokenizer.model`` (Meta's Llama 2).
         Special tokens come from ``tokenizer_config.json`` or ``special_tokens_map.json`` beside the file,
-        else from the SentencePiece model, else ``<s>``, ``</s>``, ``<unk>``.
+        else from the SentencePiece model, else ``<s>``, ``</s>``, ``<unk>``; the chat template from
+        ``chat_template.jinja`` or ``tokenizer_config.json`` (see :func:`read_chat_template`).
 
         Args:
             path: the directory or file.
@@ -128,6 +138,7 @@ class Tokenizer:
             **tokens,
             model_max_length=config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH),
             source=str(file),
+            chat_template=read_chat_template(directory),
         )
 
     @property
@@ -150,6 +161,26 @@ class Tokenizer:
         """Id of the unknown token (0 for Llama), or None if the vocabulary has none."""
         return self._ids["unk_token"]
 
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """The named special tokens, ``{"bos_token": "<s>", ...}``, as transformers' ``special_tokens_map``."""
+        return {field: token for field, token in self._tokens.items() if token is not None}
+
+    def add_special_tokens(self, tokens: Iterable[str]) -> int:
+        """Add tokens that are always one id in a rendered chat (e.g. ChatML's ``<|im_start|>``).
+
+        New tokens get the next ids; :meth:`encode` still reads their strings in plain text as text.
+
+        Returns:
+            How many tokens were new, i.e. how many rows the model's embeddings must grow by.
+        """
+        tokens = list(tokens)
+        if not all(isinstance(t, str) and t for t in tokens):
+            raise ValueError(f"special tokens must be non-empty strings, got {tokens!r}")
+        added = self._backend.add_special_tokens(tokens)
+        self.__dict__.pop("_rendered_backend", None)  # rebuilt with the new tokens on next use
+        return added
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of ``text``, with BOS prepended and EOS appended when asked."""
         return self._wrap(self._backend.encode(text, add_special_tokens=False).ids, bos, eos)
@@ -161,6 +192,22 @@ class Tokenizer:
 
     def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_rendered(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of a rendered chat template and each token's ``(start, end)`` character span in ``text``.
+
+        Unlike :meth:`encode`, special-token strings (``</s>``, ``<|im_end|>``) become their ids, and no BOS is
+        added: the ids of transformers' ``apply_chat_template(..., tokenize=True)``.
+        """
+        encoding = self._rendered_backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
+    @functools.cached_property
+    def _rendered_backend(self) -> Backend:
+        # A copy, so that encode() in another thread never sees the flag flipped.
+        backend = Backend.from_str(self._backend.to_str())
+        backend.encode_special_tokens = False
+        return backend
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids``; special tokens (BOS, EOS, UNK) are dropped, byte tokens become characters."""
@@ -175,12 +222,20 @@ class Tokenizer:
         """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` to ``out_dir``.
 
         ``transformers.AutoTokenizer.from_pretrained(out_dir)`` then encodes and decodes exactly as this
-        object, adding BOS by default (``tok(text)`` equals ``encode(text, bos=True)``).
+        object, adding BOS by default (``tok(text)`` equals ``encode(text, bos=True)``). A chat template is
+        written as ``chat_template`` and added special tokens as ``additional_special_tokens``; with a template,
+        transformers must read the special tokens in a rendered chat as tokens, so ``split_special_tokens`` is
+        then false: there ``tok(text)`` reads ``</s>`` in text as EOS, as for every Hugging Face chat model.
         """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self._backend.save(str(out_dir / "tokenizer.json"))
-        special = {field: token for field, token in self._tokens.items() if token is not None}
+        special = self.special_tokens
+        added = [
+            token.content
+            for _, token in sorted(self._backend.get_added_tokens_decoder().items())
+            if token.special and token.content not in special.values()
+        ]
         config = {
             # Not LlamaTokenizerFast: transformers 5 rebuilds that class's pipeline instead of reading ours.
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -190,8 +245,14 @@ class Tokenizer:
             "model_max_length": self.model_max_length,
             "legacy": False,
             "clean_up_tokenization_spaces": False,
-            "split_special_tokens": True,
+            "split_special_tokens": self.chat_template is None,
         }
+        if added:
+            config["additional_special_tokens"] = added
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        # transformers reads chat_template.jinja before tokenizer_config.json: a stale one would win.
+        (out_dir / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
         _write_json(out_dir / "tokenizer_config.json", config)
         _write_json(out_dir / "special_tokens_map.json", special)
 
@@ -391,6 +452,41 @@ def _read_config(directory: Path) -> dict:
         if isinstance(config.get("model_max_length"), int) and config["model_max_length"] < 1 << 31:
             found["model_max_length"] = config["model_max_length"]
     return found
+
+
+def read_chat_template(path: str | Path) -> str | None:
+    """The chat template of a tokenizer directory, a ``tokenizer_config.json`` or a ``.jinja`` file, or None.
+
+    A directory's ``chat_template.jinja`` wins over its ``tokenizer_config.json`` (transformers' order). A config
+    holding named templates (``[{"name": ..., "template": ...}]``) gives the one named ``default``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the config is not valid JSON, or its ``chat_template`` is neither a string nor has a default.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / CHAT_TEMPLATE_FILE).is_file():
+            return (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        path = path / "tokenizer_config.json"
+        if not path.is_file():
+            return None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such chat template or tokenizer_config.json")
+    if path.suffix != ".json":
+        return path.read_text(encoding="utf-8")
+    try:
+        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); fix or delete it") from e
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+        if template is None:
+            raise ValueError(f"{path}: chat_template names {sorted(map(str, named))} but no 'default'; keep one")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{path}: chat_template must be a Jinja string, got {type(template).__name__}")
+    return template
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -43,8 +43,63 @@ def write_demo_corpus(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"prose": out_dir / "prose.jsonl", "code": out_dir / "code.jsonl"}
     _write_jsonl(paths["prose"], _prose_documents(), max_prose_bytes)
-    _write_jsonl(paths["code"], (source for source, _ in _stdlib_modules()), max_code_bytes)
+    _write_jsonl(paths["code"], (source for _, source, _ in _stdlib_modules()), max_code_bytes)
     return paths
+
+
+DEMO_SYSTEM = "You answer questions about the Python standard library."
+
+
+def write_demo_chat(path: Path, max_conversations: int | None = None) -> Path:
+    """An instruction set from the standard library's own documentation, one conversation per JSON line.
+
+    For each public top-level function with a docstring (modules in sorted order): the user asks what
+    ``module.function()`` does and the assistant answers with the docstring's first paragraph; then the user asks
+    how to call it and the assistant gives its signature. Every third conversation starts with a system message.
+    The format is OpenAI-style ``{"messages": [{"role": ..., "content": ...}, ...]}``.
+
+    Args:
+        path: the .jsonl file to write.
+        max_conversations: stop after this many; None for every function.
+
+    Returns:
+        `path`.
+    """
+
+    def conversations() -> Iterator[dict]:
+        n = 0
+        for module, _, tree in _stdlib_modules():
+            if any(part.startswith("_") for part in module.split(".")):
+                continue
+            for node in tree.body:
+                if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                    continue
+                doc = ast.get_docstring(node, clean=True)
+                if not doc:
+                    continue
+                answer = doc.split("\n\n")[0].replace("\n", " ").strip()[:400]
+                call = f"{module}.{node.name}({ast.unparse(node.args)})"
+                messages = [
+                    {"role": "user", "content": f"What does {module}.{node.name}() do?"},
+                    {"role": "assistant", "content": answer},
+                    {"role": "user", "content": "How do I call it?"},
+                    {"role": "assistant", "content": f"Like this: {call}"},
+                ]
+                if n % 3 == 0:
+                    messages.insert(0, {"role": "system", "content": DEMO_SYSTEM})
+                yield {"messages": messages}
+                n += 1
+                if max_conversations is not None and n >= max_conversations:
+                    return
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for conversation in conversations():
+            f.write(json.dumps(conversation, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def demo_corpus_stats(paths: dict[str, Path]) -> dict[str, dict[str, int]]:
@@ -76,7 +131,7 @@ def _write_jsonl(path: Path, documents: Iterator[str], max_bytes: int | None) ->
 def _prose_documents() -> Iterator[str]:
     for key in sorted(topics):
         yield topics[key]
-    for _, tree in _stdlib_modules():
+    for _, _, tree in _stdlib_modules():
         docstrings = list(_docstrings(tree))
         if docstrings:
             yield "\n\n".join(docstrings)
@@ -91,8 +146,9 @@ def _docstrings(node: ast.AST) -> Iterator[str]:
             yield from _docstrings(child)
 
 
-def _stdlib_modules() -> Iterator[tuple[str, ast.Module]]:
-    """Source and syntax tree of each standard-library file that is UTF-8 and parses, in sorted path order."""
+def _stdlib_modules() -> Iterator[tuple[str, str, ast.Module]]:
+    """Dotted module name, source and syntax tree of each standard-library file that is UTF-8 and parses, in sorted
+    path order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
         (path for path in root.rglob("*.py") if not _SKIPPED_DIRS.intersection(path.relative_to(root).parts[:-1])),
@@ -107,4 +163,5 @@ def _stdlib_modules() -> Iterator[tuple[str, ast.Module]]:
         except (UnicodeDecodeError, SyntaxError, ValueError):
             continue  # a data file posing as Python (some ship deliberately broken ones) teaches nothing
         if source.strip():
-            yield source, tree
+            parts = path.relative_to(root).with_suffix("").parts
+            yield ".".join(parts[:-1] if parts[-1] == "__init__" else parts), source, tree

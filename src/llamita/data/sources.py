@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 try:
     import zstandard
@@ -197,7 +197,13 @@ def _files_under(directory: Path, skipped: dict[str, set[Path]]) -> list[Path]:
 
 
 class Rejects:
-    """Counts of rejected records, per file and per reason, with where each reason first occurred."""
+    """Counts of rejected records, per file and per reason, with where each reason first occurred.
+
+    A reader of another kind of record subclasses it with its own :attr:`reasons`.
+    """
+
+    reasons: tuple[str, ...] = REJECT_REASONS
+    """The reasons a record may be rejected for, in report order."""
 
     def __init__(self) -> None:
         self._counts: dict[str, dict[str, int]] = {}
@@ -205,8 +211,8 @@ class Rejects:
 
     def add(self, file: str | Path, reason: str, where: str | None = None) -> None:
         """Count one rejected record of ``file``; ``where`` (e.g. ``"line 7"``) is kept for its first one."""
-        if reason not in REJECT_REASONS:
-            raise ValueError(f"unknown reject reason {reason!r}; expected one of {REJECT_REASONS}")
+        if reason not in self.reasons:
+            raise ValueError(f"unknown reject reason {reason!r}; expected one of {self.reasons}")
         key = str(file)
         counts = self._counts.setdefault(key, {})
         counts[reason] = counts.get(reason, 0) + 1
@@ -215,6 +221,8 @@ class Rejects:
 
     def merge(self, other: Rejects) -> None:
         """Add ``other``'s counts to these; the first locations already held are kept."""
+        if not set(other.reasons) <= set(self.reasons):
+            raise ValueError(f"cannot merge {type(other).__name__} into {type(self).__name__}: other reasons")
         for file, counts in other._counts.items():
             mine = self._counts.setdefault(file, {})
             for reason, n in counts.items():
@@ -231,11 +239,11 @@ class Rejects:
 
     @property
     def by_reason(self) -> dict[str, int]:
-        """``{reason: count}`` over all files, in :data:`REJECT_REASONS` order, for the reasons that occurred."""
+        """``{reason: count}`` over all files, in :attr:`reasons` order, for the reasons that occurred."""
         totals: Counter[str] = Counter()
         for counts in self._counts.values():
             totals.update(counts)
-        return {reason: totals[reason] for reason in REJECT_REASONS if totals[reason]}
+        return {reason: totals[reason] for reason in self.reasons if totals[reason]}
 
     @property
     def by_file(self) -> dict[str, dict[str, int]]:
@@ -250,7 +258,7 @@ class Rejects:
         for file in sorted(self._counts):
             firsts = self._first.get(file, {})
             parts = []
-            for reason in REJECT_REASONS:
+            for reason in self.reasons:
                 n = self._counts[file].get(reason, 0)
                 if n:
                     at = f" (first at {firsts[reason]})" if reason in firsts else ""
@@ -318,6 +326,34 @@ def iter_records(
         yield from _jsonl_records(path, fmt, text_field, rejects, span)
 
 
+def iter_rows(path: Path, rejects: Rejects | None = None) -> Iterator[tuple[str, object]]:
+    """Yield ``(where, record)`` for every whole record of a ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst`` or ``.parquet``.
+
+    For readers whose records are more than one text field (conversations): a JSON line is parsed into any JSON
+    value, which the caller checks; a parquet row is a dict of all its columns. ``where`` is ``"line N"`` (from 1)
+    or ``"row N"`` (from 0, as :func:`iter_records` counts). A line that is not UTF-8 or not JSON is counted in
+    ``rejects`` as ``invalid_utf8`` / ``invalid_json`` and not yielded; blank lines carry no record.
+
+    Raises:
+        SourceError: the file cannot be read as a whole, or is not ``.jsonl*`` / ``.parquet``.
+    """
+    rejects = rejects if rejects is not None else Rejects()
+    fmt = source_format(path)
+    if fmt is None or fmt.startswith(".txt"):
+        raise SourceError(f"{path}: records are read from .jsonl, .jsonl.gz, .jsonl.zst or .parquet files")
+    if not path.is_file():
+        raise SourceError(f"{path}: no such file")
+    if fmt == ".parquet":
+        for row, batch in _parquet_batches(path, _open_parquet(path), None, None):
+            for i, record in enumerate(batch.to_pylist()):
+                yield f"row {row + i}", record
+        return
+    for _, where, raw in _jsonl_lines(path, fmt, None):
+        parsed = _parse_json_line(raw, path, where, rejects)
+        if parsed is not None:
+            yield where, parsed[1]
+
+
 def plan_spans(path: Path, target_bytes: int) -> list[Span | None]:
     """Split ``path`` into parts of roughly ``target_bytes`` that can be read independently.
 
@@ -367,6 +403,12 @@ def _txt_records(path: Path, fmt: str, rejects: Rejects) -> Iterator[tuple[int, 
 def _jsonl_records(
     path: Path, fmt: str, text_field: str, rejects: Rejects, span: Span | None
 ) -> Iterator[tuple[int, str | None]]:
+    for line_pos, where, raw in _jsonl_lines(path, fmt, span):
+        yield line_pos, _json_text(raw, text_field, path, where, rejects)
+
+
+def _jsonl_lines(path: Path, fmt: str, span: Span | None) -> Iterator[tuple[int, str, bytes]]:
+    """``(byte offset, "line N" or "byte N", raw line)`` for each non-blank line of a ``.jsonl*`` file (or span)."""
     start, stop = span if span is not None else (0, None)
     if start and fmt != ".jsonl":
         raise ValueError(f"{path}: compressed files cannot be read from an offset")
@@ -385,22 +427,30 @@ def _jsonl_records(
                     continue
                 # Line numbers are only known when reading from the start of the file.
                 where = f"line {lineno}" if not start else f"byte {line_pos}"
-                yield line_pos, _json_text(raw, text_field, path, where, rejects)
+                yield line_pos, where, raw
     except _ARCHIVE_ERRORS as err:
         raise _archive_error(path, fmt, err) from err
 
 
-def _json_text(raw: bytes, text_field: str, path: Path, where: str, rejects: Rejects) -> str | None:
+def _parse_json_line(raw: bytes, path: Path, where: str, rejects: Rejects) -> tuple[str, object] | None:
+    """``(decoded line, JSON value)``, or None for a line counted as ``invalid_utf8`` / ``invalid_json``."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError:
         rejects.add(path, "invalid_utf8", where)
         return None
     try:
-        record = json.loads(line)
+        return line, json.loads(line)
     except (ValueError, RecursionError):
         rejects.add(path, "invalid_json", where)
         return None
+
+
+def _json_text(raw: bytes, text_field: str, path: Path, where: str, rejects: Rejects) -> str | None:
+    parsed = _parse_json_line(raw, path, where, rejects)
+    if parsed is None:
+        return None
+    line, record = parsed
     # A null value counts as missing: there is no text to check the type of.
     if not isinstance(record, dict) or record.get(text_field) is None:
         rejects.add(path, "missing_field", where)
@@ -502,8 +552,6 @@ def _open_parquet(path: Path):  # -> pyarrow.parquet.ParquetFile
 def _parquet_records(
     path: Path, text_field: str, rejects: Rejects, span: Span | None
 ) -> Iterator[tuple[int, str | None]]:
-    import pyarrow as pa
-
     pf = _open_parquet(path)
     columns = pf.schema_arrow.names
     if text_field not in columns:
@@ -511,14 +559,21 @@ def _parquet_records(
             f"{path}: no column {text_field!r}; available columns: {', '.join(columns)}. "
             f"Set the source's text_field to the column holding the text."
         )
+    for row, batch in _parquet_batches(path, pf, [text_field], span):
+        for i, value in enumerate(batch.column(0).to_pylist()):
+            yield row + i, _parquet_text(value, path, f"row {row + i}", rejects)
+
+
+def _parquet_batches(path: Path, pf, columns: list[str] | None, span: Span | None) -> Iterator[tuple[int, Any]]:
+    """``(first row, RecordBatch)`` for the batches of ``columns`` in ``span``'s row groups; None means all."""
+    import pyarrow as pa
+
     groups = range(pf.metadata.num_row_groups) if span is None else range(*span)
     row = sum(pf.metadata.row_group(g).num_rows for g in range(groups.start))
     try:
-        batches = pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=list(groups), columns=[text_field])
-        for batch in batches:
-            for value in batch.column(0).to_pylist():
-                yield row, _parquet_text(value, path, f"row {row}", rejects)
-                row += 1
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=list(groups), columns=columns):
+            yield row, batch
+            row += batch.num_rows
     except (pa.ArrowException, OSError) as err:
         raise SourceError(f"{path}: corrupt parquet data near row {row} ({err})") from err
 

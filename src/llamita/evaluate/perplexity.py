@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +27,67 @@ from llamita.tokenizer import Tokenizer
 
 
 @torch.no_grad()
+def mean_loss(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, ...]],
+    *,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict[str, float]:
+    """Mean next-token cross-entropy over every target of `batches` that is not -100, summed over ranks.
+
+    Args:
+        model: the language model (put in eval mode; the caller restores its mode).
+        batches: (inputs, targets) or (inputs, targets, positions) [B, T] batches, as the training loaders yield
+            them; positions mark packed documents (`Llama.forward`).
+        device: where the model is.
+        autocast: the forward passes' autocast context, if any.
+
+    Returns:
+        {"val_loss": nats/token, "val_ppl": exp(val_loss), "val_tokens": tokens scored}; `val_tokens` 0 (and a
+        NaN loss) when no batch held a target.
+    """
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, tokens]
+    for batch in batches:
+        inputs, targets, *positions = (t.to(device) for t in batch)
+        with autocast or contextlib.nullcontext():
+            logits = model(inputs, positions=positions[0] if positions else None)  # [B, T, V]
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").double()
+        total[1] += (targets != -100).sum()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    loss_sum, tokens = total.tolist()
+    mean = loss_sum / tokens if tokens else math.nan
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), "val_tokens": int(tokens)}
+
+
+@dataclass(frozen=True)
+class ShardValidation:
+    """Held-out token shards scored in full windows of `seq_len` (pretraining's validation set).
+
+    Every window is scored in full (no sliding context), so the number is comparable across runs that use the same
+    `seq_len`. Under torch.distributed rank r scores windows r, r + world, ..., so the result does not depend on the
+    number of ranks.
+    """
+
+    shards: list[Path]
+    seq_len: int
+    vocab_size: int | None = None
+    """The shards' tokenizer vocabulary (the model's may exceed it: padding), checked while reading."""
+
+    def batches(self, batch_size: int, max_batches: int | None, rank: int, world: int) -> Iterator:
+        return eval_batches(
+            self.shards,
+            self.seq_len,
+            batch_size,
+            max_batches=max_batches,
+            rank=rank,
+            world_size=world,
+            vocab_size=self.vocab_size,
+        )
+
+
 def validation_loss(
     model: nn.Module,
     shards: list[Path],
@@ -36,45 +99,21 @@ def validation_loss(
     autocast: contextlib.AbstractContextManager | None = None,
     vocab_size: int | None = None,
 ) -> dict[str, float]:
-    """Token-weighted mean cross-entropy over the first `max_batches` batches of `shards`.
-
-    Every window is scored in full (no sliding context), so the number is comparable across runs that use
-    the same `seq_len`. Under torch.distributed each rank scores its stride of windows and the sums are
-    reduced, so the result does not depend on the number of ranks.
+    """Token-weighted mean cross-entropy over the first `max_batches` batches of `shards` (see `ShardValidation`).
 
     Returns:
         {"val_loss": nats/token, "val_ppl": exp(val_loss), "val_tokens": tokens scored}.
     """
-    model.eval()
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, tokens]
-    batches = eval_batches(
-        shards,
-        seq_len,
-        batch_size,
-        max_batches=max_batches,
-        rank=rank,
-        world_size=world,
-        vocab_size=vocab_size,
-    )
-    for inputs, targets in batches:
-        inputs, targets = inputs.to(device), targets.to(device)
-        with autocast or contextlib.nullcontext():
-            logits = model(inputs)  # [B, T, V]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-        total[0] += loss.double()
-        total[1] += targets.numel()
-    if world > 1:
-        dist.all_reduce(total)
-    loss_sum, tokens = total.tolist()
-    if tokens == 0:
+    batches = ShardValidation(shards, seq_len, vocab_size).batches(batch_size, max_batches, rank, world)
+    result = mean_loss(model, batches, device=device, autocast=autocast)
+    if result["val_tokens"] == 0:
         raise ConfigError(
             f"no validation windows of {seq_len + 1} tokens in {len(shards)} shard(s); "
             "prepare with a larger val fraction or lower the sequence length"
         )
-    mean = loss_sum / tokens
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), "val_tokens": int(tokens)}
+    return result
 
 
 def text_perplexity(

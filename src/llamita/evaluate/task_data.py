@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -222,17 +222,27 @@ def _read_json_records(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_arrow_records(path: Path) -> list[dict[str, Any]]:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if path.suffix == ".parquet":
         return pq.read_table(path).to_pylist()
-    try:  # `datasets` writes the Arrow IPC stream format; plain Arrow files use the file format
-        with pa.memory_map(str(path)) as source:
-            return pa.ipc.open_stream(source).read_all().to_pylist()
-    except pa.ArrowInvalid:
-        with pa.memory_map(str(path)) as source:
-            return pa.ipc.open_file(source).read_all().to_pylist()
+    return list(iter_arrow_records(path))
+
+
+def iter_arrow_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of an ``.arrow`` file as dicts, one record batch in memory at a time."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        try:  # `datasets` writes the Arrow IPC stream format; plain Arrow files use the file format
+            reader = pa.ipc.open_stream(source)
+            batches = iter(reader)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        for batch in batches:
+            yield from batch.to_pylist()
 
 
 def _read_mmlu_csv(path: Path) -> list[dict[str, Any]]:
@@ -297,7 +307,8 @@ def read_docs(task: str, files: list[Path]) -> list[Doc]:
 
 
 # ------------------------------------------------------------------------------------------ finding files
-def _files_under(root: Path, depth: int = _SEARCH_DEPTH) -> list[Path]:
+def files_under(root: Path, depth: int = _SEARCH_DEPTH) -> list[Path]:
+    """The files under `root`, `depth` levels deep, sorted, without hidden ones; symlinks are kept, not resolved."""
     found: list[Path] = []
     for child in sorted(root.iterdir()):
         if child.name.startswith("."):
@@ -305,11 +316,11 @@ def _files_under(root: Path, depth: int = _SEARCH_DEPTH) -> list[Path]:
         if child.is_file():
             found.append(child)
         elif child.is_dir() and depth > 0:
-            found.extend(_files_under(child, depth - 1))
+            found.extend(files_under(child, depth - 1))
     return found
 
 
-def _hf_split_file(path: Path, split: str) -> bool:
+def hf_split_file(path: Path, split: str) -> bool:
     """Whether `path` is one of a Hugging Face split's files: hub shards, save_to_disk, or cache names."""
     name = path.name
     if re.fullmatch(rf"{split}(-\d+-of-\d+(-[0-9a-f]+)?)?\.(parquet|arrow|jsonl|json)", name):
@@ -344,9 +355,9 @@ def find_split_files(task: str, path: Path, split: str) -> list[Path]:
     if not path.exists():
         raise FileNotFoundError(f"{task}: {path} does not exist; it should hold {_expected(task, split)}")
     root = path.parent if path.is_file() else path
-    candidates = _files_under(root)
+    candidates = files_under(root)
     native = [p for p in candidates for pattern in spec.native_files.get(split, ()) if p.match(pattern)]
-    matches = native or [p for p in candidates if _hf_split_file(p, split)]
+    matches = native or [p for p in candidates if hf_split_file(p, split)]
     if path.is_file() and path in matches:
         matches = [path]
     if not matches:

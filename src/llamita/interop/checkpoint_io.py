@@ -95,6 +95,7 @@ class CheckpointReader:
             stored = FileSystemReader(str(self.folder)).read_metadata().state_dict_metadata
         except (OSError, RuntimeError, ValueError) as e:
             raise ckpt.CheckpointError(f"{self.folder}: unreadable DCP metadata ({e})") from None
+        self._stored = stored
         self._meta: dict[str, TensorStorageMetadata] = {}
         for name, shape in model_shapes(self.model_config).items():
             meta = stored.get(f"{MODEL_KEY}.{name}")
@@ -110,6 +111,14 @@ class CheckpointReader:
                 )
             self._meta[name] = meta
         self.names = weight_names(self.model_config)
+
+    def lora_settings(self) -> Any:
+        """The `chat.lora.LoRAConfig` of a LoRA run's checkpoint (it holds adapter factors), else None."""
+        if not any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in self._stored):
+            return None
+        from llamita.chat.lora import LoRAConfig
+
+        return LoRAConfig.of(ckpt.read_state(self.folder)["run_config"]["lora"])
 
     def tokenizer(self) -> Tokenizer:
         """The run's tokenizer copy (``<run>/tokenizer``)."""
@@ -136,6 +145,21 @@ class CheckpointReader:
     def __iter__(self) -> Iterator[tuple[str, Tensor]]:
         for name in self.names:
             yield name, self.load(name)
+
+
+def open_checkpoint(path: str | Path, *, verify: bool = True) -> WeightSource:
+    """The weights of a llamita checkpoint as a `WeightSource`; a LoRA run's with its adapters merged in.
+
+    Every reader of weights goes through here (exports, `init.from`), so a LoRA fine-tune is never read as its
+    base model. The result also has the reader's `folder` and `tokenizer()`.
+    """
+    reader = CheckpointReader(path, verify=verify)
+    lora = reader.lora_settings()
+    if lora is None:
+        return reader
+    from llamita.chat.lora import MergedWeights, read_lora_checkpoint
+
+    return MergedWeights(reader, read_lora_checkpoint(reader.folder, verify=False), lora)
 
 
 class _StreamingSavePlanner(DefaultSavePlanner):

@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from llamita.interop.checkpoint_io import CheckpointReader, model_shapes
-from llamita.interop.hf import chat_template
+from llamita.interop.checkpoint_io import model_shapes, open_checkpoint
 from llamita.model import ModelConfig
 from llamita.tokenizer import Tokenizer
 
@@ -252,7 +251,7 @@ def gguf_vocab(tokenizer: Tokenizer, vocab_size: int) -> GGUFVocab:
         tokenizer.bos_id,
         tokenizer.eos_id,
         tokenizer.unk_id,
-        chat_template(tokenizer),
+        tokenizer.chat_template,
     )
 
 
@@ -314,7 +313,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16", *, 
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; choose another --out, or pass --force to replace it")
     gguf = _import_gguf()
-    source = CheckpointReader(checkpoint)
+    source = open_checkpoint(checkpoint)
     config = source.model_config
     vocab = gguf_vocab(source.tokenizer(), config.vocab_size)
     plans = _plan(config, source.names, dtype)

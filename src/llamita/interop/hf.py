@@ -20,9 +20,9 @@ from safetensors import safe_open
 from torch import Tensor
 
 from llamita.interop.checkpoint_io import (
-    CheckpointReader,
     WeightSource,
     model_shapes,
+    open_checkpoint,
     weight_names,
     write_checkpoint,
 )
@@ -342,11 +342,6 @@ def write_safetensors(out_dir: Path, source: WeightSource, dtype: torch.dtype, m
     return files
 
 
-def chat_template(tokenizer: Tokenizer) -> str | None:
-    """The tokenizer's chat template, once `llamita.tokenizer` carries one; exports write it where it is set."""
-    return getattr(tokenizer, "chat_template", None)
-
-
 def export_hf(
     checkpoint: str | Path,
     out: str | Path,
@@ -375,6 +370,12 @@ def export_hf(
         ValueError: an unknown dtype.
         FileExistsError: `out` already holds a model (config.json or safetensors) and `force` is off.
     """
+    _check_export(out, dtype, force)  # before reading the checkpoint
+    source = open_checkpoint(checkpoint)
+    return write_hf(out, source, source.tokenizer(), dtype, max_shard_bytes=max_shard_bytes, force=force)
+
+
+def _check_export(out: str | Path, dtype: str, force: bool) -> None:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out)
@@ -384,8 +385,38 @@ def export_hf(
             f"{out} already holds a model ({', '.join(sorted(held))}); choose another --out, or pass --force to "
             "replace it"
         )
-    source = CheckpointReader(checkpoint)
-    tokenizer = source.tokenizer()
+
+
+def write_hf(
+    out: str | Path,
+    source: WeightSource,
+    tokenizer: Tokenizer,
+    dtype: str = "fp32",
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    force: bool = False,
+) -> Path:
+    """Write weights read one tensor at a time, and a tokenizer, as a Hugging Face LlamaForCausalLM directory.
+
+    `export_hf` with the weights and tokenizer given rather than read from a checkpoint: e.g. a base checkpoint
+    with LoRA adapters merged in one tensor at a time (`llamita.chat.lora.export_merged_hf`).
+
+    Args:
+        out: the directory to write (created; one that already holds a model is replaced only with `force`).
+        source: the weights (`CheckpointReader`, `HFWeights`, or a wrapper around one).
+        tokenizer: saved beside the weights, with its chat template when it has one.
+        dtype: fp32, bf16 or fp16.
+        max_shard_bytes: largest safetensors file before the weights are split into shards.
+
+    Returns:
+        `out` as a Path.
+
+    Raises:
+        ValueError: an unknown dtype.
+        FileExistsError: `out` already holds a model (config.json or safetensors) and `force` is off.
+    """
+    _check_export(out, dtype, force)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / SAFETENSORS_INDEX]:
         stale.unlink(missing_ok=True)  # a previous export's shards would be read alongside the new ones
@@ -393,15 +424,16 @@ def export_hf(
     config = source.model_config
     hf = hf_config_dict(config, DTYPES[dtype], tokenizer.bos_id, tokenizer.eos_id)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    eos: int | list[int] = tokenizer.eos_id
+    if tokenizer.chat_template:  # generate() stops at the template's end of turn too (ChatML's <|im_end|>)
+        from llamita.chat.templates import stop_ids
+
+        eos = sorted({tokenizer.eos_id, *stop_ids(tokenizer.chat_template, tokenizer)})
+        eos = eos[0] if len(eos) == 1 else eos
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     tokenizer.model_max_length = config.max_seq_len
-    tokenizer.save(out)
-    template = chat_template(tokenizer)
-    if template:
-        tok_config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-        tok_config["chat_template"] = template
-        (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
+    tokenizer.save(out)  # with the chat template, when the model has one (tokenizer_config.json's chat_template)
     return out
 
 
@@ -456,4 +488,5 @@ __all__ = [
     "import_hf",
     "load_hf_state_dict",
     "model_config_from_hf",
+    "write_hf",
 ]

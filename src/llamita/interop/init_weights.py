@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from llamita.interop.checkpoint_io import CheckpointReader, WeightSource
+from llamita.interop.checkpoint_io import WeightSource, open_checkpoint
 from llamita.interop.hf import HFWeights
 from llamita.model import Llama, ModelConfig
 
@@ -22,7 +22,8 @@ IGNORED_FIELDS = ("max_seq_len", "init_std")
 def open_weights(path: str | Path, *, verify: bool = True) -> WeightSource:
     """The weights at `path`: a Hugging Face directory (has config.json) or a llamita run / checkpoint folder.
 
-    A llamita checkpoint is checked against its checksums first unless `verify` is off (see `CheckpointReader`).
+    A llamita checkpoint is checked against its checksums first unless `verify` is off, and a LoRA run's adapters
+    are merged into its base weights (`open_checkpoint`).
 
     Raises:
         llamita.train.checkpoint.CheckpointError: `path` is neither, or an incomplete checkpoint.
@@ -31,7 +32,7 @@ def open_weights(path: str | Path, *, verify: bool = True) -> WeightSource:
     path = Path(path)
     if (path / "config.json").is_file():
         return HFWeights(path)
-    return CheckpointReader(path, verify=verify)
+    return open_checkpoint(path, verify=verify)
 
 
 def read_model_config(path: str | Path) -> ModelConfig:

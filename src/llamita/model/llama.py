@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from llamita.model.config import ModelConfig
 from llamita.model.loss import chunked_cross_entropy
@@ -66,6 +67,32 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)  # [B, heads, T, hd/2] each
     rotated = torch.cat([-x2, x1], dim=-1)  # [B, heads, T, hd]
     return x * cos + rotated * sin  # [B, heads, T, hd]
+
+
+def document_mask(positions: Tensor, *, blocks: bool | None = None) -> Tensor | BlockMask:
+    """The attention mask of packed documents: causal within each document, nothing across documents.
+
+    Args:
+        positions: [B, T] position of every token in its own document; each document starts at position 0.
+        blocks: a FlexAttention `BlockMask` (default on CUDA: its kernel skips the blocks no query may see, where
+            SDPA with a dense mask has no flash kernel) instead of the dense mask (default elsewhere).
+
+    Returns:
+        [B, 1, T, T] boolean, True where query i may see key j; or the same as a `BlockMask`.
+    """
+    doc = (positions == 0).cumsum(dim=1)  # [B, T]: document index of every token
+    B, T = positions.shape
+    if blocks if blocks is not None else positions.is_cuda:
+
+        def same_document_causal(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+            return (doc[b, q] == doc[b, k]) & (k <= q)
+
+        # Compiled: building the block table eagerly costs milliseconds per micro-batch at 2048 tokens.
+        return create_block_mask(
+            same_document_causal, B, None, T, T, device=positions.device, _compile=positions.is_cuda
+        )
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()  # [T, T]
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # [B, 1, T, T]
 
 
 class KVCache:
@@ -123,7 +150,7 @@ class Attention(nn.Module):
         sin: Tensor,
         kv: tuple[Tensor, Tensor] | None = None,
         start_pos: int = 0,
-        mask: Tensor | None = None,
+        mask: Tensor | BlockMask | None = None,
     ) -> Tensor:
         """Attend from x's T positions (start_pos onwards) to themselves and, with a cache, to earlier ones.
 
@@ -134,7 +161,7 @@ class Attention(nn.Module):
             kv: This layer's (keys, values) cache buffers, each [B, KV, max_len, hd], updated in place.
             start_pos: Position of x's first token; must be 0 without a cache.
             mask: [B, 1, T, T] boolean, True where query i may see key j, replacing the causal mask (packed
-                sequences); only without a cache.
+                sequences), or the same as a FlexAttention `BlockMask`; only without a cache.
 
         Returns:
             [B, T, D].
@@ -158,9 +185,11 @@ class Attention(nn.Module):
                     mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(start_pos)  # [T, end]
         # start_pos == 0: queries and keys are the same T positions, so the plain causal mask is right.
         # A single decoded token at start_pos > 0 may see every cached key, so it needs no mask at all.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # [B, H, T, hd]
+        gqa = self.n_kv_heads != self.n_heads
+        if isinstance(mask, BlockMask):  # packed documents on a GPU (`document_mask`)
+            y = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)  # [B, H, T, hd]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H * hd]
         return self.o_proj(y)  # [B, T, D]
 
@@ -196,7 +225,7 @@ class Block(nn.Module):
         sin: Tensor,
         kv: tuple[Tensor, Tensor] | None = None,
         start_pos: int = 0,
-        mask: Tensor | None = None,
+        mask: Tensor | BlockMask | None = None,
     ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start_pos, mask)  # [B, T, D]
         return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, D]
@@ -260,7 +289,7 @@ class Llama(nn.Module):
         start_pos: int = 0,
         *,
         positions: Tensor | None = None,
-        mask: Tensor | None = None,
+        mask: Tensor | BlockMask | None = None,
     ) -> Tensor:
         """Final-normed hidden states (the lm_head's input).
 
@@ -279,7 +308,8 @@ class Llama(nn.Module):
         B, T = tokens.shape
         end = start_pos + T
         if positions is not None:
-            if int(positions.max()) >= self.config.max_seq_len:
+            # Checked on the host only where that costs no device sync; on a GPU an index out of the tables raises.
+            if not positions.is_cuda and int(positions.max()) >= self.config.max_seq_len:
                 raise ValueError(f"a position exceeds the model's max_seq_len ({self.config.max_seq_len})")
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [B, 1, T, hd] each
         else:
@@ -303,7 +333,12 @@ class Llama(nn.Module):
         return self.model.norm(x)  # [B, T, D]
 
     def forward(
-        self, tokens: Tensor, cache: KVCache | None = None, start_pos: int = 0, targets: Tensor | None = None
+        self,
+        tokens: Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        targets: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """Next-token logits at every position, or with `targets` the mean cross-entropy against them.
 
@@ -316,11 +351,14 @@ class Llama(nn.Module):
             cache: KV cache for incremental decoding; None for training.
             start_pos: Position of the first token; must be 0 without a cache.
             targets: [B, T] next-token ids (-100 to skip a position); None for logits.
+            positions: [B, T] positions of packed documents (each restarting at 0, see `document_mask`): every
+                document attends only to itself, at the positions it would have alone; no cache.
 
         Returns:
             [B, T, V] logits, or the scalar fp32 mean loss when `targets` is given.
         """
-        h = self.hidden_states(tokens, cache, start_pos)  # [B, T, D]
+        mask = None if positions is None else document_mask(positions)  # [B, 1, T, T]
+        h = self.hidden_states(tokens, cache, start_pos, positions=positions, mask=mask)  # [B, T, D]
         if targets is None:
             return self.lm_head(h)  # [B, T, V]
         return chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())  # scalar

@@ -70,7 +70,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         ignore_index: int,
     ) -> Tensor:
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        inv_count = 1.0 / (targets != ignore_index).sum().float()  # scalar, stays on the device: no host sync
+        # A batch without targets (a packed chat row of prompts only) has loss 0 and no gradient, not NaN.
+        inv_count = 1.0 / (targets != ignore_index).sum().clamp(min=1).float()  # scalar, on the device: no host sync
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, D]
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None

@@ -20,14 +20,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from llamita.config import UNSET, RunConfig, changes_math, describe_change, resume_changes, to_dict
-from llamita.evaluate.perplexity import validation_loss
+from llamita.evaluate.perplexity import mean_loss
 from llamita.model.config import ModelConfig
 from llamita.tokenizer import Tokenizer
 from llamita.train import checkpoint as ckpt
@@ -36,12 +36,23 @@ from llamita.train.metrics import MetricsLogger, Throughput, peak_flops
 from llamita.train.optim import clipped_step, gradient_norm, lr_at, set_lr
 
 
-def causal_lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32; inputs and targets are [B, T] token ids.
+def causal_lm_loss(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 over the targets that are not -100; inputs and targets are [B, T].
 
-    The model computes it (chunked, from its output head) so the full logits are never materialised.
+    The model computes it (chunked, from its output head) so the full logits are never materialised. `positions`
+    ([B, T], restarting at 0 at each document) marks packed documents, which then attend only to themselves.
     """
-    return model(inputs, targets=targets)  # scalar
+    return model(inputs, targets=targets, positions=positions)  # scalar
+
+
+class Validation(Protocol):
+    """A held-out set the trainer scores (`evaluate.perplexity.ShardValidation`, `chat.packing.PackedValidation`)."""
+
+    def batches(self, batch_size: int, max_batches: int | None, rank: int, world: int) -> Iterator[tuple]:
+        """This rank's (inputs, targets[, positions]) batches; every rank gets the same number."""
+        ...
 
 
 CONFIG_CHANGES_FILE = "config_changes.jsonl"
@@ -106,8 +117,11 @@ class Trainer:
         model: the model, initialised and already placed/wrapped for its device(s).
         model_config: the architecture, for FLOPs/token and for the checkpoint.
         optimizer: built over `model`'s parameters.
-        loader: yields (inputs, targets) micro-batches for this rank; has state_dict()/load_state_dict().
-        val_shards: held-out shards for validation loss (may be empty).
+        loader: yields (inputs, targets) or (inputs, targets, positions) micro-batches for this rank; has
+            state_dict()/load_state_dict(). A loader whose batches hold different numbers of targets (packed chat
+            rows) says so with `token_weighted = True`: each micro-batch's loss is then weighted by its share of
+            the step's targets over all ranks, so a step's gradient is the mean over its tokens.
+        validation: the held-out set for validation loss, or None.
         device: the compute device of this rank.
         max_steps: optimizer steps of the whole run.
         autocast: autocast forward passes to this dtype; None when the weights already have the compute dtype
@@ -121,7 +135,7 @@ class Trainer:
         model_config: ModelConfig,
         optimizer: torch.optim.Optimizer,
         loader: Any,
-        val_shards: list[Path],
+        validation: Validation | None,
         device: torch.device,
         max_steps: int,
         *,
@@ -133,7 +147,7 @@ class Trainer:
         self.model_config = model_config
         self.optimizer = optimizer
         self.loader = loader
-        self.val_shards = val_shards
+        self.validation = validation
         self.device = device
         self.max_steps = max_steps
         self.out_dir = Path(cfg.out_dir)
@@ -209,17 +223,17 @@ class Trainer:
         assert self._batches is not None
         set_lr(self.optimizer, lr_at(self.state.step, self.cfg.optim, self.max_steps))
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.accum):
-            inputs, targets = next(self._batches)
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+        micro_batches = [next(self._batches) for _ in range(self.accum)]
+        weights = self._micro_weights(micro_batches)
+        for micro, batch in enumerate(micro_batches):
+            batch = [t.to(self.device, non_blocking=True) for t in batch]  # inputs, targets[, positions]
             if hasattr(self.model, "set_requires_gradient_sync"):
                 # FSDP2: reduce-scatter gradients only on the last micro-batch of the step.
                 self.model.set_requires_gradient_sync(micro == self.accum - 1)
             with self.autocast:
-                loss = causal_lm_loss(self.model, inputs, targets)
-            (loss / self.accum).backward()
-            loss_sum += loss.detach()
+                loss = causal_lm_loss(self.model, *batch)
+            (loss / self.accum if weights is None else loss * weights[micro]).backward()
+            loss_sum += loss.detach() if weights is None else loss.detach() * weights[micro] * self.accum
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = gradient_norm(self.optimizer)
         mean_loss = loss_sum / self.accum
@@ -229,6 +243,18 @@ class Trainer:
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
         return mean_loss, grad_norm, summary
+
+    def _micro_weights(self, micro_batches: list) -> torch.Tensor | None:
+        """Each micro-batch's share of the step's targets over all ranks, times the ranks (which gradient reduction
+        averages), for a token-weighted loader; None when every micro-batch holds the same number (pretraining)."""
+        if not getattr(self.loader, "token_weighted", False):
+            return None
+        counts = torch.tensor([int((b[1] != -100).sum()) for b in micro_batches], dtype=torch.float32)
+        counts = counts.to(self.device)  # [accum]
+        total = counts.sum()
+        if self.world_size > 1:
+            dist.all_reduce(total)
+        return counts * self.world_size / total.clamp(min=1)  # [accum]
 
     def _request_stop(self, signum: int, frame: object) -> None:
         self._stop_signal = signum
@@ -253,19 +279,11 @@ class Trainer:
         size cost no recompilation (the same for `eval.tasks`).
         """
         ev = self.cfg.eval
+        assert self.validation is not None
+        # Rank r scores windows r, r + world, ...: batches / world per rank covers the windows of one rank.
+        batches = self.validation.batches(ev.batch_size, -(-ev.batches // self.world_size), self.rank, self.world_size)
         with torch.compiler.set_stance("force_eager"):
-            result = validation_loss(
-                self.model,
-                self.val_shards,
-                seq_len=self.cfg.data.seq_len,
-                batch_size=ev.batch_size,
-                # Rank r scores windows r, r + world, ...: batches / world per rank covers the windows of one rank.
-                max_batches=-(-ev.batches // self.world_size),
-                device=self.device,
-                autocast=self.autocast,
-                # The shards were written for the tokenizer's vocabulary, which the model's may exceed (padding).
-                vocab_size=self.tokenizer.vocab_size if self.tokenizer is not None else None,
-            )
+            result = mean_loss(self.model, batches, device=self.device, autocast=self.autocast)
         self.model.train()
         return result
 
@@ -410,7 +428,7 @@ class Trainer:
 
     def _train_loop(self, logger: MetricsLogger, meter: Throughput, pending: list, last: dict[str, Any]) -> None:
         log = self.cfg.log
-        if self.state.step == 0 and self.val_shards and self.cfg.eval.interval > 0:
+        if self.state.step == 0 and self.validation is not None and self.cfg.eval.interval > 0:
             last.update(self._log_validation(logger))
             meter.update(self.state.tokens)
         previous: HostCopy | None = None  # the guard summary of the step before, on its way to the host
@@ -442,7 +460,7 @@ class Trainer:
             if step % log.interval == 0 or done:
                 last.update(self._flush(pending, logger, meter, report=True))
             eval_due = self.cfg.eval.interval > 0 and step % self.cfg.eval.interval == 0
-            if self.val_shards and (eval_due or done):
+            if self.validation is not None and (eval_due or done):
                 last.update(self._flush(pending, logger, meter))
                 last.update(self._log_validation(logger))
                 meter.update(self.state.tokens)  # keep eval time out of training throughput

@@ -1,0 +1,1 @@
+"""Post-training: chat templates, conversation readers, packing, LoRA, and the SFT entry."""
