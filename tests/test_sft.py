@@ -155,3 +155,30 @@ def test_a_lora_run_exports_merged_and_as_a_peft_adapter(base_run, chat_file, tm
     on_base = transformers.AutoModelForCausalLM.from_pretrained(export_hf(base_run, tmp_path / "base"))
     with_adapter = peft.PeftModel.from_pretrained(on_base, tmp_path / "adapter")
     torch.testing.assert_close(with_adapter(ids).logits, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_sft_from_a_hugging_face_directory_and_the_terminal_chat(base_run, chat_file, tmp_path):
+    import io
+
+    from llamita.inference.chat import ChatSession, Sampling, run_terminal
+    from llamita.interop import export_hf
+    from llamita.pretrained import load_pretrained
+    from llamita.sft import sft
+
+    hf_dir = export_hf(base_run, tmp_path / "base-hf")
+    result = sft(_cfg(tmp_path / "from-hf", str(hf_dir), chat_file, **{"train.max_steps": "3"}))
+    assert result["step"] == 3
+    session = ChatSession(load_pretrained(tmp_path / "from-hf"), Sampling(temperature=0.0, max_new_tokens=5))
+    stdin = io.StringIO("/system be brief\nwhat is 3 plus one?\nand twice that?\n/reset\n/quit\n")
+    stdout = io.StringIO()
+    run_terminal(session, stdin, stdout)
+    shown = stdout.getvalue()
+    assert shown.count("assistant> ") == 2 and "(system message set; conversation cleared)" in shown
+    assert "(conversation cleared)" in shown and session.messages == []
+    # The second question was asked with the first exchange and the system message before it.
+    session.system = "be brief"
+    answer = "".join(session.reply("what is 3 plus one?"))
+    assert session.messages == [
+        {"role": "user", "content": "what is 3 plus one?"},
+        {"role": "assistant", "content": answer},
+    ]
