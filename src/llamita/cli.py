@@ -8,6 +8,7 @@ import os
 import sys
 import typing
 from pathlib import Path
+from typing import Any
 
 from llamita.config import ConfigError, RunConfig, iter_fields, to_dict
 
@@ -96,29 +97,24 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(json.dumps(totals, indent=1))
 
 
-def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> None:
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
+    """`pretrain` and `sft`: a recipe plus dotted overrides, one entry function each."""
     from llamita.config import load_config
-    from llamita.pretrain import pretrain
+
+    if args.command == "sft":
+        from llamita.sft import sft as entry
+    else:
+        from llamita.pretrain import pretrain as entry
 
     cfg = load_config(args.config, parse_overrides(extra))
-    result = pretrain(cfg)
+    result = entry(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns the same result
         print(json.dumps(result, indent=1))
 
 
-def cmd_sft(args: argparse.Namespace, extra: list[str]) -> None:
-    from llamita.config import load_config
-    from llamita.sft import sft
-
-    cfg = load_config(args.config, parse_overrides(extra))
-    result = sft(cfg)
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps(result, indent=1))
-
-
-def cmd_chat(args: argparse.Namespace) -> None:
+def _sampling_model(args: argparse.Namespace) -> tuple[Any, float]:
+    """`generate`'s and `chat`'s model and temperature; the sampling options are checked before it loads."""
     from llamita.generate import check_sampling
-    from llamita.inference.chat import ChatSession, Sampling, run_terminal
     from llamita.pretrained import load_pretrained
     from llamita.train.parallel import pick_device
 
@@ -126,7 +122,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
     check_sampling(temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    pre = load_pretrained(args.checkpoint, pick_device(args.device, option="--device"))
+    return load_pretrained(args.checkpoint, pick_device(args.device, option="--device")), temperature
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from llamita.inference.chat import ChatSession, Sampling, run_terminal
+
+    pre, temperature = _sampling_model(args)
     sampling = Sampling(temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
     session = ChatSession(pre, sampling, system=args.system)
     if args.prompt is None:
@@ -193,15 +195,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from llamita.generate import check_sampling, generate
-    from llamita.pretrained import load_pretrained
-    from llamita.train.parallel import pick_device
+    from llamita.generate import generate
 
-    temperature = 0.0 if args.greedy else args.temperature
-    check_sampling(temperature, args.top_k, args.top_p)
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    pre = load_pretrained(args.checkpoint, pick_device(args.device, option="--device"))
+    pre, temperature = _sampling_model(args)
     prompt_ids = pre.tokenizer.encode(args.prompt, bos=True)
     context = pre.model_config.max_seq_len
     if len(prompt_ids) > context:
@@ -422,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_config_help(),
     )
     p.add_argument("--config", help="recipe file or bundled recipe name (demo, debug, tinyllama-1.1b)")
-    p.set_defaults(func=cmd_pretrain, takes_overrides=True)
+    p.set_defaults(func=cmd_train, takes_overrides=True)
 
     p = sub.add_parser(
         "sft",
@@ -434,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_config_help(),
     )
     p.add_argument("--config", help="recipe file or bundled recipe name (sft-zephyr, sft-debug)")
-    p.set_defaults(func=cmd_sft, takes_overrides=True)
+    p.set_defaults(func=cmd_train, takes_overrides=True)
 
     p = sub.add_parser(
         "chat",

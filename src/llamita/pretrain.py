@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,10 +234,15 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
 
     Launched by torchrun, every process calls this; it leaves no process group behind that it created.
     """
+    return leaving_no_process_group(_pretrain, cfg)
+
+
+def leaving_no_process_group(entry: Callable[[RunConfig], dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
+    """Run a training entry (`_pretrain`, `sft._sft`), then tear down the process group it created, if any."""
     had_group = dist.is_initialized()
     finished = False
     try:
-        result = _pretrain(cfg)
+        result = entry(cfg)
         finished = True
         return result
     finally:

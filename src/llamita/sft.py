@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from llamita.chat.conversations import ConversationRejects, read_conversations
 from llamita.chat.packing import Example, PackedLoader, PackedRows, PackedValidation, fit_length, pack
 from llamita.chat.templates import add_template_tokens, get_template, render
 from llamita.config import ConfigError, RunConfig, check_config, save_config
 from llamita.model import ModelConfig
-from llamita.pretrain import build_model, global_batch_sequences
+from llamita.pretrain import build_model, global_batch_sequences, leaving_no_process_group
 from llamita.tokenizer import Tokenizer
 from llamita.train.copies import ComputeCopies
 from llamita.train.optim import build_optimizer
@@ -118,18 +117,11 @@ def chat_model_config(base: ModelConfig, tokenizer: Tokenizer, seq_len: int) -> 
 
 
 def sft(cfg: RunConfig) -> dict[str, Any]:
-    """Fine-tune `init.from` on the conversations of `sft.data` (or resume that run); return the final metrics."""
-    had_group = dist.is_initialized()
-    finished = False
-    try:
-        result = _sft(cfg)
-        finished = True
-        return result
-    finally:
-        if not had_group and dist.is_initialized():
-            if finished:
-                dist.barrier()
-            dist.destroy_process_group()
+    """Fine-tune `init.from` on the conversations of `sft.data` (or resume that run); return the final metrics.
+
+    Launched by torchrun, every process calls this; it leaves no process group behind that it created.
+    """
+    return leaving_no_process_group(_sft, cfg)
 
 
 def _sft(cfg: RunConfig) -> dict[str, Any]:
