@@ -96,8 +96,7 @@ def build_chat_data(
     log(
         f"chat data: {stats.conversations:,} conversations -> {stats.rows:,} rows of {cfg.data.seq_len} tokens "
         f"(packing efficiency {100 * report['packing_efficiency']:.1f}%, {stats.trained_tokens:,} trained tokens), "
-        f"{val_stats.conversations:,} held out, {truncated} truncated at a turn (sft.over_length); "
-        + rejects.summary()
+        f"{val_stats.conversations:,} held out, {truncated} truncated at a turn (sft.over_length); " + rejects.summary()
     )
     if stats.rows == 0:
         raise ConfigError(
