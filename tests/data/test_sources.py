@@ -238,3 +238,17 @@ def test_rejects_merge_keeps_first_location(tmp_path):
     with pytest.raises(ValueError, match="unknown reject reason"):
         a.add("f.jsonl", "too_long")
     assert Rejects().summary() == "no records rejected"
+
+
+def test_files_linked_to_suffixless_blobs_are_read_by_their_names(tmp_path):
+    """A Hugging Face hub cache snapshot: `snapshots/<rev>/data.jsonl` is a symlink to `blobs/<hash>`."""
+    blob = tmp_path / "blobs" / "3f2a9c"
+    blob.parent.mkdir()
+    blob.write_text('{"text": "one"}\n{"text": "two"}\n')
+    snapshot = tmp_path / "snapshots" / "main"
+    snapshot.mkdir(parents=True)
+    (snapshot / "data.jsonl").symlink_to(blob)
+    for pattern in [snapshot, snapshot / "data.jsonl", snapshot / "*.jsonl"]:
+        found = expand_inputs([str(pattern)])
+        assert found.files == [snapshot / "data.jsonl"]
+        assert list(iter_documents(found.files[0])) == ["one", "two"]

@@ -147,7 +147,7 @@ def _expand_one(pattern: str, skipped: dict[str, set[Path]]) -> list[Path]:
     elif path.is_file():
         if source_format(path) is None:
             raise SourceError(f"{pattern}: unsupported file type; supported suffixes are {supported}")
-        files = [path.resolve()]
+        files = [_absolute(path)]
     elif not any(ch in pattern for ch in "*?["):
         raise SourceError(f"{pattern}: no such file or directory")
     else:
@@ -159,15 +159,21 @@ def _expand_one(pattern: str, skipped: dict[str, set[Path]]) -> list[Path]:
             elif not hit.is_file():
                 mine.setdefault("not_a_file", set()).add(hit.absolute())
             elif source_format(hit) is None:
-                mine.setdefault("unsupported_type", set()).add(hit.resolve())
+                mine.setdefault("unsupported_type", set()).add(_absolute(hit))
             else:
-                files.append(hit.resolve())
+                files.append(_absolute(hit))
         if not files:
             why = _input_files(set(), mine).skipped_summary() or f"supported suffixes are {supported}"
             raise SourceError(f"{pattern}: " + (f"matches no supported file; {why}" if hits else "matches nothing"))
     for reason, paths in mine.items():
         skipped.setdefault(reason, set()).update(paths)
     return files
+
+
+def _absolute(path: Path) -> Path:
+    """`path` made absolute and normalised, but with its symlinks kept: the format comes from the name the input
+    has, so a file linked to a suffix-less blob (a Hugging Face hub cache snapshot) is read by its link's name."""
+    return Path(os.path.abspath(path))
 
 
 def _files_under(directory: Path, skipped: dict[str, set[Path]]) -> list[Path]:
@@ -190,7 +196,7 @@ def _files_under(directory: Path, skipped: dict[str, set[Path]]) -> list[Path]:
             elif source_format(path) is None:
                 reason = "unsupported_type"
             else:
-                files.append(path.resolve())
+                files.append(_absolute(path))
                 continue
             skipped.setdefault(reason, set()).add(path.absolute())
     return files
