@@ -440,13 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")
     p.add_argument("--prompt", help="answer this one message and exit (for scripts)")
     p.add_argument("--system", help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling probability mass")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    _add_sampling_options(p, max_new_tokens=256, temperature=0.7)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser(
@@ -499,13 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling probability mass")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    _add_sampling_options(p, max_new_tokens=100, temperature=0.8)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
@@ -555,6 +543,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_import_hf)
     _add_plan_parser(sub, fmt)
     return parser
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float) -> None:
+    """The options of `generate` and `chat` that `_sampling_model` reads."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=temperature, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling probability mass")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
 
 
 def _add_plan_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -106,24 +107,9 @@ def decode_one(model: Llama, token: Tensor, cache: KVCache, pos: int) -> Tensor:
     return model.lm_head(hidden).float()  # [B, V]
 
 
-def generate(
-    model: Llama,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.8,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | Collection[int] | None = None,
-    seed: int | None = None,
-) -> list[int]:
-    """The new token ids of `stream` (same arguments), as one list."""
-    return list(
-        stream(
-            model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-            seed=seed,
-        )
-    )  # fmt: skip
+def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int, **sampling: Any) -> list[int]:
+    """The new token ids of `stream` (the same arguments: temperature, top_k, top_p, eos_id, seed), as one list."""
+    return list(stream(model, prompt_ids, max_new_tokens, **sampling))
 
 
 @torch.inference_mode()  # as a decorator it wraps each resumption of the generator, not the consumer's code

@@ -20,7 +20,15 @@ from llamita.model import Llama, ModelConfig, get_preset
 from llamita.tokenizer import Tokenizer
 from llamita.train.copies import ComputeCopies
 from llamita.train.optim import build_optimizer
-from llamita.train.parallel import build_mesh, first_failure, init_distributed, parallelize, plan_parallel
+from llamita.train.parallel import (
+    DistEnv,
+    ParallelPlan,
+    build_mesh,
+    first_failure,
+    init_distributed,
+    parallelize,
+    plan_parallel,
+)
 from llamita.train.trainer import Trainer, find_resume
 
 
@@ -254,7 +262,21 @@ def leaving_no_process_group(entry: Callable[[RunConfig], dict[str, Any]], cfg: 
             dist.destroy_process_group()
 
 
-def _pretrain(cfg: RunConfig) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class RunStart:
+    """What every training entry sets up first (`start_run`)."""
+
+    env: DistEnv
+    plan: ParallelPlan
+    out_dir: Path
+    resuming: bool
+    """The run directory holds a checkpoint this config resumes."""
+
+
+def start_run(cfg: RunConfig) -> RunStart:
+    """The steps every training entry (`pretrain`, `sft`) takes before its data: check the config, join the process
+    group, plan the parallelism, seed, create the run directory, and find the checkpoint to resume, which refuses a
+    config that changes the run's math before any data or model is touched (it reads one trainer state)."""
     check_config(cfg)  # a config built in Python has not been through load_config's check
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -263,8 +285,12 @@ def _pretrain(cfg: RunConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Reads one trainer state: a checkpoint that this config may not resume stops the run before data and model.
-    resuming = find_resume(cfg) is not None
+    return RunStart(env, plan, out_dir, find_resume(cfg) is not None)
+
+
+def _pretrain(cfg: RunConfig) -> dict[str, Any]:
+    start = start_run(cfg)
+    env, plan, out_dir, resuming = start.env, start.plan, start.out_dir, start.resuming
 
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer is empty; point it at a tokenizer directory (llamita train-tokenizer)")

@@ -21,12 +21,12 @@ from llamita.chat.packing import Example, PackedLoader, PackedRows, PackedValida
 from llamita.chat.templates import add_template_tokens, get_template, render
 from llamita.config import ConfigError, RunConfig, check_config, save_config
 from llamita.model import ModelConfig
-from llamita.pretrain import build_model, global_batch_sequences, leaving_no_process_group
+from llamita.pretrain import build_model, global_batch_sequences, leaving_no_process_group, start_run
 from llamita.tokenizer import Tokenizer
 from llamita.train.copies import ComputeCopies
 from llamita.train.optim import build_optimizer
-from llamita.train.parallel import build_mesh, init_distributed, parallelize, plan_parallel
-from llamita.train.trainer import Trainer, find_resume
+from llamita.train.parallel import build_mesh, parallelize
+from llamita.train.trainer import Trainer
 
 
 def source_tokenizer(path: str | Path) -> Tokenizer:
@@ -124,7 +124,7 @@ def sft(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _sft(cfg: RunConfig) -> dict[str, Any]:
-    check_config(cfg)
+    check_config(cfg)  # before the checks below read the config
     if not cfg.init.from_:
         raise ConfigError("init.from is empty: name the model to fine-tune (a llamita run, checkpoint or HF dir)")
     if cfg.lora.rank > 0 and cfg.parallel.float8:
@@ -134,14 +134,8 @@ def _sft(cfg: RunConfig) -> dict[str, Any]:
             "lora.dropout with parallel.activation_checkpoint: the recomputed blocks would draw other dropout masks "
             "than the forward did; set lora.dropout 0 or parallel.activation_checkpoint none"
         )
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    env = init_distributed(cfg.train.device)
-    plan = plan_parallel(cfg, env)
-    torch.manual_seed(cfg.train.seed)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resuming = find_resume(cfg) is not None  # refuses a changed config before any work
+    start = start_run(cfg)
+    env, plan, out_dir, resuming = start.env, start.plan, start.out_dir, start.resuming
 
     from llamita.interop.init_weights import load_init_weights, read_model_config
 
