@@ -24,6 +24,7 @@ from llamita.train.parallel import (
     DistEnv,
     ParallelPlan,
     build_mesh,
+    end_distributed,
     first_failure,
     init_distributed,
     parallelize,
@@ -256,10 +257,9 @@ def leaving_no_process_group(entry: Callable[[RunConfig], dict[str, Any]], cfg: 
     finally:
         if not had_group and dist.is_initialized():
             if finished:
-                # Every rank is done with the group before any tears it down: gloo can abort a process ("terminate
-                # called without an active exception") when a peer destroys the group right after a collective.
-                dist.barrier()
-            dist.destroy_process_group()
+                end_distributed()
+            else:  # a rank that raised: the others raise too (`first_failure`), none waits at a last barrier
+                dist.destroy_process_group()
 
 
 @dataclasses.dataclass(frozen=True)

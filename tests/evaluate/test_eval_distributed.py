@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from llamita.evaluate.harness import evaluate_tasks
 from llamita.evaluate.load_model import load_model
-from llamita.train.parallel import apply_fsdp
+from llamita.train.parallel import apply_fsdp, end_distributed
 
 hf_dir, tasks, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 dist.init_process_group("gloo")
@@ -27,8 +27,7 @@ result = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, num_fewshot=2, lo
 result["still_sharded"] = isinstance(loaded.model.lm_head.weight, DTensor)
 with open(f"{out}.{dist.get_rank()}", "w") as f:
     json.dump(result, f)
-dist.barrier()  # no rank tears the group down while a peer still uses it
-dist.destroy_process_group()
+end_distributed()  # no rank tears the group down while a peer still uses it
 """
 
 

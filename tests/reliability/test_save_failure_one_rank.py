@@ -20,7 +20,7 @@ DRIVER = textwrap.dedent(
     from torch.distributed.device_mesh import init_device_mesh
     from llamita.model import Llama, get_preset
     from llamita.train import checkpoint as ckpt
-    from llamita.train.parallel import apply_fsdp
+    from llamita.train.parallel import apply_fsdp, end_distributed
 
     fault, where, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
@@ -56,8 +56,7 @@ DRIVER = textwrap.dedent(
     result["checkpoints"] = [p.name for p in sorted(run.iterdir())]
     ckpt.verify_checksums(run / "step_00000001")
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()  # no rank tears the group down while a peer still uses it
-    dist.destroy_process_group()
+    end_distributed()  # no rank tears the group down while a peer still uses it
     """
 )
 

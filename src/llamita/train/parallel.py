@@ -113,6 +113,23 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=dev)
 
 
+def end_distributed() -> None:
+    """Destroy the default process group once every rank is done with it; without one, do nothing.
+
+    gloo can abort a process ("terminate called without an active exception") when a peer closes its connections
+    while that process is still finishing the last collective. So each rank finishes a barrier, then says so through
+    the rendezvous store (not gloo), and tears the group down only when every rank has.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"llamita/ended/{dist.get_rank()}", "1")
+        store.wait([f"llamita/ended/{rank}" for rank in range(dist.get_world_size())])
+    dist.destroy_process_group()
+
+
 _Report = TypeVar("_Report")
 
 
