@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tokenizers
+import tokenizers.models
+import tokenizers.trainers
 
+import llamita.tokenizer
 from llamita.config import ConfigError
 from llamita.data.sources import SourceError
 from llamita.tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer
@@ -110,6 +114,73 @@ def test_special_token_text_is_encoded_as_text(tok):
 
 def test_encode_batch_matches_encode(tok):
     assert tok.encode_batch(SAMPLES, bos=True, eos=True) == [tok.encode(s, bos=True, eos=True) for s in SAMPLES]
+
+
+# Where the piece cache could go wrong: runs of spaces, a literal ▁, specials' text, numerals beyond ASCII that the
+# Digits pre-tokenizer isolates, newlines and digits inside words.
+WORD_EDGES = [
+    "a  b",
+    " a",
+    "a ",
+    "  ",
+    "x▁y ▁ ▁▁z",
+    "▁",
+    "12 ²³ ٣٤ Ⅻ ½ 3.14",
+    "<s><s> </s>x <unk>> a<s>b",
+    "\t\ta\n b\n\n  c",
+    "  \n  ",
+    "word, word. word\nword",
+]
+
+
+def _concat_reference(tok: Tokenizer, texts: list[str], bos: bool, eos: bool) -> tuple[list[int], list[int]]:
+    ids = [tok.encode(text, bos=bos, eos=eos) for text in texts]
+    return [i for one in ids for i in one], [len(one) for one in ids]
+
+
+@pytest.mark.parametrize(("bos", "eos"), [(False, False), (True, True), (True, False)])
+def test_encode_concat_equals_encode(tok, tok_dir, corpus, bos, eos):
+    texts = SAMPLES + WORD_EDGES + [line for path in corpus for line in path.read_text(encoding="utf-8").splitlines()]
+    fresh = Tokenizer.load(tok_dir)
+    assert fresh._piece_cache is not None, "a tokenizer from train_tokenizer takes the piece cache"
+    # Twice in batches: the second time every word is cached.
+    for _ in range(2):
+        for start in range(0, len(texts), 50):
+            batch = texts[start : start + 50]
+            ids, counts = fresh.encode_concat(batch, np.uint16, bos=bos, eos=eos)
+            assert ids.dtype == np.uint16 and counts.dtype == np.int64
+            assert (ids.tolist(), counts.tolist()) == _concat_reference(tok, batch, bos, eos)
+    empty_ids, empty_counts = fresh.encode_concat([], np.uint16)
+    assert empty_ids.shape == empty_counts.shape == (0,)
+
+
+def test_piece_cache_is_bounded(tok, tok_dir, corpus, monkeypatch):
+    monkeypatch.setattr(llamita.tokenizer, "PIECE_CACHE_PIECES", 40)
+    small = Tokenizer.load(tok_dir)
+    texts = corpus[0].read_text(encoding="utf-8").splitlines()
+    for start in range(0, len(texts), 5):
+        batch = texts[start : start + 5]
+        ids, counts = small.encode_concat(batch, bos=True)
+        assert (ids.tolist(), counts.tolist()) == _concat_reference(tok, batch, True, False)
+        assert len(small._piece_cache._rows) <= 40 + sum(len(t) for t in batch) + 2
+
+
+def test_encode_concat_outside_the_piece_cache_pipelines(tok_dir, corpus):
+    """Llama 2's whole-text BPE (no pre-tokenizer) takes the cache too; a vocabulary with pieces across words
+    must not, and still encodes as encode does."""
+    texts = SAMPLES + WORD_EDGES + corpus[0].read_text(encoding="utf-8").splitlines()
+    whole_text = tokenizers.Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    whole_text.pre_tokenizer = None
+    across = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>", byte_fallback=True))
+    across.normalizer = whole_text.normalizer
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
+    across.train_from_iterator(["of the rest of the day " * 20] + texts, trainer)
+    assert any("f▁t" in piece for piece in across.get_vocab()), "the vocabulary joins words"
+    for backend, cached in ((whole_text, True), (across, False)):
+        tokenizer = Tokenizer(backend)
+        assert (tokenizer._piece_cache is not None) == cached
+        ids, counts = tokenizer.encode_concat(texts, bos=True, eos=True)
+        assert (ids.tolist(), counts.tolist()) == _concat_reference(tokenizer, texts, True, True)
 
 
 def test_pre_tokenizer_only_saves_time(tok_dir, corpus):

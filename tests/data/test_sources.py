@@ -238,6 +238,11 @@ def test_rejects_merge_keeps_first_location(tmp_path):
     with pytest.raises(ValueError, match="unknown reject reason"):
         a.add("f.jsonl", "too_long")
     assert Rejects().summary() == "no records rejected"
+    # The JSON form (a resumed prepare's) gives back the same counts and first locations.
+    again = Rejects.from_dict(json.loads(json.dumps(a.to_dict())))
+    assert again.to_dict() == a.to_dict() and again.summary() == a.summary()
+    with pytest.raises(ValueError, match="bad reject count"):
+        Rejects.from_dict({"by_file": {"f.jsonl": {"too_long": 1}}, "first": {}})
 
 
 def test_files_linked_to_suffixless_blobs_are_read_by_their_names(tmp_path):

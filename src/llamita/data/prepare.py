@@ -5,17 +5,25 @@ Output layout of ``out_dir``::
     train/shard_00000.bin ...   fixed-size shards of ``shard_tokens`` tokens (the last one may be shorter)
     val/shard_00000.bin ...     the held-out documents, same format
     manifest.json               written last: its presence marks a complete, consistent preparation
+    .progress/                  while unfinished: how far it got (state.json) and each split's unwritten tail
 
 Every document becomes ``[bos] + ids + [eos]`` and documents are concatenated without padding. Each input file
-(or each part of a large ``.jsonl``/``.parquet`` file) is tokenized by one worker process; the results are put
-together in input order, so the shards are byte-identical for any number of workers. A document goes to the
-validation split when a stable hash of (seed, file name relative to the inputs' common directory, record
-position) falls below ``val_fraction``, so the split does not depend on workers or chunking either.
+(or each part of a large ``.jsonl``/``.parquet`` file) is a task that one worker process reads as a stream and
+tokenizes; the results are put together in input order, so the shards are byte-identical for any number of
+workers. A document goes to the validation split when a stable hash of (seed, file name relative to the inputs'
+common directory, record position) falls below ``val_fraction``, so the split does not depend on workers or
+chunking either. Memory is bounded by the tasks in flight and one shard, whatever the size of the inputs.
+
+An interrupted preparation resumes. Every 30 seconds it records how many tasks it has put together, the shards
+they filled, their statistics and the tokens not yet in a shard; run again with the same inputs, tokenizer and
+settings (any number of workers), it continues after the last recorded task: no finished file is read again, no
+document is written twice, and the output equals an uninterrupted preparation's.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import itertools
@@ -23,6 +31,8 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,19 +42,24 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from llamita.config import ConfigError
-from llamita.data.shards import FORMAT_VERSION, HEADER_BYTES, ShardError, dtype_for_vocab, write_shard
+from llamita.data.shards import FORMAT_VERSION, HEADER_BYTES, ShardError, dtype_for_vocab, read_shard, write_shard
 from llamita.data.sources import Rejects, SourceError, Span, expand_inputs, iter_records, plan_spans
 from llamita.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+PROGRESS_DIR = ".progress"
 SPLITS = ("train", "val")
 
 # Input bytes per task: bounds a worker's result (~4 bytes of tokens per input byte at worst) and lets one big
 # file use several workers.
 _TASK_BYTES = 64 << 20
 _ENCODE_BATCH = 256
+# Seconds between progress records: each rewrites the statistics of every file and the unwritten tails.
+_CHECKPOINT_SECONDS = 30.0
+# What identifies a tokenizer's ids in a manifest or a progress record.
+_TOKENIZER_IDENTITY = ("fingerprint", "vocab_size", "bos_id", "eos_id")
 
 
 class ManifestError(ShardError):
@@ -67,8 +82,9 @@ def prepare_source(
     """Tokenize the files of one source into ``out_dir`` (see the module docstring for the layout).
 
     If ``out_dir`` already holds a manifest for the same inputs (paths, sizes, mtimes), tokenizer and
-    settings, nothing is done and that manifest is returned; otherwise the old shards are removed and all is
-    rebuilt.
+    settings, nothing is done and that manifest is returned. If it holds the progress of an interrupted
+    preparation of the same, that one is resumed (see the module docstring). Otherwise the old shards are removed
+    and all is rebuilt.
 
     Args:
         name: the source's name, recorded in the manifest.
@@ -135,9 +151,9 @@ def prepare_source(
 
     existing = _read_manifest_if_any(out_dir)
     if existing is not None and _up_to_date(existing, name, tokenizer_meta, settings, inputs_meta, out_dir):
+        shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)  # left if the last run stopped right after
         _say(f"{name}: up to date ({out_dir / MANIFEST_NAME})", console)
         return existing
-    _remove_outputs(out_dir)
 
     tasks = [
         _Task(i, f, meta["file"], span, text_field, val_fraction, seed)
@@ -145,33 +161,55 @@ def prepare_source(
         for span in plan_spans(f, _TASK_BYTES)
     ]
     dtype = dtype_for_vocab(tokenizer.vocab_size)
-    writers = {s: _SplitWriter(out_dir, s, shard_tokens, tokenizer.vocab_size) for s in SPLITS}
-    per_file = [{"records": 0, "docs": 0, "tokens": 0} for _ in files]
-    rejects = Rejects()
-    spans_left = collections.Counter(task.index for task in tasks)
-
-    with _progress_bar(console, name, len(files)) as update_bar:
-        for result in _run_tasks(tasks, tokenizer, tokenizer_dir, workers, dtype):
-            stats = per_file[result.index]
-            stats["records"] += result.records
-            for split in SPLITS:
-                writers[split].add(result.tokens[split], result.doc_lens[split])
-                stats["docs"] += len(result.doc_lens[split])
-                stats["tokens"] += len(result.tokens[split])
-            rejects.merge(result.rejects)
-            spans_left[result.index] -= 1
-            update_bar(
-                advance=int(spans_left[result.index] == 0),
-                docs=sum(w.docs for w in writers.values()),
-                tokens=sum(w.tokens for w in writers.values()),
+    with _ShardWrites(tokenizer.vocab_size) as writes:
+        writers = {s: _SplitWriter(out_dir, s, shard_tokens, writes) for s in SPLITS}
+        per_file = [{"records": 0, "docs": 0, "tokens": 0} for _ in files]
+        rejects = Rejects()
+        progress = _Progress(out_dir, name, tokenizer_meta, settings, inputs_meta, tasks)
+        resumed = progress.load(writers, console) if existing is None else None
+        if resumed is None:
+            _remove_outputs(out_dir)
+            done = 0
+        else:
+            done, per_file, rejects = resumed
+            _remove_outputs(out_dir, keep={s["file"] for w in writers.values() for s in w.shards})
+        spans_left = collections.Counter(task.index for task in tasks[done:])
+        if done:
+            _say(
+                f"{name}: resuming an interrupted preparation: {len(files) - len(spans_left)} of {len(files)} file(s) "
+                f"done ({sum(w.docs for w in writers.values()):,} docs); reading the rest",
+                console,
             )
 
-    if val_fraction > 0:
-        _ensure_both_splits(writers)
-    if writers["train"].docs == 0:
-        _remove_outputs(out_dir)
-        raise SourceError(_no_train_documents(name, len(files), rejects, writers["val"].docs, text_field))
-    shards = [shard for split in SPLITS for shard in writers[split].finish()]
+        checkpoint = time.monotonic()
+        with _progress_bar(console, name, len(files), len(files) - len(spans_left)) as update_bar:
+            for result in _run_tasks(tasks[done:], tokenizer, tokenizer_dir, workers, dtype):
+                stats = per_file[result.index]
+                stats["records"] += result.records
+                for split in SPLITS:
+                    writers[split].add(result.tokens[split], result.doc_lens[split])
+                    stats["docs"] += len(result.doc_lens[split])
+                    stats["tokens"] += len(result.tokens[split])
+                rejects.merge(result.rejects)
+                spans_left[result.index] -= 1
+                done += 1
+                if time.monotonic() - checkpoint >= _CHECKPOINT_SECONDS and done < len(tasks):
+                    progress.save(done, writers, per_file, rejects)
+                    checkpoint = time.monotonic()
+                update_bar(
+                    advance=int(spans_left[result.index] == 0),
+                    docs=sum(w.docs for w in writers.values()),
+                    tokens=sum(w.tokens for w in writers.values()),
+                )
+
+        if val_fraction > 0:
+            _ensure_both_splits(writers)
+        if writers["train"].docs == 0:
+            writes.flush()
+            _remove_outputs(out_dir)
+            raise SourceError(_no_train_documents(name, len(files), rejects, writers["val"].docs, text_field))
+        shards = [shard for split in SPLITS for shard in writers[split].finish()]
+        writes.flush()
 
     by_file = rejects.by_file
     for meta, stats in zip(inputs_meta, per_file, strict=True):
@@ -204,6 +242,7 @@ def prepare_source(
         "shards": shards,
     }
     _write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)
     n_shards = collections.Counter(s["split"] for s in shards)
     _say(
         f"{name}: {totals['docs']:,} docs ({totals['docs_rejected']:,} rejected) -> "
@@ -290,10 +329,13 @@ def _tokenize_task(task: _Task, tokenizer: Tokenizer, dtype: np.dtype) -> _Resul
     rejects = Rejects()
     records = 0
     texts: dict[str, list[str]] = {s: [] for s in SPLITS}
-    ids: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+    ids: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    lens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
 
     def encode(split: str) -> None:
-        ids[split].extend(tokenizer.encode_batch(texts[split], bos=True, eos=True))
+        batch_ids, batch_lens = tokenizer.encode_concat(texts[split], dtype, bos=True, eos=True)
+        ids[split].append(batch_ids)
+        lens[split].append(batch_lens)
         texts[split].clear()
 
     for position, text in iter_records(task.path, task.text_field, rejects, task.span):
@@ -306,12 +348,10 @@ def _tokenize_task(task: _Task, tokenizer: Tokenizer, dtype: np.dtype) -> _Resul
         texts[split].append(text)
         if len(texts[split]) >= _ENCODE_BATCH:
             encode(split)
-    tokens, doc_lens = {}, {}
     for split in SPLITS:
         encode(split)
-        doc_lens[split] = np.fromiter(map(len, ids[split]), dtype=np.int64, count=len(ids[split]))
-        total = int(doc_lens[split].sum())
-        tokens[split] = np.fromiter(itertools.chain.from_iterable(ids[split]), dtype=dtype, count=total)
+    tokens = {split: np.concatenate(ids[split]) for split in SPLITS}
+    doc_lens = {split: np.concatenate(lens[split]) for split in SPLITS}
     return _Result(task.index, records, tokens, doc_lens, rejects)
 
 
@@ -362,10 +402,9 @@ class _SplitWriter:
     :func:`_ensure_both_splits` can still move it to the other split.
     """
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int, vocab_size: int) -> None:
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, writes: _ShardWrites) -> None:
         self.out_dir, self.split = out_dir, split
-        self.shard_tokens, self.vocab_size = shard_tokens, vocab_size
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
+        self.shard_tokens, self.vocab_size, self.writes = shard_tokens, writes.vocab_size, writes
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
         self.last_doc_tokens = 0
@@ -383,6 +422,19 @@ class _SplitWriter:
         self.last_doc_tokens = int(doc_lens[-1])
         self._write(self.pending_tokens - self.last_doc_tokens, final=False)
 
+    def state(self) -> tuple[dict, np.ndarray]:
+        """What :meth:`restore` needs to continue from here: counts and shards, and the unwritten tokens."""
+        self.writes.flush()
+        counts = {"docs": self.docs, "tokens": self.tokens, "last_doc_tokens": self.last_doc_tokens}
+        pending = np.concatenate(self.pending) if self.pending else np.empty(0, dtype_for_vocab(self.vocab_size))
+        return {**counts, "shards": self.shards}, pending
+
+    def restore(self, state: dict, pending: np.ndarray) -> None:
+        """Continue from a :meth:`state`."""
+        self.docs, self.tokens, self.last_doc_tokens = state["docs"], state["tokens"], state["last_doc_tokens"]
+        self.shards = state["shards"]
+        self.pending, self.pending_tokens = ([pending] if len(pending) else []), len(pending)
+
     def pop_last(self) -> np.ndarray:
         """Remove and return the last document added."""
         buf = np.concatenate(self.pending)
@@ -394,7 +446,10 @@ class _SplitWriter:
         return doc
 
     def finish(self) -> list[dict]:
-        """Write all that is pending (the last shard may be short); return the manifest's shard entries."""
+        """Write all that is pending (the last shard may be short); return the manifest's shard entries.
+
+        Their sha256 is filled in when the writes are flushed.
+        """
         self._write(self.pending_tokens, final=True)
         return self.shards
 
@@ -410,12 +465,48 @@ class _SplitWriter:
         if final and len(rest):
             pieces.append(rest)
             rest = rest[:0]
+        (self.out_dir / self.split).mkdir(parents=True, exist_ok=True)  # not before: removing outputs drops it
         for piece in pieces:
             rel = f"{self.split}/shard_{len(self.shards):05d}.bin"
-            sha256 = write_shard(self.out_dir / rel, piece, self.vocab_size)
-            self.shards.append({"file": rel, "split": self.split, "tokens": len(piece), "sha256": sha256})
+            self.shards.append({"file": rel, "split": self.split, "tokens": len(piece)})
+            self.writes.submit(self.out_dir / rel, piece, self.shards[-1])
         self.pending = [rest] if len(rest) else []
         self.pending_tokens = len(rest)
+
+
+class _ShardWrites:
+    """Writes shards in one background thread, so that putting results together does not wait for the disk.
+
+    At most ``depth`` shards wait at a time (their tokens are held until written). :meth:`flush` waits for them all
+    and fills in their manifest entries' sha256; a failed write raises there.
+    """
+
+    def __init__(self, vocab_size: int, depth: int = 2) -> None:
+        self.vocab_size, self.depth = vocab_size, depth
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llamita-shards")
+        self._pending: collections.deque[tuple[concurrent.futures.Future, dict]] = collections.deque()
+
+    def submit(self, path: Path, tokens: np.ndarray, entry: dict) -> None:
+        """Write ``tokens`` to ``path``; ``entry`` gets the file's sha256."""
+        while len(self._pending) >= self.depth:
+            self._finish_oldest()
+        self._pending.append((self._thread.submit(write_shard, path, tokens, self.vocab_size), entry))
+
+    def flush(self) -> None:
+        """Wait for every write submitted."""
+        while self._pending:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        future, entry = self._pending.popleft()
+        entry["sha256"] = future.result()
+
+    def __enter__(self) -> _ShardWrites:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # After an error the writes in flight still finish: each shard is written to a temporary file and renamed.
+        self._thread.shutdown(wait=True)
 
 
 def _no_train_documents(name: str, n_files: int, rejects: Rejects, val_docs: int, text_field: str) -> str:
@@ -453,6 +544,90 @@ def _ensure_both_splits(writers: dict[str, _SplitWriter]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- bookkeeping
+class _Progress:
+    """The progress of an unfinished preparation, in ``out_dir/.progress``: ``state.json`` and the splits' tails.
+
+    ``state.json`` names what it was made for (source name, tokenizer, settings, inputs and their split into
+    tasks), how many tasks are put together, the shards written so far, the statistics, and the file holding
+    each split's tokens that are not in a shard yet (in the shard format, named by the task count so that the
+    state being replaced keeps its own until the new one is in place).
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        name: str,
+        tokenizer_meta: dict,
+        settings: dict,
+        inputs_meta: list[dict],
+        tasks: list[_Task],
+    ) -> None:
+        self.dir = out_dir / PROGRESS_DIR
+        plan = json.dumps([[t.index, t.span] for t in tasks]).encode()
+        self.identity = {
+            "name": name,
+            "format_version": FORMAT_VERSION,
+            "tokenizer": {k: tokenizer_meta[k] for k in _TOKENIZER_IDENTITY},
+            "settings": settings,
+            "inputs": [[i["path"], i["size"], i["mtime_ns"]] for i in inputs_meta],
+            "tasks_sha256": hashlib.sha256(plan).hexdigest(),
+        }
+
+    def save(self, done: int, writers: dict[str, _SplitWriter], per_file: list[dict], rejects: Rejects) -> None:
+        """Record that the first ``done`` tasks are put together into ``writers``, ``per_file`` and ``rejects``."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        splits = {}
+        for split, writer in writers.items():
+            state, pending = writer.state()
+            tail = f"{split}_{done:08d}.bin"
+            write_shard(self.dir / tail, pending, writer.vocab_size)
+            splits[split] = {**state, "tail": tail}
+        state = {
+            "identity": self.identity,
+            "tasks_done": done,
+            "per_file": per_file,
+            "rejects": rejects.to_dict(),
+            "splits": splits,
+        }
+        _write_json_atomic(self.dir / "state.json", state)
+        for path in self.dir.glob("*.bin"):
+            if path.name not in {s["tail"] for s in splits.values()}:
+                path.unlink()
+
+    def load(self, writers: dict[str, _SplitWriter], console: Console | None) -> tuple[int, list[dict], Rejects] | None:
+        """Restore ``writers`` to the recorded state and return ``(tasks done, per-file statistics, rejects)``.
+
+        None, and ``writers`` untouched, when there is no record, or it cannot be resumed (it says why).
+        """
+        path = self.dir / "state.json"
+        if not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            return self._start_over(f"its record {path} is unreadable ({err})", console)
+        if not isinstance(state, dict) or state.get("identity") != self.identity:
+            return self._start_over("the inputs, tokenizer or settings changed since it stopped", console)
+        itemsize = dtype_for_vocab(self.identity["tokenizer"]["vocab_size"]).itemsize
+        restored = {}
+        try:
+            for split, writer in writers.items():
+                recorded = state["splits"][split]
+                missing = _first_missing_shard(self.dir.parent, recorded["shards"], itemsize)
+                if missing is not None:
+                    return self._start_over(f"its shard {missing} is missing or has another size", console)
+                restored[split] = recorded, np.array(read_shard(self.dir / recorded["tail"], writer.vocab_size))
+            done, per_file, rejects = state["tasks_done"], state["per_file"], Rejects.from_dict(state["rejects"])
+        except (KeyError, TypeError, ValueError) as err:  # ShardError is a ValueError
+            return self._start_over(f"its record {path} is damaged ({err!r})", console)
+        for split, (recorded, tail) in restored.items():
+            writers[split].restore(recorded, tail)
+        return done, per_file, rejects
+
+    def _start_over(self, why: str, console: Console | None) -> None:
+        _say(f"not resuming the interrupted preparation in {self.dir.parent}: {why}; starting over", console)
+
+
 def _read_manifest_if_any(out_dir: Path) -> dict | None:
     try:
         return load_manifest(out_dir)
@@ -468,32 +643,47 @@ def _up_to_date(
     A manifest without train shards (written by a llamita that allowed it) is never up to date: rebuilding it
     reports why the inputs yield no documents.
     """
-    fingerprint = ("fingerprint", "vocab_size", "bos_id", "eos_id")
     same = (
         any(s.get("split") == "train" for s in manifest.get("shards", []))
         and manifest.get("name") == name
-        and all(manifest.get("tokenizer", {}).get(k) == tokenizer_meta[k] for k in fingerprint)
+        and all(manifest.get("tokenizer", {}).get(k) == tokenizer_meta[k] for k in _TOKENIZER_IDENTITY)
         and manifest.get("settings") == settings
         and [(i.get("path"), i.get("size"), i.get("mtime_ns")) for i in manifest.get("inputs", [])]
         == [(i["path"], i["size"], i["mtime_ns"]) for i in inputs_meta]
     )
     itemsize = dtype_for_vocab(tokenizer_meta["vocab_size"]).itemsize
-    # Cheap presence check (sizes only); read_shard validates the contents when training opens them.
-    return same and all(
-        (out_dir / s["file"]).is_file()
-        and (out_dir / s["file"]).stat().st_size == HEADER_BYTES + s["tokens"] * itemsize
-        for s in manifest.get("shards", [])
-    )
+    return same and _first_missing_shard(out_dir, manifest.get("shards", []), itemsize) is None
 
 
-def _remove_outputs(out_dir: Path) -> None:
-    """Remove a previous preparation: the manifest first, so no half-rebuilt directory looks complete."""
+def _first_missing_shard(out_dir: Path, shards: list[dict], itemsize: int) -> str | None:
+    """The first of the manifest entries ``shards`` whose file is missing or has another size, or None.
+
+    Cheap (sizes only); read_shard validates the contents when training opens them.
+    """
+    for shard in shards:
+        path = out_dir / shard["file"]
+        if not path.is_file() or path.stat().st_size != HEADER_BYTES + shard["tokens"] * itemsize:
+            return shard["file"]
+    return None
+
+
+def _remove_outputs(out_dir: Path, keep: set[str] | None = None) -> None:
+    """Remove a previous preparation: the manifest first, so no half-rebuilt directory looks complete.
+
+    Args:
+        out_dir: the output directory.
+        keep: for a resumed preparation, the shards it recorded (paths relative to ``out_dir``), which stay with
+            its progress; the shards written after its last record are removed. None removes all.
+    """
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    if keep is None:
+        shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)
     for split in SPLITS:
         directory = out_dir / split
         if directory.is_dir():
             for path in [*directory.glob("shard_*.bin"), *directory.glob(".shard_*.tmp*")]:
-                path.unlink()
+                if keep is None or path.relative_to(out_dir).as_posix() not in keep:
+                    path.unlink()
             if not any(directory.iterdir()):
                 directory.rmdir()
 
@@ -512,7 +702,7 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 
 @contextlib.contextmanager
-def _progress_bar(console: Console | None, name: str, n_files: int) -> Iterator[Callable[..., None]]:
+def _progress_bar(console: Console | None, name: str, n_files: int, files_done: int) -> Iterator[Callable[..., None]]:
     """Yield ``update(advance=..., docs=..., tokens=...)`` for a files-done bar, a no-op without a console."""
     if console is None:
         yield lambda **_: None
@@ -525,7 +715,7 @@ def _progress_bar(console: Console | None, name: str, n_files: int) -> Iterator[
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task(f"prepare {name}", total=n_files, docs=0, tokens=0)
+        task = bar.add_task(f"prepare {name}", total=n_files, completed=files_done, docs=0, tokens=0)
         yield lambda **fields: bar.update(task, **fields)
 
 

@@ -280,6 +280,22 @@ class Rejects:
             "first": {f: dict(w) for f, w in self._first.items()},
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Rejects:
+        """The counts a :meth:`to_dict` form holds.
+
+        Raises:
+            ValueError: a reason is not one of :attr:`reasons`, or a count is not a positive integer.
+        """
+        rejects = cls()
+        for file, counts in data["by_file"].items():
+            for reason, n in counts.items():
+                if reason not in cls.reasons or not isinstance(n, int) or n < 1:
+                    raise ValueError(f"{file}: bad reject count {reason}={n!r}")
+            rejects._counts[file] = dict(counts)
+        rejects._first = {file: dict(firsts) for file, firsts in data["first"].items()}
+        return rejects
+
 
 def iter_documents(path: Path, text_field: str = "text", rejects: Rejects | None = None) -> Iterator[str]:
     """Yield the documents of one input file, counting rejected records in ``rejects``.
