@@ -1,16 +1,19 @@
-"""Throughput and MFU, metrics.jsonl, TensorBoard events, the console progress bar and the loss plot."""
+"""Throughput and MFU, metrics.jsonl, TensorBoard events and W&B runs, the console progress bar and the loss plot."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
+from llamita.config import ConfigError, RunConfig, to_dict
 from llamita.plan.gpus import GPUS
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) used for MFU; MFU is not reported on other devices.
@@ -26,11 +29,70 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+WANDB_RUN_ID_FILE = "wandb_run_id"
+"""In the run directory: the id of its W&B run, so that a resume continues that run instead of starting another."""
+
+
+def import_wandb() -> ModuleType:
+    """The wandb package, or a ConfigError that says how to install it."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ConfigError(
+            f"log.wandb: Weights & Biases logging needs the wandb package ({e}): "
+            "pip install 'llamita[wandb]', or set log.wandb false"
+        ) from None
+    return wandb
+
+
+def start_wandb(cfg: RunConfig, start_step: int) -> Any:
+    """Start (or, for a run resumed at `start_step` > 0, continue) the W&B run of `cfg.out_dir`, configured by
+    `cfg.log.wandb_*`, with the resolved `cfg` as its config; the W&B `Run`.
+
+    The run's id is kept in <out_dir>/`WANDB_RUN_ID_FILE`: a fresh start (step 0) gets a new one from W&B, a resume
+    continues the stored one. W&B's own files go to <out_dir>/wandb, or under $WANDB_DIR when that is set. W&B
+    history cannot be cut back as metrics.jsonl and TensorBoard are: rows that a stopped run sent after its last
+    checkpoint stay, and the resumed run's rows for those steps follow them (the same losses, when the resume
+    changes nothing in the config, as its steps repeat the cut run's bit for bit).
+    """
+    wandb = import_wandb()
+    log, out_dir = cfg.log, Path(cfg.out_dir)
+    id_file = out_dir / WANDB_RUN_ID_FILE
+    run_id = id_file.read_text().strip() if start_step > 0 and id_file.is_file() else None
+    run = wandb.init(
+        project=log.wandb_project,
+        entity=log.wandb_entity or None,
+        name=log.wandb_name or out_dir.resolve().name,
+        id=run_id,
+        resume="allow" if run_id else None,
+        config=to_dict(cfg),
+        dir=os.environ.get("WANDB_DIR") or out_dir,
+        mode=None if log.wandb_mode == "auto" else log.wandb_mode,
+    )
+    # Rows are logged whole, `step` included: W&B plots them against it, and a validation row and the training row
+    # of one step stay two history rows, as in metrics.jsonl, instead of merging under W&B's own step counter.
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    id_file.write_text(run.id + "\n")
+    return run
+
+
 class MetricsLogger:
-    """Write one JSON object per logged step to metrics.jsonl, mirror scalars to TensorBoard, show progress.
+    """Write one JSON object per logged step to metrics.jsonl, mirror scalars to TensorBoard, rows to W&B, show
+    progress.
 
     Only rank 0 writes; other ranks get a logger that does nothing. The progress bar is drawn only on a terminal:
     elsewhere (a file, a Slurm log) and with `progress` off, `report` prints plain lines instead.
+
+    Args:
+        out_dir: the run directory.
+        total_steps: the run's last step, for the progress bar.
+        start_step: the step the run starts after (a resume's checkpoint step; 0 for a fresh start).
+        tensorboard: write TensorBoard events to <out_dir>/tb.
+        progress: draw the progress bar on a terminal.
+        enabled: false on every rank but 0.
+        wandb: the run's config when `log.wandb` is on: each row also goes to its W&B run (`start_wandb`);
+            None: no W&B. A missing wandb package is a ConfigError on every rank, before any file is written.
     """
 
     def __init__(
@@ -42,11 +104,15 @@ class MetricsLogger:
         tensorboard: bool = True,
         progress: bool = True,
         enabled: bool = True,
+        wandb: RunConfig | None = None,
     ) -> None:
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self._tb = None
+        self._wandb = None
         self._progress = None
+        if wandb is not None:
+            import_wandb()  # on every rank: a missing package stops the whole job at its start, not rank 0 alone
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +128,8 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=start_step or None)
+        if wandb is not None:
+            self._wandb = start_wandb(wandb, start_step)
         if progress and sys.stdout.isatty():  # redrawing a bar in a log file would fill it
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -76,7 +144,7 @@ class MetricsLogger:
             self._progress.start()
 
     def log(self, row: dict[str, Any]) -> None:
-        """Record one row (must hold `step`); scalars go to TensorBoard under their key."""
+        """Record one row (must hold `step`); scalars go to TensorBoard under their key, the row as it is to W&B."""
         if not self.enabled:
             return
         self._file.write(json.dumps(row) + "\n")
@@ -86,6 +154,8 @@ class MetricsLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(row)
 
     def report(self, row: dict[str, Any]) -> None:
         """Show a training row (as `log` takes it) on the console: in the progress bar, or as one plain line."""
@@ -133,6 +203,9 @@ class MetricsLogger:
             self._progress.stop()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            # Called from the trainer's `finally`: an exception on its way out marks the W&B run failed.
+            self._wandb.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
         self._file.close()
 
 
