@@ -71,7 +71,7 @@ def main() -> None:
     import llama_cpp
 
     from llamita.demo import run_demo
-    from llamita.generate import generate
+    from llamita.inference import LLM, SamplingParams
     from llamita.interop import export_gguf
     from llamita.pretrained import load_pretrained
     from llamita.train.checkpoint import list_checkpoints
@@ -85,9 +85,11 @@ def main() -> None:
 
     ours: dict[str, list[int]] = {}
     logits: dict[str, np.ndarray] = {}
-    for prompt in PROMPTS:
-        ids = tok.encode(prompt, bos=True)
-        ours[prompt] = generate(pre.model, ids, args.new_tokens, temperature=0.0, eos_id=eos)
+    llm = LLM(pre.model, tok, max_batch=len(PROMPTS))
+    greedy = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
+    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, greedy)):
+        ids = out.prompt_token_ids
+        ours[prompt] = out.token_ids
         with torch.no_grad():
             logits[prompt] = pre.model(torch.tensor([ids + ours[prompt]]))[0].numpy()  # [T, V]
 

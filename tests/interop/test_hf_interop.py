@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from llamita.cli import main
 from llamita.config import RunConfig, save_config
-from llamita.generate import generate
+from llamita.inference import LLM, SamplingParams
 from llamita.interop import HFFormatError, export_hf, import_hf, load_hf_state_dict
 from llamita.pretrained import load_pretrained
 from llamita.train import checkpoint as ckpt
@@ -114,7 +114,8 @@ def test_trained_run_export_generates_like_llamita(trained_run, exported):
     prompt = "def f3(y):\n    x0 ="
     ids = pre.tokenizer.encode(prompt, bos=True)
     assert hf_tokenizer(prompt).input_ids == ids
-    ours = generate(pre.model, ids, 32, temperature=0.0, eos_id=pre.tokenizer.eos_id)
+    greedy = SamplingParams(temperature=0.0, max_tokens=32)
+    ours = LLM(pre.model, pre.tokenizer, max_batch=1).generate(ids, greedy)[0].token_ids
     theirs = hf_model(exported).generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)
     assert len(set(ours)) > 3  # a trained model's continuation, not one repeated token
     assert theirs[0, len(ids) :].tolist() == ours

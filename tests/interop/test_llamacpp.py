@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamita.generate import generate
+from llamita.inference import LLM, SamplingParams
 from llamita.interop import export_gguf
 from llamita.pretrained import load_pretrained
 
@@ -56,7 +56,8 @@ def test_llama_cpp_tokenizes_and_generates_like_llamita(trained_run, prepared, t
             assert f16.tokenize(text.encode(), add_bos=True, special=False) == pre.tokenizer.encode(text, bos=True)
 
         prompt_ids = pre.tokenizer.encode(PROMPT, bos=True)
-        ours = generate(pre.model, prompt_ids, N_NEW, temperature=0.0, eos_id=eos)
+        greedy = SamplingParams(temperature=0.0, max_tokens=N_NEW)
+        ours = LLM(pre.model, pre.tokenizer, max_batch=1).generate(prompt_ids, greedy)[0].token_ids
         assert len(set(ours)) > 3
         assert llama_cpp_greedy(f16, prompt_ids, N_NEW, eos) == ours
         with torch.no_grad():

@@ -1,0 +1,91 @@
+"""The engine's KV cache: one slot per sequence, each holding `seq_len` positions, sized from free memory.
+
+Slots rather than paged blocks: a decode step then reads each sequence's keys as one contiguous [KV, S, hd] run,
+through plain SDPA with a mask, and the rows of a batch are a slice of the cache (a view, no gather). The last
+position of every slot is never fed a real token (a sequence ends at seq_len tokens, and its last token is never
+fed back), so it is the slot's scratch position: where an idle row of a padded batch writes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llamita.config import ConfigError
+from llamita.model.config import ModelConfig
+from llamita.model.llama import KVCache
+
+
+def slot_bytes(config: ModelConfig, seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one sequence of `seq_len` positions takes, over all layers."""
+    return 2 * config.n_layers * config.n_kv_heads * seq_len * config.head_dim * dtype.itemsize
+
+
+def count_slots(
+    per_slot: int,
+    seq_len: int,
+    device: torch.device,
+    *,
+    max_batch: int,
+    max_cache_tokens: int | None,
+    memory_fraction: float,
+    reserve: int = 0,
+) -> int:
+    """How many sequences the cache holds: `max_batch`, fewer where the token cap or the free memory says so.
+
+    Args:
+        per_slot: Bytes one slot takes (`slot_bytes`, summed over the models that share the slots).
+        seq_len: Positions per slot.
+        device: Where the cache lives; its free memory bounds it (`memory_fraction` of it).
+        max_batch: Slots at most.
+        max_cache_tokens: Positions at most over all slots (None: no cap).
+        memory_fraction: Share of the free memory the cache may take.
+        reserve: Bytes of the free memory to leave first, for the steps' activations and CUDA graph pools.
+
+    Raises:
+        ConfigError: Not even one slot fits.
+    """
+    slots = max_batch
+    if max_cache_tokens is not None:
+        slots = min(slots, max_cache_tokens // seq_len)
+    free = _free_memory(device)
+    if free is not None:
+        slots = min(slots, int(max(free - reserve, 0) * memory_fraction) // per_slot)
+    if slots < 1:
+        raise ConfigError(
+            f"the KV cache has no room for one sequence of {seq_len} positions ({per_slot / 2**20:.1f} MiB): raise "
+            "max_cache_tokens or memory_fraction, or lower max_seq_len"
+        )
+    return slots
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Free bytes on the GPU, or the host's available physical memory (None where the platform does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+class SlotCache:
+    """`n_slots` sequences of `seq_len` positions of keys and values for one model (a `KVCache` underneath)."""
+
+    def __init__(
+        self, config: ModelConfig, n_slots: int, seq_len: int, *, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.n_slots = n_slots
+        self.seq_len = seq_len
+        self.kv = KVCache(config, n_slots, seq_len, device=device, dtype=dtype)
+
+    def rows(self, start: int, stop: int, length: int | None = None) -> KVCache:
+        """Slots start .. stop - 1 (and their first `length` positions) as the model's cache: a view."""
+        return self.kv.view(slice(start, stop), length)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Give slot `dst` the keys and values of slot `src`'s first `n` positions (a shared prompt prefix)."""
+        for k, v in zip(self.kv.k, self.kv.v):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]

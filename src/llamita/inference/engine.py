@@ -1,0 +1,419 @@
+"""The engine: batched prefill and decode steps over cache slots, with continuous batching and CUDA graphs.
+
+Every generation in llamita runs through `Engine.step`: the `LLM` API, `llamita generate` and `chat`, the lm-eval
+adapter's generate_until and speculative decoding. A step decodes one token for every sequence past its prompt
+(rows 0 .. b - 1 of the slots: a slice of the cache, padded rows idle), prefills the next prompt chunks, and copies
+the new token ids to the host once; that copy is the step's only sync. On CUDA the decode step is compiled and
+replayed from CUDA graphs; on a CPU the same function runs eagerly.
+
+Per-slot state lives on the device between steps: the token each slot feeds next, its position, its sampling
+settings and the tokens it has seen (for the repetition penalty), so a decode step needs nothing from the host.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llamita.config import ConfigError
+from llamita.inference import sampling
+from llamita.inference.cache import SlotCache, count_slots, slot_bytes
+from llamita.inference.graphs import CapturedSteps, capture_sizes
+from llamita.inference.sampling import SamplingParams, SamplingTensors
+from llamita.inference.scheduler import Chunk, Scheduler, Sequence
+from llamita.inference.speculative import Speculator
+from llamita.model.llama import KVCache, Llama
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine holds and schedules sequences."""
+
+    max_batch: int | None = None
+    """Sequences decoded together at most: the cache's slots (fewer where memory or max_cache_tokens say so);
+    None: 256 on a GPU, 16 on a CPU (where larger batches gain little)."""
+    max_seq_len: int | None = None
+    """Positions per sequence, prompt and output together; None: the model's context."""
+    max_cache_tokens: int | None = None
+    """Positions over all slots at most; None: as many as `memory_fraction` of the free GPU memory holds."""
+    memory_fraction: float = 0.9
+    """Share of the free memory (GPU, or the host's for a CPU; after the weights) the KV cache may take."""
+    prefill_tokens: int = 512
+    """Prompt tokens prefilled per step, over all sequences; longer prompts are prefilled in chunks."""
+    prefix_cache: bool = False
+    """Reuse the keys and values of a prompt prefix (whole blocks) that another sequence's slot still holds."""
+    prefix_block: int = 16
+    """Block size of the prefix cache, in tokens."""
+    cuda_graphs: bool = True
+    """On CUDA, replay the decode step from CUDA graphs (one per batch size the scheduler can reach)."""
+    compile: bool = True
+    """On CUDA, compile the decode step with torch.compile before capturing it."""
+    speculate: str | None = None
+    """Speculative decoding: "draft" (a draft model, given to the engine) or "ngram" (prompt lookup); None: off."""
+    gamma: int = 4
+    """Tokens drafted per speculative step."""
+    ngram: int = 3
+    """Longest n-gram prompt lookup matches (it tries n, n - 1, ..., 1)."""
+    speculate_max_batch: int = 4
+    """Speculate only while at most this many sequences decode; larger batches are faster without."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_batch is None or self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}"),
+            (self.max_seq_len is None or self.max_seq_len >= 2, f"max_seq_len must be >= 2, got {self.max_seq_len}"),
+            (self.max_cache_tokens is None or self.max_cache_tokens >= 1, "max_cache_tokens must be >= 1"),
+            (0 < self.memory_fraction <= 1, f"memory_fraction must be in (0, 1], got {self.memory_fraction}"),
+            (self.prefill_tokens >= 1, f"prefill_tokens must be >= 1, got {self.prefill_tokens}"),
+            (self.prefix_block >= 1, f"prefix_block must be >= 1, got {self.prefix_block}"),
+            (self.speculate in (None, "draft", "ngram"), f"speculate is draft, ngram or unset, not {self.speculate!r}"),
+            (self.gamma >= 1, f"gamma must be >= 1, got {self.gamma}"),
+            (self.ngram >= 1, f"ngram must be >= 1, got {self.ngram}"),
+            (self.speculate_max_batch >= 1, f"speculate_max_batch must be >= 1, got {self.speculate_max_batch}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"EngineConfig: {message}")
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started."""
+
+    steps: int = 0
+    decode_steps: int = 0
+    prefill_tokens: int = 0
+    reused_tokens: int = 0
+    """Prompt tokens taken from the prefix cache instead of prefilled."""
+    generated_tokens: int = 0
+    target_steps: int = 0
+    """Speculative steps: one forward of the target each."""
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    speculative_tokens: int = 0
+    """Tokens the speculative steps produced (accepted drafts and one token of the target each)."""
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
+
+    @property
+    def tokens_per_target_step(self) -> float | None:
+        return self.speculative_tokens / self.target_steps if self.target_steps else None
+
+
+def model_logits(model: Llama, cache: KVCache, tokens: Tensor, positions: Tensor) -> Tensor:
+    """Every position's fp32 next-token logits, each sequence at its own positions, through the cache.
+
+    Args:
+        model: The language model.
+        cache: Its cache rows, one per sequence.
+        tokens: [B, T] ids.
+        positions: [B, T] their positions.
+
+    Returns:
+        [B, T, V] float32.
+    """
+    return model.lm_head(model.hidden_states(tokens, cache, positions=positions)).float()  # [B, T, V]
+
+
+class Engine:
+    """A model, its cache slots, the slot state on the device and the scheduler; `step` advances everything."""
+
+    def __init__(
+        self,
+        model: Llama,
+        config: EngineConfig | None = None,
+        *,
+        eos_id: int | None = None,
+        draft: Llama | None = None,
+    ) -> None:
+        """Allocate the cache (and on CUDA capture the decode step) for `model`, which stays where it is.
+
+        Args:
+            model: The model, on its device and in its dtype.
+            config: Cache size, scheduling, graphs and speculation.
+            eos_id: End-of-sequence id, a stop id of every request that does not ignore it.
+            draft: The draft model of `speculate="draft"`: same vocabulary, on the same device.
+
+        Raises:
+            ConfigError: Settings that do not fit the model (max_seq_len past its context, a draft of another
+                vocabulary, speculate="draft" without a draft), or a cache with no room for one sequence.
+        """
+        self.config = config = config or EngineConfig()
+        self.model = model.eval()
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        context = model.config.max_seq_len
+        if config.max_seq_len is not None and config.max_seq_len > context:
+            raise ConfigError(f"EngineConfig: max_seq_len {config.max_seq_len} exceeds the model's context {context}")
+        self.seq_len = config.max_seq_len or context
+        self.vocab_size = model.config.vocab_size
+        self.eos_id = eos_id
+        if (config.speculate == "draft") != (draft is not None):
+            raise ConfigError("speculate='draft' needs a draft model, and a draft model needs speculate='draft'")
+        if draft is not None and draft.config.vocab_size != self.vocab_size:
+            raise ConfigError(
+                f"the draft model's vocabulary has {draft.config.vocab_size} ids, the target's {self.vocab_size}: "
+                "a draft must share the target's tokenizer"
+            )
+        if draft is not None and draft.config.max_seq_len < self.seq_len:
+            raise ConfigError(
+                f"the draft model's context ({draft.config.max_seq_len}) is shorter than the engine's max_seq_len "
+                f"({self.seq_len}); set max_seq_len to at most {draft.config.max_seq_len}"
+            )
+
+        models = [model] + ([draft] if draft is not None else [])
+        per_slot = sum(slot_bytes(m.config, self.seq_len, self.dtype) for m in models)
+        max_batch = config.max_batch or (256 if weight.is_cuda else 16)
+        # Left free for the steps: the decode step's [batch, vocab] sampling tensors (logits, sort values and
+        # indices, noise) and the prefill's activations; an estimate with room to spare.
+        d = model.config
+        reserve = 2**29 + max_batch * d.vocab_size * 48 + config.prefill_tokens * (d.intermediate_size + d.dim) * 16
+        n_slots = count_slots(
+            per_slot, self.seq_len, self.device, max_batch=max_batch, max_cache_tokens=config.max_cache_tokens,
+            memory_fraction=config.memory_fraction, reserve=reserve,
+        )  # fmt: skip
+        self.n_slots = n_slots
+        self.cache = SlotCache(model.config, n_slots, self.seq_len, device=self.device, dtype=self.dtype)
+        self.scheduler = Scheduler(
+            n_slots, self.seq_len, config.prefill_tokens, config.prefix_block if config.prefix_cache else None
+        )
+        # The slot state. An idle slot sits at its scratch position, the last one (see cache.py).
+        self.tokens = torch.zeros(n_slots, dtype=torch.long, device=self.device)
+        self.positions = torch.full((n_slots,), self.seq_len - 1, dtype=torch.long, device=self.device)
+        self.sampling = SamplingTensors.empty(n_slots, self.device)
+        self.seen = torch.zeros(n_slots, self.vocab_size, dtype=torch.bool, device=self.device)
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self.speculator = Speculator(self, draft) if config.speculate else None
+
+        self.graphs: CapturedSteps | None = None
+        if self.device.type == "cuda" and config.cuda_graphs:
+            step = torch.compile(self._decode_rows, fullgraph=True) if config.compile else self._decode_rows
+            with torch.no_grad():
+                self.graphs = CapturedSteps(
+                    lambda batch, filters: step(*self._decode_inputs(batch), filters),
+                    capture_sizes(n_slots),
+                    variants=(False, True),
+                )
+
+    # ------------------------------------------------------------------------------------------ requests
+    def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
+        """Queue a request; it starts in the step that finds it a free slot.
+
+        Raises:
+            ConfigError: The prompt is empty, holds ids outside the vocabulary, or leaves no room in a slot.
+        """
+        bad = [i for i in prompt if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ConfigError(f"prompt ids {bad[:5]} are outside the vocabulary 0..{self.vocab_size - 1}")
+        max_new = self.scheduler.check(prompt, params)
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**32, ()))
+        stops = set(params.stop_token_ids)
+        if self.eos_id is not None and not params.ignore_eos:
+            stops.add(self.eos_id)
+        seq = Sequence(next(self._ids), list(prompt), params, seed, frozenset(stops), max_new)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a request now (finish reason "abort" unless it had one); its slot is free for the next step."""
+        if seq.finish_reason is None:
+            seq.finish_reason = "abort"
+        self._release(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---------------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self) -> list[tuple[Sequence, list[int]]]:
+        """Admit waiting requests, decode the running ones, prefill the next prompt chunks.
+
+        Returns:
+            Each sequence that got tokens in this step, with them; a finished sequence has its finish_reason and
+            has already left its slot.
+        """
+        admitted, copies = self.scheduler.admit()
+        for src, dst, n in copies:
+            self.cache.copy_prefix(src, dst, n)
+            if self.speculator is not None:
+                self.speculator.copy_prefix(src, dst, n)
+        for seq in admitted:
+            self._admit(seq)
+            self.stats.reused_tokens += seq.reused
+        decoders = self.scheduler.decoding()
+        chunks = self.scheduler.prefill_chunks()
+
+        pieces: list[Tensor] = []
+        logprob_rows: list[tuple[Sequence, Tensor, Tensor]] = []
+        speculating = self.speculator is not None and self.speculator.applies(decoders)
+        if decoders and speculating:
+            pieces += self.speculator.step(decoders)
+        elif decoders:
+            batch = decoders[-1].slot + 1
+            filters = any(s.params.filters for s in decoders)
+            new, logits = self._decode(batch, filters)
+            pieces.append(new)
+            logprob_rows += [(s, logits[s.slot], new[s.slot]) for s in decoders if s.params.logprobs is not None]
+            self.stats.decode_steps += 1
+        completing, first, first_logits = self._prefill(chunks) if chunks else ([], None, None)
+        if first is not None:
+            pieces.append(first)
+            logprob_rows += [
+                (s, first_logits[i], first[i]) for i, s in enumerate(completing) if s.params.logprobs is not None
+            ]
+        host = torch.cat(pieces).tolist() if pieces else []  # the step's one device-to-host copy
+        logprobs = self._logprobs(logprob_rows)
+
+        out: list[tuple[Sequence, list[int]]] = []
+        if decoders and speculating:
+            out += self.speculator.accept(decoders, host)
+            del host[: self.speculator.host_len(decoders)]
+        elif decoders:
+            out += [(s, [host[s.slot]]) for s in decoders]
+            del host[: decoders[-1].slot + 1]
+        out += [(s, [token]) for s, token in zip(completing, host)]
+        for chunk in chunks:
+            self.scheduler.prefilled(chunk)
+            self.stats.prefill_tokens += chunk.n
+        emitted = []
+        for seq, tokens in out:
+            kept = []
+            for token in tokens:
+                kept.append(token)
+                if seq.params.logprobs is not None:  # one token per step (speculation does not take these)
+                    seq.logprobs.append(logprobs[id(seq)])
+                if seq.append(token):
+                    break
+            self.stats.generated_tokens += len(kept)
+            if seq.finished:
+                self._release(seq)
+            emitted.append((seq, kept))
+        self.stats.steps += 1
+        return emitted
+
+    # ---------------------------------------------------------------------------------------- internals
+    def upload(self, values: Tensor | list) -> Tensor:
+        """Host values on the engine's device without a sync: through pinned memory, copied asynchronously."""
+        host = values if isinstance(values, Tensor) else torch.tensor(values)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _admit(self, seq: Sequence) -> None:
+        """Write a newly admitted sequence's settings into its slot (small host-to-device writes, no sync)."""
+        self.sampling.set_row(seq.slot, seq.params, seq.seed, self.vocab_size)
+        if seq.params.repetition_penalty != 1:
+            self.seen[seq.slot] = False
+            self.seen[seq.slot, self.upload(seq.prompt)] = True
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.positions[seq.slot] = self.seq_len - 1  # back to its scratch position
+        if self.speculator is not None:
+            self.speculator.release(seq)
+        self.scheduler.release(seq)
+
+    def _decode_inputs(self, batch: int) -> tuple:
+        """Views of rows 0 .. batch - 1 of the cache and the slot state: the decode step's inputs."""
+        return (
+            self.cache.rows(0, batch), self.tokens[:batch], self.positions[:batch], self.sampling.rows(batch),
+            self.seen[:batch],
+        )  # fmt: skip
+
+    def _decode_rows(
+        self, cache: KVCache, tokens: Tensor, positions: Tensor, t: SamplingTensors, seen: Tensor, filters: bool
+    ) -> tuple[Tensor, Tensor]:
+        """One decode step of every row, in place on the slot state: feed each row's token, draw the next.
+
+        Returns:
+            ([B] new token ids, [B, V] fp32 logits they were drawn from).
+        """
+        logits = model_logits(self.model, cache, tokens[:, None], positions[:, None])[:, 0]  # [B, V]
+        new = sampling.sample(logits, t, seen, positions + 1, filters)  # [B]
+        tokens.copy_(new)
+        positions.copy_((positions + 1).clamp_(max=self.seq_len - 1))  # an idle row stays at its scratch position
+        seen.scatter_(1, new[:, None], True)
+        return new, logits
+
+    def _decode(self, batch: int, filters: bool) -> tuple[Tensor, Tensor]:
+        if self.graphs is not None:
+            return self.graphs(batch, filters)  # type: ignore[return-value]
+        return self._decode_rows(*self._decode_inputs(batch), filters)
+
+    def _prefill(self, chunks: list[Chunk]) -> tuple[list[Sequence], Tensor | None, Tensor | None]:
+        """Run the chunks through the model (and the draft); draw the first token of each prompt completed.
+
+        Chunks of nearby slots go through one forward over their slot range, right-padded to the longest: padding
+        writes only positions past its sequence's length (written again before anything reads them), and the rows
+        of the range that have no chunk write only their scratch position.
+
+        Returns:
+            The K sequences whose prompts this completes (by slot), [K] their first tokens and [K, V] the logits
+            those were drawn from; (no sequences, None, None) when none completes.
+        """
+        done, logits = [], []
+        for group in _groups(sorted(chunks, key=lambda c: c.seq.slot), self.seq_len):
+            first, stop = group[0].seq.slot, group[-1].seq.slot + 1
+            width = max(c.n for c in group)
+            # Rows of the slot range that are not in the group feed padding at their scratch position.
+            tokens = torch.zeros(stop - first, width, dtype=torch.long)
+            positions = torch.full((stop - first, width), self.seq_len - 1, dtype=torch.long)
+            for c in group:
+                tokens[c.seq.slot - first, : c.n] = torch.tensor(c.seq.prompt[c.start : c.start + c.n])
+                positions[c.seq.slot - first] = c.start + torch.arange(width)
+            filled = len(group) == stop - first
+            length = int(positions.max()) + 1 if filled else self.seq_len  # a shorter cache view costs less
+            tokens, positions = self.upload(tokens), self.upload(positions)
+            if self.speculator is not None:
+                self.speculator.prefill(first, stop, length, tokens, positions)
+            hidden = self.model.hidden_states(tokens, self.cache.rows(first, stop, length), positions=positions)
+            rows = [(c.seq.slot - first, c) for c in group if c.completes]
+            if rows:
+                index, last = self.upload([row for row, _ in rows]), self.upload([c.n - 1 for _, c in rows])
+                logits.append(self.model.lm_head(hidden[index, last]).float())  # [k, V]
+                done += [c.seq for _, c in rows]
+        if not done:
+            return [], None, None
+        logits = torch.cat(logits)  # [K, V]
+        slots, draw_at = self.upload([s.slot for s in done]), self.upload([len(s.prompt) for s in done])
+        filters = any(s.params.filters for s in done)
+        new = sampling.sample(logits, self.sampling.take(slots), self.seen[slots], draw_at, filters)  # [K]
+        self.tokens[slots] = new
+        self.positions[slots] = draw_at
+        self.seen[slots, new] = True
+        return done, new, logits
+
+    def _logprobs(self, rows: list[tuple[Sequence, Tensor, Tensor]]) -> dict[int, dict[str, object]]:
+        """The log-probabilities the sequences asked for, copied to the host together."""
+        if not rows:
+            return {}
+        top = max(s.params.logprobs for s, _, _ in rows)
+        chosen, ids, values = sampling.logprobs(
+            torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows]), top
+        )
+        chosen, ids, values = chosen.tolist(), ids.tolist(), values.tolist()
+        return {
+            id(s): {"logprob": chosen[i], "top": list(zip(ids[i], values[i]))[: s.params.logprobs]}
+            for i, (s, _, _) in enumerate(rows)
+        }
+
+
+def _groups(chunks: list[Chunk], seq_len: int) -> list[list[Chunk]]:
+    """Chunks (by slot) that go through one forward: a slot range where at most half the rows are not in the group,
+    and whose right padding stays inside every slot."""
+    groups: list[list[Chunk]] = []
+    for c in chunks:
+        if groups:
+            group = [*groups[-1], c]
+            width = max(g.n for g in group)
+            rows = group[-1].seq.slot - group[0].seq.slot + 1
+            if rows <= 2 * len(group) and all(g.start + width <= seq_len for g in group):
+                groups[-1] = group
+                continue
+        groups.append([c])
+    return groups

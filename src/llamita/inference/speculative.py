@@ -1,0 +1,207 @@
+"""Speculative decoding: draft gamma tokens cheaply, verify them in one forward of the target, keep a prefix.
+
+Two drafters: a smaller draft model with the target's vocabulary (its own cache slots, beside the target's), or
+prompt lookup (the tokens that followed the latest earlier occurrence of the sequence's last n-gram; no model).
+The acceptance rule is Leviathan et al. 2023 / Chen et al. 2023: draft token d, drawn from the draft's
+distribution q, is kept with probability min(1, p(d) / q(d)) under the target's p; at the first rejection the
+token is drawn from max(0, p - q) renormalised, and when all gamma are kept one more is drawn from p. The output
+is then distributed exactly as the target's own sampling; greedy rows (p and q one-hot) reproduce greedy decoding.
+A prompt-lookup draft is a q that is one-hot.
+
+Drafts and their distributions stay on the device; the step's one host copy carries the kept tokens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from llamita.inference import sampling
+from llamita.inference.cache import SlotCache
+from llamita.inference.scheduler import Sequence
+from llamita.model.llama import Llama
+
+if TYPE_CHECKING:
+    from llamita.inference.engine import Engine
+
+_ACCEPT, _RESIDUAL, _DRAFT = 1, 2, 3  # noise streams (`sampling.uniform`), apart from a plain draw's 0
+
+
+def ngram_draft(tokens: list[int], gamma: int, max_n: int) -> list[int]:
+    """Prompt lookup: the `gamma` tokens after the latest earlier occurrence of the longest matching suffix n-gram.
+
+    Args:
+        tokens: The sequence so far, prompt and output.
+        gamma: Tokens to propose.
+        max_n: Longest suffix to match; shorter ones are tried down to one token.
+
+    Returns:
+        `gamma` token ids; where no n-gram recurs (or the continuation is short) the last token fills the rest.
+    """
+    for n in range(min(max_n, len(tokens) - 1), 0, -1):
+        suffix = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                follow = tokens[start + n : start + n + gamma]
+                return follow + [follow[-1]] * (gamma - len(follow))
+    return [tokens[-1]] * gamma
+
+
+def accept(
+    p: Tensor, q: Tensor, drafts: Tensor, t: sampling.SamplingTensors, position: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The acceptance rule over a batch: which drafts to keep and the token after them.
+
+    Args:
+        p: [B, G + 1, V] the target's sampling distribution at each draft position and one past the last.
+        q: [B, G, V] the draft's distribution each draft was drawn from (one-hot for a deterministic drafter).
+        drafts: [B, G] the draft tokens.
+        t: The rows' settings (their seeds).
+        position: [B] position of the first draft token.
+
+    Returns:
+        ([B, G + 1] tokens: the kept drafts, then the drawn token, then filler; [B] how many drafts were kept).
+    """
+    B, G = drafts.shape
+    p_draft = p[:, :G].gather(-1, drafts[..., None])[..., 0]  # [B, G]
+    q_draft = q.gather(-1, drafts[..., None])[..., 0]  # [B, G]
+    u = sampling.uniform(t.seed, position, G, _ACCEPT)  # [B, G]
+    kept = (u * q_draft <= p_draft).long().cumprod(dim=-1)  # [B, G]: u <= p / q, until the first rejection
+    n = kept.sum(dim=-1)  # [B]
+    rows = torch.arange(B, device=p.device)
+    q_past = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)  # [B, G + 1, V]: nothing drafted past the end
+    residual = (p[rows, n] - q_past[rows, n]).clamp_(min=0)  # [B, V]
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[rows, n])  # [B, V]: p = q exactly
+    noise = sampling.gumbel(t.seed, position + n, residual.shape[-1], _RESIDUAL)  # [B, V]
+    last = (residual.log() + noise).argmax(dim=-1)  # [B]
+    tokens = torch.cat([drafts, drafts[:, :1]], dim=1)  # [B, G + 1]
+    tokens[rows, n] = last
+    return tokens, n
+
+
+class Speculator:
+    """Runs the engine's speculative steps: drafting, one verifying forward of the target, acceptance."""
+
+    def __init__(self, engine: Engine, draft: Llama | None) -> None:
+        self.engine = engine
+        self.gamma = engine.config.gamma
+        self.draft = None if draft is None else draft.eval()
+        self.cache = (
+            None
+            if draft is None
+            else SlotCache(draft.config, engine.n_slots, engine.seq_len, device=engine.device, dtype=engine.dtype)
+        )
+        self.draft_cached: dict[int, int] = {}  # sequence id -> positions of it the draft's cache holds
+
+    def applies(self, decoders: list[Sequence]) -> bool:
+        """Speculate at small batches only, and for requests that need no per-token state it does not keep."""
+        return len(decoders) <= self.engine.config.speculate_max_batch and all(
+            s.params.repetition_penalty == 1 and s.params.logprobs is None for s in decoders
+        )
+
+    def release(self, seq: Sequence) -> None:
+        self.draft_cached.pop(seq.id, None)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        if self.cache is not None:
+            self.cache.copy_prefix(src, dst, n)
+
+    def prefill(self, first: int, stop: int, length: int, tokens: Tensor, positions: Tensor) -> None:
+        """The draft model prefills the same prompt chunk as the target, into its own slots."""
+        if self.draft is not None:
+            self.draft.hidden_states(tokens, self.cache.rows(first, stop, length), positions=positions)
+
+    # ------------------------------------------------------------------------------------------ the step
+    def step(self, decoders: list[Sequence]) -> list[Tensor]:
+        """Draft, verify and accept for rows 0 .. b - 1; updates the slot state on the device.
+
+        Returns:
+            What the host copies: [b * (gamma + 1)] tokens and [b] counts of kept drafts.
+        """
+        e, G = self.engine, self.gamma
+        b = decoders[-1].slot + 1
+        t = e.sampling.rows(b)
+        filters = any(s.params.filters for s in decoders)
+        positions = e.positions[:b]  # [b]: where each row's current token goes
+        if self.draft is None:
+            drafts, q = self._lookup(decoders, b)
+        else:
+            drafts, q = self._draft(decoders, b, t, filters)
+        verify = torch.cat([e.tokens[:b, None], drafts], dim=1)  # [b, G + 1]
+        at = (positions[:, None] + torch.arange(G + 1, device=e.device)).clamp_(max=e.seq_len - 1)  # [b, G + 1]
+        logits = e.model.lm_head(e.model.hidden_states(verify, e.cache.rows(0, b), positions=at)).float()
+        rows = torch.arange(b, device=e.device).repeat_interleave(G + 1)
+        p = sampling.processed_logits(logits.flatten(0, 1), t.take(rows), None, filters).softmax(-1)  # [b(G+1), V]
+        tokens, n = accept(p.view(b, G + 1, -1), q, drafts, t, positions + 1)
+        e.tokens[:b] = tokens[torch.arange(b, device=e.device), n]
+        e.positions[:b] = (positions + n + 1).clamp_(max=e.seq_len - 1)
+        return [tokens.flatten(), n]
+
+    def host_len(self, decoders: list[Sequence]) -> int:
+        b = decoders[-1].slot + 1
+        return b * (self.gamma + 2)
+
+    def accept(self, decoders: list[Sequence], host: list[int]) -> list[tuple[Sequence, list[int]]]:
+        """Each row's kept tokens from the host copy; the drafter's bookkeeping and the statistics."""
+        G, b = self.gamma, decoders[-1].slot + 1
+        counts = host[b * (G + 1) : b * (G + 2)]
+        out = []
+        stats = self.engine.stats
+        for seq in decoders:
+            n = counts[seq.slot]
+            start = seq.slot * (G + 1)
+            out.append((seq, host[start : start + n + 1]))
+            # The draft fed positions up to length - 1 + G - 1; those up to its last kept draft hold the right keys.
+            self.draft_cached[seq.id] = seq.length + min(n, G - 1)
+            stats.drafted_tokens += G
+            stats.accepted_tokens += n
+            stats.speculative_tokens += n + 1
+        stats.target_steps += 1
+        return out
+
+    def _lookup(self, decoders: list[Sequence], b: int) -> tuple[Tensor, Tensor]:
+        """Prompt-lookup drafts [b, G] (idle rows: zeros) and their one-hot distributions [b, G, V]."""
+        e, G = self.engine, self.gamma
+        drafts = torch.zeros(b, G, dtype=torch.long)
+        for seq in decoders:
+            drafts[seq.slot] = torch.tensor(ngram_draft(seq.prompt + seq.output, G, e.config.ngram))
+        drafts = e.upload(drafts)
+        return drafts, torch.nn.functional.one_hot(drafts, e.vocab_size).float()
+
+    def _draft(
+        self, decoders: list[Sequence], b: int, t: sampling.SamplingTensors, filters: bool
+    ) -> tuple[Tensor, Tensor]:
+        """G tokens of the draft model per row, drawn with each row's settings, and their distributions."""
+        e, G = self.engine, self.gamma
+        # First the tokens the draft has not seen yet (one, or two after a step that kept every draft, or more
+        # after steps without speculation), right-padded; padding and idle rows write the scratch position.
+        behind = {s.slot: (s.prompt + s.output)[self.draft_cached.get(s.id, len(s.prompt)) :] for s in decoders}
+        width = max(len(v) for v in behind.values())
+        tokens = torch.zeros(b, width, dtype=torch.long)
+        positions = torch.full((b, width), e.seq_len - 1, dtype=torch.long)
+        last = torch.zeros(b, dtype=torch.long)
+        for seq in decoders:
+            feed = behind[seq.slot]
+            tokens[seq.slot, : len(feed)] = torch.tensor(feed)
+            start = seq.length - len(feed)
+            positions[seq.slot] = (start + torch.arange(width)).clamp_(max=e.seq_len - 1)
+            last[seq.slot] = len(feed) - 1
+        tokens, positions, last = e.upload(tokens), e.upload(positions), e.upload(last)
+        cache = self.cache.rows(0, b)
+        rows = torch.arange(b, device=e.device)
+        logits = self.draft.lm_head(self.draft.hidden_states(tokens, cache, positions=positions)[rows, last]).float()
+        at = positions[rows, last]  # [b]: position of the token just fed
+        drafts, q = [], []
+        for i in range(G):
+            processed = sampling.processed_logits(logits, t, None, filters)  # [b, V]
+            token = sampling.draw(processed, t, at + 1, _DRAFT)  # [b]
+            drafts.append(token)
+            q.append(processed.softmax(-1))
+            if i + 1 < G:
+                at = (at + 1).clamp_(max=e.seq_len - 1)
+                logits = self.draft.lm_head(
+                    self.draft.hidden_states(token[:, None], cache, positions=at[:, None])[:, 0]
+                ).float()
+        return torch.stack(drafts, dim=1), torch.stack(q, dim=1)  # [b, G], [b, G, V]

@@ -1,0 +1,193 @@
+"""The engine against the reference decoder (a full forward per token): batching, joining and leaving, chunked
+prefill, the prefix cache, back-pressure, seeds, stops and logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from inference_models import TINY, greedy_by_recomputation, tiny_model
+
+from llamita.config import ConfigError
+from llamita.inference import LLM, Engine, EngineConfig, SamplingParams
+from llamita.inference.cache import SlotCache
+from llamita.inference.engine import model_logits
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+def run(engine: Engine, arrivals: dict[int, list[tuple[list[int], SamplingParams]]]) -> tuple[list, int]:
+    """Step the engine until it is idle, adding requests at the steps `arrivals` names; returns the sequences and
+    the most that ever ran at once."""
+    seqs, most, step = [], 0, 0
+    while engine.has_work() or any(k >= step for k in arrivals):
+        seqs += [engine.add(prompt, params) for prompt, params in arrivals.get(step, [])]
+        engine.step()
+        most = max(most, len(engine.scheduler.running))
+        step += 1
+    return seqs, most
+
+
+def prompts(n: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(0, TINY.vocab_size, (int(torch.randint(1, 20, (), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
+
+
+def test_batched_greedy_equals_one_at_a_time_with_requests_joining_and_leaving(model):
+    engine = Engine(model, EngineConfig(max_batch=4))
+    ps = prompts(9)
+    lengths = [3, 12, 7, 1, 9, 12, 5, 10, 2]  # different lengths: sequences leave at different steps
+    arrivals = {0: [], 2: [], 5: []}
+    for i, (p, n) in enumerate(zip(ps, lengths)):
+        arrivals[[0, 2, 5][i % 3]].append((p, SamplingParams(temperature=0.0, max_tokens=n)))
+    seqs, most = run(engine, arrivals)
+    assert most == 4  # the cache was full: the later requests waited for slots
+    for seq in seqs:
+        assert seq.output == greedy_by_recomputation(model, seq.prompt, seq.max_new), seq.prompt
+        assert seq.finish_reason == "length"
+    assert all(s is None for s in engine.scheduler.slots) and sorted(engine.scheduler.free) == [0, 1, 2, 3]
+
+
+def test_engine_logits_equal_the_training_forward(model):
+    """Prefill chunks and ragged decode rows through the cache give the logits of the plain causal forward."""
+    cache = SlotCache(TINY, 3, 24, device=torch.device("cpu"), dtype=torch.float64)
+    tokens = torch.randint(0, TINY.vocab_size, (3, 20))
+    with torch.no_grad():
+        full = model(tokens)  # [3, 20, V]
+        lengths = [5, 9, 13]  # rows at different positions: prefill each alone, in two chunks
+        for row, n in enumerate(lengths):
+            for a, b in [(0, n // 2), (n // 2, n)]:
+                pos = torch.arange(a, b)[None]
+                got = model_logits(model, cache.rows(row, row + 1), tokens[row : row + 1, a:b], pos)
+                torch.testing.assert_close(got[0].double(), full[row, a:b], atol=1e-5, rtol=0)
+        for step in range(5):  # then decode all three together, each at its own position
+            pos = torch.tensor(lengths)[:, None] + step
+            got = model_logits(model, cache.rows(0, 3), tokens.gather(1, pos), pos)[:, 0]
+            torch.testing.assert_close(got.double(), full[torch.arange(3), pos[:, 0]], atol=1e-5, rtol=0)
+
+
+def test_logprobs_equal_the_training_forward(model):
+    llm = LLM(model)
+    prompt = [4, 8, 15, 16, 23, 42]
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6, logprobs=3))[0]
+    with torch.no_grad():
+        reference = model(torch.tensor([prompt + out.token_ids]))[0, len(prompt) - 1 : -1].log_softmax(-1)  # [6, V]
+    for i, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert entry["logprob"] == pytest.approx(float(reference[i, token]), abs=1e-5)
+        best = reference[i].topk(3)
+        assert [t for t, _ in entry["top"]] == best.indices.tolist()
+        assert [v for _, v in entry["top"]] == pytest.approx(best.values.tolist(), abs=1e-5)
+
+
+def test_chunked_prefill_of_a_long_prompt(model):
+    engine = Engine(model, EngineConfig(prefill_tokens=4, max_batch=2))
+    long, short = list(range(30)), [7, 7, 7]
+    seqs, _ = run(engine, {0: [(long, GREEDY), (short, GREEDY)]})
+    assert engine.stats.prefill_tokens == 33 and engine.stats.steps >= 33 // 4
+    for seq in seqs:
+        assert seq.output == greedy_by_recomputation(model, seq.prompt, seq.max_new)
+
+
+def test_prefix_cache_reuses_a_shared_prefix_with_the_same_output(model):
+    system = list(range(40, 60))  # 20 tokens: two blocks of 8
+    asks = [system + [1, 2], system + [3], system + [4, 5, 6], [9, 9]]
+    engine = Engine(model, EngineConfig(max_batch=2, prefix_cache=True, prefix_block=8))
+    # The first runs alone; then two at once: one takes the free slot that holds the prefix, one copies it.
+    seqs, _ = run(engine, {0: [(asks[0], GREEDY)], 14: [(a, GREEDY) for a in asks[1:3]], 15: [(asks[3], GREEDY)]})
+    assert [s.reused for s in seqs] == [0, 16, 16, 0]
+    assert engine.stats.reused_tokens == 32
+    for seq in seqs:
+        assert seq.output == greedy_by_recomputation(model, seq.prompt, seq.max_new)
+
+
+def test_a_full_cache_queues_requests_and_every_one_finishes(model):
+    engine = Engine(model, EngineConfig(max_batch=2, max_cache_tokens=2 * 48))
+    ps = prompts(7, seed=3)
+    seqs, most = run(engine, {0: [(p, SamplingParams(temperature=0.0, max_tokens=8)) for p in ps]})
+    assert most == 2 and all(s.finished for s in seqs)
+    assert [s.output for s in seqs] == [greedy_by_recomputation(model, p, 8) for p in ps]
+
+
+def test_requests_that_cannot_fit_are_refused_at_once(model):
+    engine = Engine(model, EngineConfig(max_seq_len=16))
+    with pytest.raises(ConfigError, match="at most 15 tokens"):
+        engine.add(list(range(16)), GREEDY)
+    with pytest.raises(ConfigError, match="empty"):
+        engine.add([], GREEDY)
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        engine.add([1, TINY.vocab_size], GREEDY)
+    assert not engine.has_work()
+    with pytest.raises(ConfigError, match="no room for one sequence"):
+        Engine(model, EngineConfig(max_cache_tokens=10))
+    with pytest.raises(ConfigError, match="exceeds the model's context"):
+        Engine(model, EngineConfig(max_seq_len=TINY.max_seq_len + 1))
+
+
+def test_output_ends_where_the_slot_ends(model):
+    engine = Engine(model, EngineConfig(max_seq_len=20))
+    seqs, _ = run(engine, {0: [(list(range(17)), SamplingParams(temperature=0.0, max_tokens=100))]})
+    assert len(seqs[0].output) == 3 and seqs[0].finish_reason == "length"
+
+
+def test_a_seed_gives_the_same_sample_whatever_the_batch(model):
+    ours = ([5, 6, 7], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=11))
+    alone, _ = run(Engine(model), {0: [ours]})
+    crowd = [(p, SamplingParams(temperature=0.8, max_tokens=9)) for p in prompts(5, seed=4)]
+    together, _ = run(Engine(model, EngineConfig(max_batch=3)), {0: crowd[:3], 1: [ours], 3: crowd[3:]})
+    assert together[3].output == alone[0].output
+    other_seed = ([5, 6, 7], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=12))
+    assert run(Engine(model), {0: [other_seed]})[0][0].output != alone[0].output
+
+
+def test_stop_ids_and_abort(model):
+    free = greedy_by_recomputation(model, [5, 6], 12)
+    stop = free[6]
+    engine = Engine(model)
+    seqs, _ = run(engine, {0: [([5, 6], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=(stop,)))]})
+    assert seqs[0].output == free[: free.index(stop) + 1] and seqs[0].finish_reason == "stop"
+    eos = Engine(model, eos_id=stop)
+    assert run(eos, {0: [([5, 6], GREEDY)]})[0][0].output == free[: free.index(stop) + 1]
+    ignoring = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    assert run(eos, {0: [([5, 6], ignoring)]})[0][0].output == free
+    seq = engine.add([5, 6], GREEDY)
+    engine.step()
+    engine.abort(seq)
+    assert seq.finish_reason == "abort" and not engine.has_work()
+
+
+def test_repetition_penalty_against_the_reference():
+    model = tiny_model(std=0.1)  # small weights: without a penalty greedy decoding repeats itself
+    params = SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.8)
+    seqs, _ = run(Engine(model), {0: [([3, 3, 4], params), ([1, 2], GREEDY)]})
+    assert seqs[0].output == greedy_by_recomputation(model, [3, 3, 4], 12, penalty=1.8)
+    assert seqs[0].output != greedy_by_recomputation(model, [3, 3, 4], 12)
+    assert seqs[1].output == greedy_by_recomputation(model, [1, 2], 12)
+
+
+def test_stream_yields_what_generate_returns(model):
+    llm = LLM(model)
+    params = SamplingParams(temperature=0.7, max_tokens=10, seed=3)
+    assert list(llm.stream([1, 2, 3], params)) == llm.generate([1, 2, 3], params)[0].token_ids
+    stream = llm.stream([1, 2, 3], params)
+    next(stream)
+    stream.close()  # leaving early frees the request
+    assert not llm.engine.has_work()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_decode_as_the_eager_step(model):
+    import warnings
+
+    cuda = model.to("cuda")
+    ps = prompts(6, seed=5)
+    arrivals = {0: [(p, GREEDY) for p in ps[:4]], 3: [(p, GREEDY) for p in ps[4:]]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no step may run uncaptured
+        graphed, _ = run(Engine(cuda, EngineConfig(max_batch=5, compile=False)), arrivals)
+    eager, _ = run(Engine(cuda, EngineConfig(max_batch=5, cuda_graphs=False)), arrivals)
+    assert [s.output for s in graphed] == [s.output for s in eager]
+    compiled, _ = run(Engine(cuda, EngineConfig(max_batch=5)), arrivals)
+    assert [s.output for s in compiled] == [s.output for s in eager]
+    model.to("cpu")
