@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from llamita.evaluate.perplexity import ShardValidation
 from llamita.model import Llama, ModelConfig, get_preset
 from llamita.tokenizer import Tokenizer
 from llamita.train.copies import ComputeCopies
-from llamita.train.optim import build_optimizer
+from llamita.train.optim import BatchSchedule, build_optimizer
 from llamita.train.parallel import (
     DistEnv,
     ParallelPlan,
@@ -30,7 +30,7 @@ from llamita.train.parallel import (
     parallelize,
     plan_parallel,
 )
-from llamita.train.trainer import Trainer, find_resume
+from llamita.train.trainer import Trainer, find_branch, find_resume
 
 
 def build_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> ModelConfig:
@@ -80,24 +80,29 @@ def build_model(config: ModelConfig, device: torch.device, seed: int) -> Llama:
 
 
 def resolve_steps(cfg: RunConfig) -> int:
-    """Optimizer steps of the run from `train.max_steps` or `train.max_tokens`."""
+    """Optimizer steps of the run from `train.max_steps` or `train.max_tokens` (the steps that fit in it, with
+    the batch schedule's sizes)."""
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     if cfg.train.max_tokens > 0:
-        return max(1, cfg.train.max_tokens // cfg.train.global_batch_tokens)
+        return max(1, BatchSchedule.of(cfg.train).steps_within(cfg.train.max_tokens))
     raise ConfigError("set train.max_steps or train.max_tokens to a positive number")
 
 
 def global_batch_sequences(cfg: RunConfig, world_size: int) -> int:
-    """Sequences per optimizer step; the global token batch must split into whole micro-batches on every rank."""
+    """Sequences of the first optimizer step; every global token batch (`train.global_batch_tokens` and each of
+    `train.batch_stages`) must split into whole micro-batches on every rank."""
     per_micro = cfg.data.seq_len * cfg.train.micro_batch * world_size
-    if cfg.train.global_batch_tokens % per_micro:
-        raise ConfigError(
-            f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not a multiple of "
-            f"data.seq_len x train.micro_batch x ranks = {cfg.data.seq_len} x {cfg.train.micro_batch} x "
-            f"{world_size} = {per_micro}; pick a multiple such as "
-            f"{max(1, round(cfg.train.global_batch_tokens / per_micro)) * per_micro}"
-        )
+    keys = ["train.global_batch_tokens"] + [
+        f"train.batch_stages[{i}].global_batch_tokens" for i in range(len(cfg.train.batch_stages))
+    ]
+    for key, batch in zip(keys, BatchSchedule.of(cfg.train).sizes, strict=True):
+        if batch % per_micro:
+            raise ConfigError(
+                f"{key}={batch} is not a multiple of data.seq_len x train.micro_batch x ranks = "
+                f"{cfg.data.seq_len} x {cfg.train.micro_batch} x {world_size} = {per_micro}; pick a multiple such "
+                f"as {max(1, round(batch / per_micro)) * per_micro}"
+            )
     return cfg.train.global_batch_tokens // cfg.data.seq_len
 
 
@@ -121,10 +126,25 @@ def build_mixture(cfg: RunConfig) -> Mixture:
         raise ConfigError(f"{where}: {e.problem}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class SourcesValidation:
+    """The validation shards of every source as one stream, and of each source on its own (`eval.per_source`).
+
+    The trainer scores `batches` as `val_loss` and each of `sources` as `val_loss/<name>`.
+    """
+
+    whole: ShardValidation
+    sources: dict[str, ShardValidation]
+
+    def batches(self, batch_size: int, max_batches: int | None, rank: int, world: int) -> Iterator:
+        return self.whole.batches(batch_size, max_batches, rank, world)
+
+
 def build_data(
     cfg: RunConfig, tokenizer: Tokenizer, rank: int, world_size: int, device: torch.device
-) -> tuple[DataLoader, list[Path]]:
-    """The training loader over the mixture of prepared sources, and the validation shards of all sources.
+) -> tuple[DataLoader, ShardValidation | SourcesValidation | None]:
+    """The training loader over the mixture of prepared sources, and the validation set: the validation shards of
+    all sources (and with `eval.per_source` of each one), None when no source has any.
 
     The config is checked (names, paths, mixture) and every manifest read before any shard is.
     """
@@ -146,6 +166,7 @@ def build_data(
     window = cfg.data.seq_len + 1
     train, val, checksums = {}, [], {}
     val_tokens = 0
+    per_source: dict[str, list[Path]] = {}
     for i, src in enumerate(cfg.data.sources):
         manifest = load_manifest(Path(src.path))
         if manifest["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
@@ -167,8 +188,18 @@ def build_data(
             )
         # The manifest's sha256 of each shard: a resume refuses shards replaced since the checkpoint.
         checksums[src.name] = [s["sha256"] for s in manifest["shards"] if s["split"] == "train"]
-        val += shard_paths(Path(src.path), "val")
-        val_tokens += sum(s["tokens"] for s in manifest["shards"] if s["split"] == "val")
+        own = shard_paths(Path(src.path), "val")
+        own_tokens = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "val")
+        if cfg.eval.per_source and own:
+            if own_tokens // window < world_size:
+                raise ConfigError(
+                    f"data.sources[{i}] ({src.name!r}, {src.path}) holds {own_tokens} validation tokens, fewer than "
+                    f"one window of data.seq_len + 1 = {window} per rank ({world_size} rank(s)), for eval.per_source; "
+                    "prepare it with a larger --val-fraction, lower data.seq_len, or set eval.per_source=false"
+                )
+            per_source[src.name] = own
+        val += own
+        val_tokens += own_tokens
     if val and val_tokens // window < world_size:
         raise ConfigError(
             f"the validation shards of data.sources hold {val_tokens} tokens, fewer than one window of "
@@ -195,8 +226,18 @@ def build_data(
         prefetch=cfg.data.prefetch,
         pin_memory=device.type == "cuda",
         checksums=checksums,
+        batch_schedule=BatchSchedule.of(cfg.train) if cfg.train.batch_stages else None,
     )
-    return loader, val
+    if not val:
+        return loader, None
+    # The shards were written for the tokenizer's vocabulary, which the model's may exceed (padding).
+    whole = ShardValidation(val, cfg.data.seq_len, tokenizer.vocab_size)
+    if not cfg.eval.per_source:
+        return loader, whole
+    sources = {
+        name: ShardValidation(paths, cfg.data.seq_len, tokenizer.vocab_size) for name, paths in per_source.items()
+    }
+    return loader, SourcesValidation(whole, sources)
 
 
 def verify_shards(paths: list[Path], vocab_size: int, rank: int, world_size: int, check_tokens: bool) -> None:
@@ -271,12 +312,15 @@ class RunStart:
     out_dir: Path
     resuming: bool
     """The run directory holds a checkpoint this config resumes."""
+    branch: Path | None
+    """The parent checkpoint when this run branches (`init.branch_from`, and nothing of its own to resume)."""
 
 
 def start_run(cfg: RunConfig) -> RunStart:
     """The steps every training entry (`pretrain`, `sft`) takes before its data: check the config, join the process
     group, plan the parallelism, seed, create the run directory, and find the checkpoint to resume, which refuses a
-    config that changes the run's math before any data or model is touched (it reads one trainer state)."""
+    config that changes the run's math before any data or model is touched (it reads one trainer state), or the
+    checkpoint a new branch starts from."""
     check_config(cfg)  # a config built in Python has not been through load_config's check
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -285,18 +329,21 @@ def start_run(cfg: RunConfig) -> RunStart:
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return RunStart(env, plan, out_dir, find_resume(cfg) is not None)
+    resuming = find_resume(cfg) is not None
+    return RunStart(env, plan, out_dir, resuming, find_branch(cfg) if cfg.init.branch_from and not resuming else None)
 
 
 def _pretrain(cfg: RunConfig) -> dict[str, Any]:
     start = start_run(cfg)
     env, plan, out_dir, resuming = start.env, start.plan, start.out_dir, start.resuming
+    if start.branch is not None:  # the branch's config.yaml and checkpoints name the parent checkpoint it took
+        cfg = dataclasses.replace(cfg, init=dataclasses.replace(cfg.init, branch_from=str(start.branch)))
 
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer is empty; point it at a tokenizer directory (llamita train-tokenizer)")
     tokenizer = Tokenizer.load(cfg.data.tokenizer)
     check_eval_tasks(cfg)
-    loader, val_shards = build_data(cfg, tokenizer, env.rank, env.world_size, env.device)
+    loader, validation = build_data(cfg, tokenizer, env.rank, env.world_size, env.device)
     max_steps = resolve_steps(cfg)
 
     model_config = build_model_config(cfg, tokenizer)
@@ -322,8 +369,7 @@ def _pretrain(cfg: RunConfig) -> dict[str, Any]:
         model_config,
         optimizer,
         loader,
-        # The shards were written for the tokenizer's vocabulary, which the model's may exceed (padding).
-        ShardValidation(val_shards, cfg.data.seq_len, tokenizer.vocab_size) if val_shards else None,
+        validation,
         env.device,
         max_steps,
         autocast=plan.autocast_dtype,

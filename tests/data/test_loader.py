@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from llamita.config import TrainConfig
 from llamita.data.loader import DataLoader, eval_batches, feistel_permute
 from llamita.data.mixture import Mixture, Stage
 from llamita.data.shards import write_shard
+from llamita.train.optim import BatchSchedule
 
 BASE = 1_000_000
 VOCAB = 1 << 22
@@ -303,3 +305,106 @@ def test_eval_batches_are_deterministic_and_rank_strided(tmp_path):
     for r in range(2):
         assert torch.cat([x for x, _ in per_rank[r]])[:, 0].tolist() == list(range(5 * r, 100, 10))
     assert len(list(eval_batches(shards, 4, 4, max_batches=2))) == 2
+
+
+def step_windows(loaders: list[DataLoader], steps: int) -> list[list[tuple[int, int]]]:
+    """Per step, the (source, window) of each global sample in global order, each rank reading the micro-batches
+    its loader says the step has (rank r's k-th sample of a step is the step's global sample k * W + r)."""
+    out = []
+    for _ in range(steps):
+        per_rank = [
+            decode(torch.cat([next(ld)[0] for _ in range(ld.micro_steps_per_step)]), ld.seq_len) for ld in loaders
+        ]
+        out.append([row for k in range(len(per_rank[0])) for row in (p[k] for p in per_rank)])
+    return out
+
+
+def schedule(first: int, *stages: tuple[int, int]) -> BatchSchedule:
+    """A batch schedule in tokens: `first` from 0, then (from_tokens, batch) stages."""
+    later = [{"from_tokens": t, "global_batch_tokens": b} for t, b in stages]
+    return BatchSchedule.of(TrainConfig(global_batch_tokens=first, batch_stages=later))
+
+
+def test_each_step_takes_the_batch_of_the_schedule(two_sources):
+    """8 sequences of 9 tokens per step, 16 from the step at 216 tokens (after 3 steps), 32 from 500 tokens on: the
+    accumulation follows, and with a constant mixture the samples are the fixed-batch loader's, in order."""
+    mix = Mixture.constant({"a": 2, "b": 1})
+    sizes = schedule(72, (216, 144), (500, 288))
+    loader = DataLoader(two_sources, mix, 9, 2, 8, world_size=1, seed=5, prefetch=1, batch_schedule=sizes)
+    accum = []
+    for _ in range(7):
+        accum.append(loader.micro_steps_per_step)
+        list(islice(loader, loader.micro_steps_per_step))
+    loader.close()
+    assert accum == [4, 4, 4, 8, 8, 16, 16]  # 216 + 2 x 144 = 504 >= 500: the third stage starts at step 5
+
+    ranks = [
+        DataLoader(two_sources, mix, 9, 2, 8, rank=r, world_size=2, seed=5, prefetch=0, batch_schedule=sizes)
+        for r in (0, 1)
+    ]
+    staged = step_windows(ranks, 7)
+    assert [len(s) for s in staged] == [8, 8, 8, 16, 16, 32, 32]
+    fixed = rows(DataLoader(two_sources, mix, 9, 8, 8, seed=5, prefetch=0), 15)
+    assert [w for s in staged for w in s] == fixed
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, 2), (2, 1)], ids=["1-2", "2-1"])
+@pytest.mark.parametrize("stop", [2, 3, 5], ids=["before-the-change", "at-the-change", "after-the-change"])
+def test_resume_across_a_batch_change_continues_exactly(two_sources, stop, before, after):
+    """A staged mixture counts steps, not samples, across a batch change; a resume at any step is exact."""
+    mix = Mixture([Stage(4, {"a": 1, "b": 0}), Stage(None, {"a": 0, "b": 1})])
+    sizes = schedule(72, (216, 144))
+
+    def loaders(world: int) -> list[DataLoader]:
+        return [
+            DataLoader(two_sources, mix, 9, 2, 8, rank=r, world_size=world, seed=1, prefetch=2, batch_schedule=sizes)
+            for r in range(world)
+        ]
+
+    expected = step_windows(loaders(1), 8)
+    assert [{s for s, _ in step} for step in expected] == [{0}] * 4 + [{1}] * 4
+    first = loaders(before)
+    seen = step_windows(first, stop)
+    states = [json.loads(json.dumps(ld.state_dict())) for ld in first]
+    for ld in first:
+        ld.close()
+    assert states[0]["step"] == stop and states[0]["sample"] == sizes.tokens_after(stop) // 9
+    resumed = loaders(after)
+    for ld in resumed:
+        ld.load_state_dict(states[0])
+    assert seen + step_windows(resumed, 8 - stop) == expected
+
+    other = DataLoader(two_sources, mix, 9, 2, 8, seed=1, batch_schedule=schedule(72, (50, 144)))
+    with pytest.raises(ValueError, match="keep the batches of the steps before it"):
+        other.load_state_dict(states[0])  # the parent's step 5 started elsewhere
+
+
+def test_a_branch_starts_a_new_data_order_at_the_parents_position(tmp_path, two_sources):
+    """A branch continues the sample and step counts and the draws of a source it shares with the parent (its
+    windows go on in the parent's order, here through an epoch end, though the source's index changed), starts a
+    new source at its first draw, counts its mixture's stages from its first step, and resumes exactly."""
+    parent = DataLoader(two_sources, Mixture.constant({"a": 1, "b": 1}), 9, 2, 8, seed=4, prefetch=0)
+    list(islice(parent, 4 * 5))
+    state = json.loads(json.dumps(parent.state_dict()))
+    parent_next_b = [w for s, w in rows(parent, 4 * 40) if s == 1]  # what the parent reads next from b
+
+    sources = {"b": two_sources["b"], "c": make_source(tmp_path, 2, [300])}  # b is source 0 here, 1 in the parent
+    mix = Mixture([Stage(3, {"b": 1, "c": 0}), Stage(None, {"b": 1, "c": 1})])
+    branch = DataLoader(sources, mix, 9, 2, 8, seed=4, prefetch=0)
+    assert branch.branch_from(state) == {"b": state["draws"]["b"]}
+    steps = step_windows([branch], 20)
+    assert all(s == 1 for step in steps[:3] for s, _ in step)  # the first stage: the branch's first 3 steps
+    branch_b = [w for step in steps for s, w in step if s == 1]
+    assert branch_b == parent_next_b[: len(branch_b)] and len(branch_b) > 100 - state["draws"]["b"]  # an epoch end
+    c = [w for step in steps for s, w in step if s == 2]
+    assert len(c) >= 60 and all(sorted(c[e * 30 : (e + 1) * 30]) == list(range(30)) for e in (0, 1))  # 30 windows
+    mid = json.loads(json.dumps(branch.state_dict()))
+    assert (mid["step"], mid["start_step"], mid["sample"]) == (25, 5, 25 * 8)
+    rest = step_windows([branch], 6)
+
+    again = DataLoader(sources, mix, 9, 2, 8, seed=4, prefetch=2)
+    again.load_state_dict(mid)
+    assert step_windows([again], 6) == rest
+    again.close()
+    with pytest.raises(ValueError, match="seq_len changed from 9"):
+        DataLoader(sources, mix, 8, 2, 8, seed=4).branch_from(state)

@@ -5,21 +5,28 @@ non-overlapping windows (the tail remainder is unused; ``stats()`` reports it). 
 ``perm(c mod n)`` of epoch ``c // n``, where ``perm`` is a Feistel permutation keyed by (seed, source, epoch):
 every window is used once before any repeats, and the permutation needs O(1) memory however many windows.
 
-Global sample g belongs to optimizer step ``g // global_batch``; its source is picked from
+Each optimizer step takes the next ``global_batch`` global samples (or, with a batch schedule, as many as the
+schedule gives the step at the tokens seen so far); global sample g's source is picked from
 ``mixture.weights(step)`` with a uniform number hashed from (seed, g). Every rank computes the picks for the
 whole global batch, so the per-source draw counters are the same on all ranks; rank r takes the positions
-``p`` of each step with ``p % world_size == r``. The state is therefore global: (next sample, draw counters),
-and a run saved on 2 ranks resumes on 1 in the same global order.
+``p`` of each step with ``p % world_size == r``. The state is therefore global: (next sample, step, draw
+counters), and a run saved on 2 ranks resumes on 1 in the same global order.
+
+A branch (`branch_from`) starts a new data order at another run's position: the sample and step counts go on
+(the batch schedule is the run's), each source the parent read from the same shards with the same seed continues
+its draws (no window repeats before its epoch ends), and the mixture's stages count from the branch's first step.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -133,7 +140,25 @@ class _Position:
     """Where the global sample stream stands at an optimizer-step boundary."""
 
     sample: int
+    step: int
     draws: tuple[int, ...]
+
+
+class BatchSizes(Protocol):
+    """A global batch in tokens per step as a function of the tokens seen (`llamita.train.optim.BatchSchedule`)."""
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Every batch the schedule takes, in tokens."""
+        ...
+
+    def at(self, tokens: int) -> int:
+        """The batch of the step that starts after `tokens` tokens."""
+        ...
+
+    def tokens_after(self, steps: int) -> int:
+        """Tokens seen after `steps` steps."""
+        ...
 
 
 class DataLoader:
@@ -141,10 +166,12 @@ class DataLoader:
 
     Args:
         sources: Shard files per source name (train split), in stream order.
-        mixture: Source weights per optimizer step; must name exactly the sources in ``sources``.
+        mixture: Source weights per optimizer step (counted from the data order's first step); must name exactly
+            the sources in ``sources``.
         seq_len: Tokens per sequence; each sample reads a window of ``seq_len + 1`` tokens.
         micro_batch: Sequences per yielded batch on this rank.
-        global_batch: Sequences per optimizer step, summed over all ranks and micro-steps.
+        global_batch: Sequences per optimizer step, summed over all ranks and micro-steps (the first step's, with
+            ``batch_schedule``).
         rank: This rank's index.
         world_size: Number of data-parallel ranks.
         seed: Seeds the source picks and the window permutations.
@@ -153,6 +180,8 @@ class DataLoader:
         pin_memory: Pin the batches' host memory (for faster copies to the GPU); ignored without CUDA.
         checksums: Per source, the sha256 of each shard (from the prepared manifest), part of the fingerprint
             that a resume compares; without them only shard names and token counts are compared.
+        batch_schedule: The global batch in tokens as a function of the tokens seen (each step takes
+            ``batch_schedule.at(sample * seq_len) // seq_len`` sequences); None: ``global_batch`` throughout.
 
     Raises:
         ValueError: If the sizes do not divide, the mixture and sources disagree, or a source is too short.
@@ -172,6 +201,7 @@ class DataLoader:
         prefetch: int = 2,
         pin_memory: bool = False,
         checksums: dict[str, list[str]] | None = None,
+        batch_schedule: BatchSizes | None = None,
     ) -> None:
         for name, value in [("seq_len", seq_len), ("micro_batch", micro_batch), ("world_size", world_size)]:
             if value < 1:
@@ -184,6 +214,20 @@ class DataLoader:
                 f"micro_batch * world_size ({micro_batch} * {world_size} = {micro_batch * world_size}); "
                 "adjust the batch sizes or the number of ranks"
             )
+        if batch_schedule is not None:
+            if batch_schedule.at(0) != global_batch * seq_len:
+                raise ValueError(
+                    f"DataLoader: global_batch ({global_batch} sequences) is not the batch schedule's first "
+                    f"({batch_schedule.at(0)} tokens / seq_len {seq_len})"
+                )
+            per_micro = seq_len * micro_batch * world_size
+            bad = [size for size in batch_schedule.sizes if size % per_micro]
+            if bad:
+                raise ValueError(
+                    f"DataLoader: the batch schedule's global batch of {bad[0]} tokens is not a multiple of "
+                    f"seq_len * micro_batch * world_size ({seq_len} * {micro_batch} * {world_size}); adjust the "
+                    "batch sizes or the number of ranks"
+                )
         if prefetch < 0:
             raise ValueError(f"DataLoader: prefetch must be >= 0, got {prefetch}")
         if set(sources) != set(mixture.sources):
@@ -196,6 +240,7 @@ class DataLoader:
         self.seq_len = seq_len
         self.micro_batch = micro_batch
         self.global_batch = global_batch
+        self.batch_schedule = batch_schedule
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
@@ -227,8 +272,12 @@ class DataLoader:
             )
         self._pick_key = _key(seed, _TAG_SOURCE_PICK)
         # Handed to the caller so far: the last step boundary, plus micro-batches of the step after it.
-        self._consumed = _Position(sample=0, draws=(0,) * len(self.names))
+        self._consumed = _Position(sample=0, step=0, draws=(0,) * len(self.names))
         self._micro = 0
+        self._start_step = 0  # the data order's first step (a branch's), from which the mixture's stages count
+        # Per source, the number its window permutations are keyed by: its index, or in a branch the parent's for a
+        # source whose order continues (the index of a name changes when the branch adds sources).
+        self._window_keys = tuple(range(len(self.names)))
         self._batches: Iterator[tuple[torch.Tensor, torch.Tensor, _Position | None]] | None = None
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
@@ -236,8 +285,20 @@ class DataLoader:
 
     @property
     def micro_steps_per_step(self) -> int:
-        """Micro-batches each rank yields per optimizer step (gradient accumulation steps)."""
-        return self.global_batch // (self.micro_batch * self.world_size)
+        """Micro-batches each rank yields in the current optimizer step (gradient accumulation steps)."""
+        return self._step_batch(self._consumed.sample) // (self.micro_batch * self.world_size)
+
+    def _step_batch(self, sample: int) -> int:
+        """Global sequences of the step that starts at global sample ``sample``."""
+        if self.batch_schedule is None:
+            return self.global_batch
+        return self.batch_schedule.at(sample * self.seq_len) // self.seq_len
+
+    def _sample_after(self, steps: int) -> int:
+        """The global sample at which step ``steps`` (0-based) starts."""
+        if self.batch_schedule is None:
+            return steps * self.global_batch
+        return self.batch_schedule.tokens_after(steps) // self.seq_len
 
     def __iter__(self) -> DataLoader:
         return self
@@ -266,7 +327,7 @@ class DataLoader:
         """The position after the last batch handed to the caller, in plain Python types.
 
         The state is global (not per rank), so it can be loaded with a different ``world_size`` or
-        ``micro_batch`` as long as ``global_batch`` is unchanged.
+        ``micro_batch`` as long as the batch sizes are unchanged.
 
         Raises:
             RuntimeError: If called in the middle of an optimizer step on this rank.
@@ -279,7 +340,10 @@ class DataLoader:
         return {
             "version": _STATE_VERSION,
             "sample": self._consumed.sample,
+            "step": self._consumed.step,
+            "start_step": self._start_step,
             "draws": {name: self._consumed.draws[i] for i, name in enumerate(self.names)},
+            "window_keys": dict(zip(self.names, self._window_keys, strict=True)),
             "seed": self.seed,
             "seq_len": self.seq_len,
             "global_batch": self.global_batch,
@@ -312,12 +376,7 @@ class DataLoader:
                 f"DataLoader state: sources changed from {sorted(saved)} (checkpoint) to {sorted(now)} (now)"
             )
         for name in self.names:
-            # A checkpoint round trip may turn lists into tuples; compare the values. Checksums are compared when
-            # both sides have them (checkpoints written before they were recorded have none).
-            old = {"shards": list(saved[name]["shards"]), "tokens": [int(t) for t in saved[name]["tokens"]]}
-            new = {"shards": now[name]["shards"], "tokens": now[name]["tokens"]}
-            if "sha256" in saved[name] and "sha256" in now[name]:
-                old["sha256"], new["sha256"] = list(saved[name]["sha256"]), now[name]["sha256"]
+            old, new = _comparable(saved[name], now[name])
             if old == new:
                 continue
             message = (
@@ -329,16 +388,72 @@ class DataLoader:
                     "from the saved position on the new data"
                 )
             logger.warning("%s; continuing because data changes are allowed", message)
-        if state["sample"] % self.global_batch:
-            raise ValueError(
-                f"DataLoader state: sample {state['sample']} is not at an optimizer-step boundary "
-                f"(global_batch {self.global_batch})"
-            )
+        step = self._check_position(state)
         self.close()
         self._micro = 0
+        self._start_step = int(state.get("start_step", 0))
+        keys = state.get("window_keys")
+        self._window_keys = tuple(range(len(self.names))) if keys is None else tuple(int(keys[n]) for n in self.names)
         self._consumed = _Position(
-            sample=int(state["sample"]), draws=tuple(int(state["draws"][name]) for name in self.names)
+            sample=int(state["sample"]), step=step, draws=tuple(int(state["draws"][name]) for name in self.names)
         )
+
+    def branch_from(self, state: dict) -> dict[str, int]:
+        """Start a new data order at the position of another run's ``state_dict`` (a branch, `init.branch_from`).
+
+        The sample and step counts go on, so the batch schedule continues; the mixture's stages count from here.
+        A source the parent read too (same name, shards and seed) continues its draws in the parent's window
+        permutations, so its windows go on in the parent's epoch order; any other source starts at its first draw
+        of a permutation of its own.
+
+        Args:
+            state: the parent run's loader state.
+
+        Returns:
+            The draws each continued source carried over, by name.
+
+        Raises:
+            ValueError: If the parent had another seq_len, or its position is not one of this batch schedule's
+                step boundaries.
+        """
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"DataLoader state: version {state.get('version')!r}, expected {_STATE_VERSION}")
+        if state["seq_len"] != self.seq_len:
+            raise ValueError(
+                f"DataLoader state: seq_len changed from {state['seq_len']} (parent) to {self.seq_len} (now); a "
+                "branch continues the parent's position in sequences, so it needs the same seq_len"
+            )
+        step = self._check_position(state)
+        now = self.fingerprint()
+        carried = {
+            name: int(state["draws"][name])
+            for name in self.names
+            if state["seed"] == self.seed
+            and name in state["sources"]
+            and operator.eq(*_comparable(state["sources"][name], now[name]))
+        }
+        parent_keys = state.get("window_keys") or {name: i for i, name in enumerate(sorted(state["draws"]))}
+        fresh = iter(range(max(parent_keys.values(), default=-1) + 1, 1 << 62))
+        self.close()
+        self._micro = 0
+        self._start_step = step
+        self._window_keys = tuple(int(parent_keys[n]) if n in carried else next(fresh) for n in self.names)
+        self._consumed = _Position(
+            sample=int(state["sample"]), step=step, draws=tuple(carried.get(name, 0) for name in self.names)
+        )
+        return carried
+
+    def _check_position(self, state: dict) -> int:
+        """The step of a saved position, checked to be where this loader's batch sizes put that step's start."""
+        sample = int(state["sample"])
+        step = int(state["step"]) if "step" in state else sample // int(state["global_batch"])
+        if self._sample_after(step) != sample:
+            raise ValueError(
+                f"DataLoader state: step {step} starts at global sample {sample} in the checkpoint, but at sample "
+                f"{self._sample_after(step)} with this run's batch sizes (train.global_batch_tokens, "
+                "train.batch_stages); keep the batches of the steps before it as they were"
+            )
+        return step
 
     def fingerprint(self) -> dict[str, dict[str, list]]:
         """Fingerprint of each source: its shard file names and token counts."""
@@ -384,14 +499,14 @@ class DataLoader:
 
     def _plan_step(self, pos: _Position) -> tuple[np.ndarray, np.ndarray, _Position]:
         """Source and window of each global position of the step starting at ``pos``; the next position."""
-        step = pos.sample // self.global_batch
-        weights = self.mixture.weights(step)
+        batch = self._step_batch(pos.sample)
+        weights = self.mixture.weights(pos.step - self._start_step)
         cum = np.cumsum([weights[name] for name in self.names])
         cum[-1] = 1.0  # rounding must not leave a gap above the last source
-        g = np.arange(pos.sample, pos.sample + self.global_batch, dtype=np.uint64)
+        g = np.arange(pos.sample, pos.sample + batch, dtype=np.uint64)
         u = (_mix64(g ^ np.uint64(self._pick_key)) >> np.uint64(11)).astype(np.float64) * 2.0**-53
         src = np.searchsorted(cum, u, side="right")
-        window = np.empty(self.global_batch, dtype=np.int64)
+        window = np.empty(batch, dtype=np.int64)
         draws = list(pos.draws)
         for i in range(len(self.names)):
             where = np.flatnonzero(src == i)
@@ -402,9 +517,10 @@ class DataLoader:
             epoch = c // n
             for e in np.unique(epoch):
                 sel = epoch == e
-                window[where[sel]] = feistel_permute(c[sel] % n, n, _key(self.seed, _TAG_WINDOW_PERM, i, int(e)))
+                key = _key(self.seed, _TAG_WINDOW_PERM, self._window_keys[i], int(e))
+                window[where[sel]] = feistel_permute(c[sel] % n, n, key)
             draws[i] += where.size
-        return src, window, _Position(sample=pos.sample + self.global_batch, draws=tuple(draws))
+        return src, window, _Position(sample=pos.sample + batch, step=pos.step + 1, draws=tuple(draws))
 
     def _generate(self, pos: _Position, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, _Position | None]]:
         """Yield this rank's micro-batches from step boundary ``pos`` on, less the first ``skip``.
@@ -412,10 +528,11 @@ class DataLoader:
         Each step's last micro-batch carries the position of the next step boundary; the others carry None.
         """
         span = self.seq_len + 1
-        mine = np.arange(self.rank, self.global_batch, self.world_size)
         while True:
             src, window, nxt = self._plan_step(pos)
-            for m in range(skip, self.micro_steps_per_step):
+            mine = np.arange(self.rank, src.shape[0], self.world_size)
+            micro_steps = src.shape[0] // (self.micro_batch * self.world_size)
+            for m in range(skip, micro_steps):
                 buf = np.empty((self.micro_batch, span), dtype=np.int64)
                 for row, p in enumerate(mine[m * self.micro_batch : (m + 1) * self.micro_batch]):
                     self._streams[src[p]].read(int(window[p]) * span, buf[row])
@@ -423,7 +540,7 @@ class DataLoader:
                 targets = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
                 if self.pin_memory:
                     inputs, targets = inputs.pin_memory(), targets.pin_memory()
-                yield inputs, targets, nxt if m == self.micro_steps_per_step - 1 else None
+                yield inputs, targets, nxt if m == micro_steps - 1 else None
             pos, skip = nxt, 0
 
 
@@ -446,6 +563,19 @@ def _put(out: queue.Queue, item: object, stop: threading.Event) -> bool:
         except queue.Full:
             continue
     return False
+
+
+def _comparable(saved: dict, now: dict) -> tuple[dict, dict]:
+    """A source's fingerprint in a checkpoint and now, as values that compare equal when the shards are the same.
+
+    A checkpoint round trip may turn lists into tuples. Checksums are compared when both sides have them
+    (checkpoints written before they were recorded have none).
+    """
+    old = {"shards": list(saved["shards"]), "tokens": [int(t) for t in saved["tokens"]]}
+    new = {"shards": list(now["shards"]), "tokens": list(now["tokens"])}
+    if "sha256" in saved and "sha256" in now:
+        old["sha256"], new["sha256"] = list(saved["sha256"]), list(now["sha256"])
+    return old, new
 
 
 def _diff(saved: dict, now: dict) -> str:

@@ -1,17 +1,19 @@
 """AdamW with decoupled weight decay on matrices only, the optimizer step with clipping folded in, and the
-warmup + cosine learning-rate schedule."""
+schedules: the learning rate (warmup, then cosine, warmup-stable-decay or constant) and the batch size, both
+functions of the tokens seen."""
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from llamita.config import OptimConfig
+from llamita.config import OptimConfig, TrainConfig
 from llamita.train.copies import ComputeCopies
 
 
@@ -174,16 +176,124 @@ def clipped_step(optimizer: torch.optim.Optimizer, grad_norm: Tensor, max_norm: 
             optimizer.step()
 
 
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to `min_lr`.
+def lr_at(step: float, cfg: OptimConfig, max_steps: float) -> float:
+    """Learning rate at schedule position `step`: linear warmup, then `cfg.schedule` until `max_steps`.
 
-    Step 0 gets lr/warmup rather than 0 so that no step is wasted; after `max_steps` the rate stays at `min_lr`.
+    The position is counted in optimizer steps of the first batch: tokens seen / `train.global_batch_tokens`
+    (`LRSchedule`), which without a batch schedule is the 0-based step itself. Step 0 gets lr/warmup rather than 0
+    so that no step is wasted. cosine decays from `lr` to `min_lr` between the warmup's end and `max_steps`; wsd
+    holds `lr` until the last `decay_fraction` of `max_steps`, then decays to `min_lr` linearly or as 1-sqrt; past
+    `max_steps` both stay at `min_lr`. constant holds `lr`.
     """
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        decay_start = max_steps * (1.0 - cfg.decay_fraction)
+        if step < decay_start:
+            return cfg.lr
+        progress = min(1.0, (step - decay_start) / max(1.0, max_steps - decay_start))
+        remaining = 1.0 - progress if cfg.decay_shape == "linear" else 1.0 - math.sqrt(progress)
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * remaining
     decay_steps = max(1, max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """The global batch in tokens as a function of the tokens seen (`train.global_batch_tokens`, `batch_stages`).
+
+    A step that starts after `t` tokens takes the batch of the last stage whose start is <= `t`: a new batch takes
+    effect at the first step boundary at or past its `from_tokens`. Every position is a pure function of the step
+    count, so a resumed run and a branch see the batches an uninterrupted run would.
+
+    Attributes:
+        stages: (from_tokens, global batch tokens) per stage, the first from 0, the starts increasing.
+    """
+
+    stages: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> BatchSchedule:
+        """The schedule of a run config (checked by `config.check_config`)."""
+        later = tuple((int(s["from_tokens"]), int(s["global_batch_tokens"])) for s in cfg.batch_stages)
+        return cls(((0, cfg.global_batch_tokens), *later))
+
+    @property
+    def first(self) -> int:
+        """The batch of the first step (`train.global_batch_tokens`): the LR schedule's unit of steps."""
+        return self.stages[0][1]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Every stage's global batch in tokens."""
+        return tuple(batch for _, batch in self.stages)
+
+    def at(self, tokens: int) -> int:
+        """The global batch of the step that starts after `tokens` tokens."""
+        return next(batch for start, batch in reversed(self.stages) if start <= tokens)
+
+    def _steps(self) -> Iterator[tuple[int, int, int | None]]:
+        """(tokens at the stage's first step, its batch, its steps or None for the last) for each stage in turn."""
+        tokens = 0
+        for i, (_, batch) in enumerate(self.stages):
+            if i + 1 == len(self.stages):
+                yield tokens, batch, None
+                return
+            steps = max(0, -(-(self.stages[i + 1][0] - tokens) // batch))  # boundaries before the next start
+            yield tokens, batch, steps
+            tokens += steps * batch
+
+    def tokens_after(self, steps: int) -> int:
+        """Tokens seen after `steps` optimizer steps."""
+        for tokens, batch, length in self._steps():
+            if length is None or steps <= length:
+                return tokens + steps * batch
+            steps -= length
+        raise AssertionError("unreachable: the last stage has no end")
+
+    def steps_within(self, max_tokens: int) -> int:
+        """How many steps run before the next one would pass `max_tokens` (`train.max_tokens`)."""
+        done = 0
+        for tokens, batch, length in self._steps():
+            fit = max(0, (max_tokens - tokens) // batch)
+            if length is None or fit < length:
+                return done + fit
+            done += length
+        raise AssertionError("unreachable: the last stage has no end")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate as a function of the tokens seen: `lr_at` at tokens / the first batch, over a span.
+
+    With one batch size the position is the step itself and the span `max_steps`, as without a batch schedule; a
+    larger batch later advances the position by its tokens, so it neither stretches nor warps the schedule.
+
+    Attributes:
+        cfg: the optimizer section (schedule, warmup, decay, `schedule_tokens`).
+        unit: tokens per step of the first batch.
+        span: the schedule's length in steps of `unit`.
+    """
+
+    cfg: OptimConfig
+    unit: int
+    span: float
+
+    @classmethod
+    def of(cls, cfg: OptimConfig, batch: BatchSchedule, max_steps: int) -> LRSchedule:
+        """The schedule over `optim.schedule_tokens`, or (0) over the run's own `max_steps` steps."""
+        if cfg.schedule_tokens:
+            return cls(cfg, batch.first, cfg.schedule_tokens / batch.first)
+        if len(batch.stages) == 1:
+            return cls(cfg, batch.first, max_steps)
+        return cls(cfg, batch.first, batch.tokens_after(max_steps) / batch.first)
+
+    def at(self, tokens: int) -> float:
+        """The learning rate of the step that starts after `tokens` tokens."""
+        return lr_at(tokens / self.unit, self.cfg, self.span)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
