@@ -202,7 +202,7 @@ def test_device_errors_name_the_flag_of_the_command(capsys, trained_run):
 
 
 def test_generate_prints_the_decoded_prompt_and_continuation(capsys, trained_run, monkeypatch):
-    import llamita.generate
+    from llamita.inference import LLM
     from llamita.tokenizer import Tokenizer
 
     tok = Tokenizer.load(f"{trained_run}/tokenizer")
@@ -210,9 +210,54 @@ def test_generate_prints_the_decoded_prompt_and_continuation(capsys, trained_run
     prompt_ids = tok.encode(prompt, bos=True)
     continuation = tok.encode(text, bos=True)[len(prompt_ids) :]  # starts with the token "▁return"
     assert tok.decode(continuation) == "return x0"  # decoded alone, its leading space is gone
-    monkeypatch.setattr(llamita.generate, "generate", lambda *args, **kwargs: continuation)
+    monkeypatch.setattr(LLM, "stream", lambda *args, **kwargs: iter(continuation))
     main(["generate", "--checkpoint", trained_run, "--prompt", prompt, "--max-new-tokens", "12", "--greedy"])
     assert capsys.readouterr().out == text + "\n"
+
+
+def test_generate_streams_what_the_engine_makes(capsys, trained_run):
+    from llamita.inference import LLM, SamplingParams
+    from llamita.inference.llm import text_pieces
+
+    main(["generate", "--checkpoint", trained_run, "--prompt", "def f1(y):", "--max-new-tokens", "12", "--greedy"])
+    llm = LLM(trained_run, device="cpu")
+    expected = llm.generate("def f1(y):", SamplingParams(temperature=0.0, max_tokens=12))[0]
+    # A 4-step model's output: its byte tokens can make a decoding that streaming cannot show piece by piece.
+    pieces = text_pieces(llm.tokenizer, expected.token_ids, prefix=expected.prompt_token_ids, show_prefix=True)
+    streamed = "".join(pieces) + "\n"
+    assert capsys.readouterr().out == streamed
+    for flags in (["--speculate", "ngram"], ["--draft", trained_run, "--gamma", "3"]):  # greedy: the same tokens
+        main(["generate", "--checkpoint", trained_run, "--prompt", "def f1(y):", "--max-new-tokens", "12", "--greedy",
+              *flags])  # fmt: skip
+        captured = capsys.readouterr()
+        assert captured.out == streamed
+        assert "speculative decoding kept" in captured.err
+
+
+def test_generate_a_file_of_prompts_reports_its_bad_lines(capsys, trained_run, tmp_path):
+    from llamita.inference import LLM, SamplingParams
+
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": "def f1(y):", "id": "a"}, "{broken", {"text": "no prompt"}, {"prompt": "x " * 80},
+             {"prompt": "Document 3.", "id": "b"}]  # fmt: skip
+    prompts.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    main(["generate", "--checkpoint", trained_run, "--prompts", str(prompts), "--out", str(out), "--greedy",
+          "--max-new-tokens", "6"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "skipped 3 bad line(s): line 2: invalid JSON" in err
+    assert 'line 3: not an object with a "prompt" string' in err and "line 4: the prompt is" in err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b"]
+    llm = LLM(trained_run, device="cpu")
+    expected = llm.generate(["def f1(y):", "Document 3."], SamplingParams(temperature=0.0, max_tokens=6))
+    assert [r["completion"] for r in rows] == [c.text for c in expected]
+    assert all(r["finish_reason"] in ("stop", "length") and 1 <= r["new_tokens"] <= 6 for r in rows)
+    prompts.write_text("{broken\n")
+    err = _user_error(capsys, ["generate", "--checkpoint", trained_run, "--prompts", str(prompts)])
+    assert "no line holds a JSON object" in err
+    err = _user_error(capsys, ["generate", "--checkpoint", trained_run])
+    assert "give --prompt TEXT" in err
 
 
 def test_generate_says_when_the_context_is_full(capsys, trained_run):

@@ -21,9 +21,14 @@ def test_demo_pipeline_small(tmp_path):
     }
     chat = {"data.seq_len": "128", "train.global_batch_tokens": "1024", "train.micro_batch": "8",
             "train.max_steps": "6", "eval.interval": "3", "log.progress": "false"}  # fmt: skip
-    summary = run_demo(out, max_steps=20, corpus_mb=0.25, vocab_size=512, overrides=small, chat_overrides=chat)
+    dpo = {**chat, "train.max_steps": "4", "eval.interval": "2"}
+    summary = run_demo(out, max_steps=20, corpus_mb=0.25, vocab_size=512, overrides=small, chat_overrides=chat,
+                       dpo_overrides=dpo)  # fmt: skip
     assert summary["step"] == 20
     assert summary["chat"]["step"] == 6 and summary["chat"]["val_loss"] > 0
+    preferences = summary["preferences"]
+    assert preferences["step"] == 4 and 0 <= preferences["accuracy_before"] <= 1
+    assert (out / "dpo" / "reference_logps.npy").is_file()
     assert (out / "chat" / "tokenizer" / "tokenizer_config.json").read_text().count("<|assistant|>") >= 1
     assert summary["final_val_loss"] < summary["first_val_loss"]
     rows = read_metrics(out / "metrics.jsonl")
@@ -34,8 +39,10 @@ def test_demo_pipeline_small(tmp_path):
     for name in ("prose", "code"):
         assert (out / "data" / name / "manifest.json").is_file()
     # A second run finds every stage done and changes nothing.
-    again = run_demo(out, max_steps=20, corpus_mb=0.25, vocab_size=512, overrides=small, chat_overrides=chat)
-    assert again["step"] == 20 and again["chat"]["step"] == 6
+    again = run_demo(out, max_steps=20, corpus_mb=0.25, vocab_size=512, overrides=small, chat_overrides=chat,
+                     dpo_overrides=dpo)  # fmt: skip
+    assert again["step"] == 20 and again["chat"]["step"] == 6 and again["preferences"]["step"] == 4
+    assert again["preferences"]["accuracy_after"] == preferences["accuracy_after"]
 
 
 def test_demo_trains_in_fp32_on_cpus_without_native_bf16(tmp_path, monkeypatch, capsys):

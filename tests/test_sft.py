@@ -160,15 +160,15 @@ def test_a_lora_run_exports_merged_and_as_a_peft_adapter(base_run, chat_file, tm
 def test_sft_from_a_hugging_face_directory_and_the_terminal_chat(base_run, chat_file, tmp_path):
     import io
 
-    from llamita.inference.chat import ChatSession, Sampling, run_terminal
+    from llamita.inference import LLM, SamplingParams
+    from llamita.inference.chat import ChatSession, run_terminal
     from llamita.interop import export_hf
-    from llamita.pretrained import load_pretrained
     from llamita.sft import sft
 
     hf_dir = export_hf(base_run, tmp_path / "base-hf")
     result = sft(_cfg(tmp_path / "from-hf", str(hf_dir), chat_file, **{"train.max_steps": "3"}))
     assert result["step"] == 3
-    session = ChatSession(load_pretrained(tmp_path / "from-hf"), Sampling(temperature=0.0, max_new_tokens=5))
+    session = ChatSession(LLM(tmp_path / "from-hf", max_batch=1), SamplingParams(temperature=0.0, max_tokens=5))
     stdin = io.StringIO("/system be brief\nwhat is 3 plus one?\nand twice that?\n/reset\n/quit\n")
     stdout = io.StringIO()
     run_terminal(session, stdin, stdout)

@@ -98,11 +98,13 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
-    """`pretrain` and `sft`: a recipe plus dotted overrides, one entry function each."""
+    """`pretrain`, `sft` and `dpo`: a recipe plus dotted overrides, one entry function each."""
     from llamita.config import load_config
 
     if args.command == "sft":
         from llamita.sft import sft as entry
+    elif args.command == "dpo":
+        from llamita.dpo import dpo as entry
     else:
         from llamita.pretrain import pretrain as entry
 
@@ -112,25 +114,31 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
         print(json.dumps(result, indent=1))
 
 
-def _sampling_model(args: argparse.Namespace) -> tuple[Any, float]:
-    """`generate`'s and `chat`'s model and temperature; the sampling options are checked before it loads."""
-    from llamita.generate import check_sampling
-    from llamita.pretrained import load_pretrained
+def _sampling_llm(args: argparse.Namespace, **engine: Any) -> tuple[Any, Any]:
+    """`generate`'s and `chat`'s engine (an `LLM`) and sampling settings; the settings are checked before it loads."""
+    from llamita.inference import LLM, SamplingParams
     from llamita.train.parallel import pick_device
 
-    temperature = 0.0 if args.greedy else args.temperature
-    check_sampling(temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    return load_pretrained(args.checkpoint, pick_device(args.device, option="--device")), temperature
+    params = SamplingParams(
+        max_tokens=args.max_new_tokens,
+        temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    device = pick_device(args.device, option="--device")
+    return LLM(args.checkpoint, device=device, compile=args.compile, **engine), params
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from llamita.inference.chat import ChatSession, Sampling, run_terminal
+    from llamita.inference.chat import ChatSession, run_terminal
 
-    pre, temperature = _sampling_model(args)
-    sampling = Sampling(temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
-    session = ChatSession(pre, sampling, system=args.system)
+    llm, params = _sampling_llm(args, max_batch=1)
+    session = ChatSession(llm, params, system=args.system)
     if args.prompt is None:
         run_terminal(session)
         return
@@ -195,30 +203,58 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from llamita.generate import generate
+    from llamita.inference.prompts_file import generate_file
 
-    pre, temperature = _sampling_model(args)
-    prompt_ids = pre.tokenizer.encode(args.prompt, bos=True)
-    context = pre.model_config.max_seq_len
-    if len(prompt_ids) > context:
-        raise ConfigError(
-            f"--prompt is {len(prompt_ids)} tokens long but the model's context is {context} tokens; shorten it"
-        )
-    new = generate(
-        pre.model,
-        prompt_ids,
-        args.max_new_tokens,
-        temperature=temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        eos_id=pre.tokenizer.eos_id,
-        seed=args.seed,
-    )
-    # Decoding prompt and continuation together keeps the space a continuation starts with (as transformers does).
-    print(pre.tokenizer.decode(prompt_ids + new))
-    if len(new) < args.max_new_tokens and new[-1] != pre.tokenizer.eos_id:
+    if (args.prompt is None) == (args.prompts is None):
+        raise ConfigError("give --prompt TEXT (streamed to stdout) or --prompts FILE.jsonl (a JSONL of completions)")
+    if args.draft and args.speculate == "ngram":
+        raise ConfigError("--draft and --speculate ngram are two kinds of speculative decoding; choose one")
+    engine: dict[str, Any] = {"gamma": args.gamma}
+    if args.draft or args.speculate:
+        engine["speculate"] = "draft" if args.draft else "ngram"
+    if args.prompt is not None:
+        engine["max_batch"] = 1
+    elif args.max_batch is not None:
+        engine["max_batch"] = args.max_batch
+    llm, params = _sampling_llm(args, draft=args.draft, **engine)
+    if args.prompts is not None:
+        generate_file(llm, params, Path(args.prompts), Path(args.out) if args.out else None)
+    else:
+        _generate_one(llm, params, args.prompt)
+    stats = llm.engine.stats
+    if stats.target_steps:
         print(
-            f"llamita generate: stopped after {len(new)} of {args.max_new_tokens} new tokens: the prompt "
+            f"llamita generate: speculative decoding kept {stats.acceptance_rate:.0%} of the drafted tokens, "
+            f"{stats.tokens_per_target_step:.2f} tokens per step of the model",
+            file=sys.stderr,
+        )
+
+
+def _generate_one(llm: Any, params: Any, prompt: str) -> None:
+    """One prompt: its text, then the continuation streamed as it is sampled, to stdout."""
+    prompt_ids = llm.tokenizer.encode(prompt, bos=True)
+    context = llm.engine.seq_len
+    if len(prompt_ids) >= context:
+        raise ConfigError(
+            f"--prompt is {len(prompt_ids)} tokens long but the model's context is {context} tokens (one is "
+            "needed for the continuation); shorten it"
+        )
+    new: list[int] = []
+
+    def tokens() -> Any:
+        for token in llm.stream(prompt_ids, params):
+            new.append(token)
+            yield token
+
+    from llamita.inference.llm import text_pieces
+
+    # Decoding prompt and continuation together keeps the space a continuation starts with (as transformers does).
+    for piece in text_pieces(llm.tokenizer, tokens(), prefix=prompt_ids, show_prefix=True):
+        print(piece, end="", flush=True)
+    print()
+    if len(new) < params.max_tokens and new[-1] != llm.tokenizer.eos_id:
+        print(
+            f"llamita generate: stopped after {len(new)} of {params.max_tokens} new tokens: the prompt "
             f"({len(prompt_ids)} tokens) and the continuation filled the model's context of {context} tokens",
             file=sys.stderr,
         )
@@ -398,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prepare",
         formatter_class=fmt,
-        help="tokenize a source into token shards with a manifest and a validation split",
+        help="tokenize a source into token shards with a manifest and a validation split (rerun to resume)",
     )
     p.add_argument("--name", required=True, help="source name used in the mixture (e.g. slimpajama)")
     p.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
@@ -430,6 +466,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_config_help(),
     )
     p.add_argument("--config", help="recipe file or bundled recipe name (sft-zephyr, sft-debug)")
+    p.set_defaults(func=cmd_train, takes_overrides=True)
+
+    p = sub.add_parser(
+        "dpo",
+        formatter_class=fmt,
+        help="preference-tune a model on chosen/rejected pairs (DPO, IPO, hinge, SimPO; reference log-probs once)",
+        description="Preference tuning of --init.from (an SFT run, a checkpoint or an HF Llama directory) on the pairs "
+        "of --dpo.data, through the pretraining trainer: every `pretrain` key applies, plus the dpo.* and lora.* keys "
+        "below.",
+        epilog=_config_help(),
+    )
+    p.add_argument("--config", help="recipe file or bundled recipe name (dpo-zephyr, dpo-debug)")
     p.set_defaults(func=cmd_train, takes_overrides=True)
 
     p = sub.add_parser(
@@ -489,10 +537,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
-        "generate", formatter_class=fmt, help="sample a continuation of a prompt (KV cache; greedy or top-k/top-p)"
+        "generate",
+        formatter_class=fmt,
+        help="continue a prompt (streamed) or a JSONL file of prompts (batched), through the inference engine",
+        description="One --prompt is streamed to stdout. --prompts FILE.jsonl takes one JSON object per line with a "
+        '"prompt" string (its other fields are copied) and writes one per line with "completion", "finish_reason" '
+        'and "new_tokens" added; bad lines are skipped and reported with their line numbers.',
     )
-    p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument(
+        "--checkpoint", required=True, help="run directory, checkpoint folder, or Hugging Face Llama directory"
+    )
+    p.add_argument("--prompt", help="text to continue")
+    p.add_argument("--prompts", help="a JSONL file of prompts, generated as one continuous batch")
+    p.add_argument("--out", help="where --prompts writes its completions (default: stdout)")
+    p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default: 256 GPU, 16 CPU)")
+    p.add_argument("--draft", help="speculative decoding with this draft model (same tokenizer; a smaller checkpoint)")
+    p.add_argument("--speculate", choices=["ngram"], help="speculative decoding by prompt lookup, no draft model")
+    p.add_argument("--gamma", type=int, default=4, help="tokens drafted per speculative step")
     _add_sampling_options(p, max_new_tokens=100, temperature=0.8)
     p.set_defaults(func=cmd_generate)
 
@@ -546,14 +607,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float) -> None:
-    """The options of `generate` and `chat` that `_sampling_model` reads."""
+    """The options of `generate` and `chat` that `_sampling_llm` reads."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=temperature, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling probability mass")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this times the best one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1: seen tokens made less likely")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--compile", action="store_true", help="on a GPU, compile the decode step first (pays in long runs)")
 
 
 def _add_plan_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:

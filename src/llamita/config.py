@@ -73,9 +73,19 @@ class OptimConfig:
     lr: float = 4e-4
     """Peak learning rate after warmup."""
     min_lr: float = 4e-5
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the decay (cosine or wsd)."""
     warmup_steps: int = 2000
-    """Linear warmup steps from 0 to `lr`."""
+    """Linear warmup steps from 0 to `lr` (with `train.batch_stages`: steps of `train.global_batch_tokens`)."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """After warmup: cosine decay to `min_lr`; wsd (MiniCPM's warmup-stable-decay: `lr` until the last
+    `decay_fraction`, then down to `min_lr`); or constant `lr`. A function of tokens seen, not of steps."""
+    decay_fraction: float = 0.2
+    """wsd: the last fraction of the schedule spent decaying from `lr` to `min_lr`."""
+    decay_shape: Literal["linear", "1-sqrt"] = "1-sqrt"
+    """wsd: the decay's shape, linear or 1-sqrt (lr x (1 - sqrt(progress)), Hägele et al. 2024)."""
+    schedule_tokens: int = 0
+    """Tokens the LR schedule spans (its decay ends there); 0: this run's length. A run that is one stage of
+    several (TinyLlama v1.1: base, stage 2, cooldown) sets the whole lineage's length, so each stage continues it."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices (not to norm weights)."""
     beta1: float = 0.9
@@ -94,10 +104,13 @@ class TrainConfig:
     """Tokens per optimizer step over all ranks; gradient accumulation is derived from it."""
     micro_batch: int = 8
     """Sequences per forward/backward on one rank."""
+    batch_stages: list[dict] = field(default_factory=list)
+    """Optional batch-size schedule: list of {from_tokens, global_batch_tokens}; a step that starts at or past
+    `from_tokens` tokens seen takes that global batch (before the first: `global_batch_tokens`)."""
     max_steps: int = 0
     """Optimizer steps to run; 0 derives it from `max_tokens`."""
     max_tokens: int = 0
-    """Total training tokens (used when `max_steps` is 0)."""
+    """Total training tokens (used when `max_steps` is 0): the run ends after its last step that fits in them."""
     seed: int = 42
     """Seed for initialisation and data order."""
     device: str = "auto"
@@ -122,6 +135,9 @@ class TrainConfig:
 class InitConfig:
     from_: str = ""
     """Weights to start from (HF Llama dir or llamita checkpoint); fresh optimizer, schedule and data order."""
+    branch_from: str = ""
+    """Branch from another run's checkpoint (its run dir: the latest one): weights, optimizer, step and tokens
+    continue, with this run's data mixture as a new data order; the parent's directory is only read."""
 
 
 @dataclass
@@ -151,6 +167,8 @@ class EvalConfig:
     """Validation batches per evaluation, over all ranks (a multiple of the ranks gives the same windows)."""
     batch_size: int = 8
     """Sequences per validation batch."""
+    per_source: bool = False
+    """Also score each source's validation shards on their own (`eval.batches` each), logged as val_loss/<name>."""
     tasks: dict = field(default_factory=dict)
     """Zero-shot tasks scored during training, {task: data dir} (e.g. {hellaswag: data/eval/hellaswag})."""
     task_interval: int = 0
@@ -181,6 +199,16 @@ class LogConfig:
     """Write TensorBoard events to <out_dir>/tb."""
     progress: bool = True
     """Show a progress bar when stdout is a terminal; otherwise (or when false) print a line every `interval`."""
+    wandb: bool = False
+    """Also log every metrics.jsonl row to Weights & Biases (needs `pip install 'llamita[wandb]'`)."""
+    wandb_project: str = "llamita"
+    """The W&B project of the run."""
+    wandb_entity: str = ""
+    """The W&B team or user that owns the project; empty: your default entity."""
+    wandb_name: str = ""
+    """The W&B run's display name; empty: the name of out_dir."""
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    """online, offline (files only, no network; `wandb sync` uploads them later), or auto: $WANDB_MODE, else online."""
 
 
 @dataclass
@@ -203,6 +231,44 @@ class SFTConfig:
     """Conversations held out (by a hash of their text) for the validation loss on assistant tokens."""
     epochs: float = 1.0
     """Passes over the training rows, when train.max_steps and train.max_tokens are 0."""
+
+
+@dataclass
+class DPOConfig:
+    data: list[str] = field(default_factory=list)
+    """Preference files, directories or globs (.jsonl[.gz|.zst], .parquet, HF datasets copies), for `llamita dpo`."""
+    format: Literal["auto", "messages", "flat"] = "auto"
+    """Record schema: messages (chosen/rejected message lists, UltraFeedback-binarized), flat (prompt/chosen/rejected
+    strings); auto detects."""
+    split: str = ""
+    """The split of an HF datasets copy to train on (UltraFeedback-binarized: train_prefs); empty: every file."""
+    val_split: str = ""
+    """The split held out for validation (test_prefs); empty: `dpo.val_fraction` of the pairs read."""
+    val_fraction: float = 0.01
+    """Pairs held out (by a hash of their text) for validation when `dpo.val_split` is empty."""
+    template: str = "tokenizer"
+    """Chat template: tokenizer (the SFT model's own), zephyr, chatml, llama2, or a Jinja file."""
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    """sigmoid (DPO), ipo (IPO), hinge (SLiC), or simpo (SimPO: no reference, length-normalised, target margin)."""
+    beta: float = 0.1
+    """DPO's beta, the weight of staying near the reference (higher: closer); IPO's tau; SimPO's reward scale (2)."""
+    label_smoothing: float = 0.0
+    """Assumed share of flipped preferences for sigmoid and simpo (conservative DPO, cDPO), in [0, 0.5)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin (gamma)."""
+    reference: Literal["precomputed", "live"] = "precomputed"
+    """precomputed: the reference's log-probs computed once before training and stored in the run (one model in
+    memory); live: a frozen copy of the starting model run on every batch."""
+    max_length: int = 1024
+    """Longest prompt + answer in tokens (TRL's max_length); a pair's tree takes up to twice this in a row."""
+    max_prompt_length: int = 512
+    """Prompt tokens kept (its end) when a pair is truncated (TRL's max_prompt_length)."""
+    over_length: Literal["drop", "truncate"] = "truncate"
+    """A pair whose prompt + longer answer exceed max_length: truncated as TRL does, or dropped (counted)."""
+    packing: bool = True
+    """Several pairs per row of data.seq_len slots (each a tree: the prompt once, then both answers); false: one."""
+    epochs: float = 1.0
+    """Passes over the training pairs, when train.max_steps and train.max_tokens are 0."""
 
 
 @dataclass
@@ -233,6 +299,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     init: InitConfig = field(default_factory=InitConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
@@ -375,6 +442,8 @@ BOUNDS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "optim.beta2": _BETA,
     "optim.eps": ("> 0", lambda v: v > 0),
     "optim.grad_clip": _AT_LEAST_0,
+    "optim.decay_fraction": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "optim.schedule_tokens": _AT_LEAST_0,
     "train.global_batch_tokens": _AT_LEAST_1,
     "train.micro_batch": _AT_LEAST_1,
     "train.max_steps": _AT_LEAST_0,
@@ -394,6 +463,13 @@ BOUNDS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "log.interval": _AT_LEAST_1,
     "sft.val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
     "sft.epochs": ("> 0", lambda v: v > 0),
+    "dpo.val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "dpo.beta": ("> 0", lambda v: v > 0),
+    "dpo.label_smoothing": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),
+    "dpo.simpo_gamma": _AT_LEAST_0,
+    "dpo.max_length": (">= 2", lambda v: v >= 2),
+    "dpo.max_prompt_length": _AT_LEAST_1,
+    "dpo.epochs": ("> 0", lambda v: v > 0),
     "lora.rank": _AT_LEAST_0,
     "lora.alpha": ("> 0", lambda v: v > 0),
     "lora.dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
@@ -424,6 +500,42 @@ def check_config(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.min_lr: {cfg.optim.min_lr:g} is above optim.lr {cfg.optim.lr:g}; it must not be")
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; choose from {', '.join(PRESETS)}")
+    if cfg.init.from_ and cfg.init.branch_from:
+        raise ConfigError(
+            "init.from and init.branch_from are both set; choose one: init.from takes weights only (a fresh "
+            "optimizer and schedule), init.branch_from continues the parent's optimizer and schedule"
+        )
+    if cfg.init.branch_from:
+        parent, out = Path(cfg.init.branch_from).resolve(), Path(cfg.out_dir).resolve()
+        if out == parent or out in parent.parents:
+            raise ConfigError(
+                f"init.branch_from: {cfg.init.branch_from} is in this run's own out_dir {cfg.out_dir}; a branch "
+                "writes to a directory of its own (set another out_dir), and continuing this run is a resume (drop "
+                "init.branch_from)"
+            )
+    _check_batch_stages(cfg.train)
+
+
+def _check_batch_stages(train: TrainConfig) -> None:
+    """Refuse a `train.batch_stages` entry that is not {from_tokens, global_batch_tokens} with positive integers
+    and `from_tokens` strictly increasing."""
+    previous = 0
+    for i, stage in enumerate(train.batch_stages):
+        where = f"train.batch_stages[{i}]"
+        keys = {"from_tokens", "global_batch_tokens"}
+        if not isinstance(stage, dict) or set(stage) != keys:
+            raise ConfigError(f"{where}: expected a mapping with exactly the keys {sorted(keys)}, got {stage!r}")
+        for key in sorted(keys):
+            value = stage[key]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not float(value).is_integer() or value < 1:
+                raise ConfigError(f"{where}.{key}: must be an integer >= 1, got {value!r}")
+        if stage["from_tokens"] <= previous:
+            raise ConfigError(
+                f"{where}.from_tokens: {stage['from_tokens']} must be above the previous stage's ({previous}); "
+                "list the stages in the order they start"
+            )
+        previous = stage["from_tokens"]
 
 
 def resolve_recipe(name_or_path: str) -> Path:
@@ -522,18 +634,21 @@ RESUME_FREE = (
     "log",
     "init",
     "sft.data",
+    "dpo.data",
+    "dpo.reference",
 )
 """Keys (and sections) a resume may change freely: where things are, how fast and how often, not what is computed.
 
 Paths may move because their contents are checked (the tokenizer against each manifest, the shards against the
-checkpoint's sha256, chat conversations through the packed rows' fingerprint); `train.micro_batch` and the
-parallel layout change the accumulation as another number of ranks does, with the same global batch. Every other
+checkpoint's sha256, chat conversations and preference pairs through the packed rows' fingerprint; a live and a
+stored reference give the same log-probs); `train.micro_batch` and the parallel layout change the accumulation as
+another number of ranks does, with the same global batch. Every other
 key (model, optim, the schedule's steps and tokens, seed, dtype, the spike guard, float8, sequence length, sources'
-names and weights, stages, sft and lora settings) changes the run's math: a resume that changes one needs
+names and weights, stages, sft, dpo and lora settings) changes the run's math: a resume that changes one needs
 `checkpoint.allow_config_change`.
 """
 
-RESUME_IGNORED = ("checkpoint.resume", "init.from")
+RESUME_IGNORED = ("checkpoint.resume", "init.from", "init.branch_from")
 """Keys never compared on resume: they say where a run starts, not what it computes."""
 
 UNSET = object()

@@ -123,3 +123,29 @@ def test_model_vocabulary_larger_than_the_tokenizer_validates(debug_config, tmp_
     cfg = debug_config(tmp_path / "run", **{"train.max_steps": "2", "eval.interval": "1", "model.vocab_size": "1000"})
     result = pretrain(cfg)
     assert result["step"] == 2 and result["val_loss"] > 0
+
+
+def test_per_source_validation_scores_each_source_on_its_own(prepared, debug_config, tmp_path):
+    """eval.per_source adds val_loss/<source>, each the loss of the final model on that source's validation shards
+    alone; the mixed val_loss is the run's without it."""
+    from llamita.data.prepare import shard_paths
+    from llamita.evaluate.perplexity import validation_loss
+
+    settings = {"train.max_steps": "4", "eval.interval": "2", "eval.batches": "3"}
+    plain = pretrain(debug_config(tmp_path / "plain", **settings))
+    result = pretrain(debug_config(tmp_path / "run", **settings, **{"eval.per_source": "true"}))
+    assert result["val_loss"] == plain["val_loss"] and "val_loss/prose" not in plain
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in rows] == [0, 2, 4] and all({"val_loss/prose", "val_loss/code"} <= r.keys() for r in rows)
+    model = load_pretrained(tmp_path / "run").model
+    for name in ("prose", "code"):
+        alone = validation_loss(
+            model,
+            shard_paths(prepared[name], "val"),
+            seq_len=64,
+            batch_size=4,
+            max_batches=3,
+            device=torch.device("cpu"),
+        )
+        assert result[f"val_loss/{name}"] == pytest.approx(alone["val_loss"], rel=1e-6)
+    assert result["val_loss/prose"] != result["val_loss/code"]

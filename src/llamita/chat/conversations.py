@@ -403,7 +403,7 @@ def read_conversations(
 def _conversations(files: list[Path], format: str, rejects: ConversationRejects | None) -> Iterator[Conversation]:
     counts = rejects if rejects is not None else ConversationRejects()
     for path in files:
-        for where, record in _file_records(path, counts):
+        for where, record in file_records(path, counts):
             try:
                 messages = to_messages(record, format)
             except RejectedRecord as err:
@@ -414,7 +414,9 @@ def _conversations(files: list[Path], format: str, rejects: ConversationRejects 
         warnings.warn(f"conversation records rejected: {counts.summary()}", stacklevel=2)
 
 
-def _file_records(path: Path, rejects: ConversationRejects) -> Iterator[tuple[str, object]]:
+def file_records(path: Path, rejects: Rejects) -> Iterator[tuple[str, object]]:
+    """``(where, record)`` for every record of one file that :func:`conversation_files` names (JSON lines,
+    parquet or arrow rows); lines that are not UTF-8 or JSON are counted in ``rejects``."""
     if not path.name.endswith(".arrow"):
         yield from iter_rows(path, rejects)
         return

@@ -185,6 +185,47 @@ def render(
     return Rendered(ids, trainable, text)
 
 
+def render_answers(
+    prompt: Sequence[Mapping[str, Any]],
+    answers: Sequence[Mapping[str, Any]],
+    template: str | Path,
+    tokenizer: Tokenizer,
+    **variables: Any,
+) -> tuple[list[int], list[list[int]]]:
+    """Token ids of a prompt and of alternative assistant answers to it (a preference pair's two completions).
+
+    Each ``prompt + [answer]`` is rendered as :func:`render` renders it; an answer's ids are what the model writes
+    in that last turn (its trained tokens, through the end-of-turn token; what follows that token is left out),
+    and the prompt's are the ids all renderings share before them.
+
+    Args:
+        prompt: the conversation before the answers, ending with a user turn.
+        answers: assistant messages.
+        template, tokenizer, variables: as for :func:`render`.
+
+    Returns:
+        (prompt ids, [answer ids, ...]).
+
+    Raises:
+        ValueError: as :func:`render`, or an answer renders no trained token.
+    """
+    rendered = [render([*prompt, answer], template, tokenizer, **variables) for answer in answers]
+    spans = []
+    for i, r in enumerate(rendered):
+        if not any(r.trainable):
+            raise ValueError(f"answer {i}: the template renders no token of it")
+        end = len(r.trainable) - r.trainable[::-1].index(True)  # one past the last trained token
+        start = end
+        while start > 0 and r.trainable[start - 1]:
+            start -= 1
+        spans.append((start, end))
+    shared = min(start for start, _ in spans)
+    first = rendered[0].ids
+    for r in rendered[1:]:
+        shared = next((k for k in range(shared) if r.ids[k] != first[k]), shared)
+    return first[:shared], [r.ids[shared:end] for r, (_, end) in zip(rendered, spans)]
+
+
 def generation_prompt_ids(
     messages: Sequence[Mapping[str, Any]], template: str | Path, tokenizer: Tokenizer, **variables: Any
 ) -> list[int]:

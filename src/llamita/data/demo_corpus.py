@@ -67,37 +67,72 @@ def write_demo_chat(path: Path, max_conversations: int | None = None) -> Path:
     """
 
     def conversations() -> Iterator[dict]:
-        n = 0
-        for module, _, tree in _stdlib_modules():
-            if any(part.startswith("_") for part in module.split(".")):
-                continue
-            for node in tree.body:
-                if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
-                    continue
-                doc = ast.get_docstring(node, clean=True)
-                if not doc:
-                    continue
-                answer = doc.split("\n\n")[0].replace("\n", " ").strip()[:400]
-                call = f"{module}.{node.name}({ast.unparse(node.args)})"
-                messages = [
-                    {"role": "user", "content": f"What does {module}.{node.name}() do?"},
-                    {"role": "assistant", "content": answer},
-                    {"role": "user", "content": "How do I call it?"},
-                    {"role": "assistant", "content": f"Like this: {call}"},
-                ]
-                if n % 3 == 0:
-                    messages.insert(0, {"role": "system", "content": DEMO_SYSTEM})
-                yield {"messages": messages}
-                n += 1
-                if max_conversations is not None and n >= max_conversations:
-                    return
+        for n, (module, name, answer, call) in enumerate(_documented_functions()):
+            if max_conversations is not None and n >= max_conversations:
+                return
+            messages = [
+                {"role": "user", "content": f"What does {module}.{name}() do?"},
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": "How do I call it?"},
+                {"role": "assistant", "content": f"Like this: {call}"},
+            ]
+            if n % 3 == 0:
+                messages.insert(0, {"role": "system", "content": DEMO_SYSTEM})
+            yield {"messages": messages}
 
-    path = Path(path)
+    return _write_records(Path(path), conversations())
+
+
+def write_demo_preferences(path: Path, max_pairs: int | None = None) -> Path:
+    """Preference pairs from the same documentation as `write_demo_chat`, one flat JSON line each.
+
+    For each documented function (the same order) the prompt asks what ``module.function()`` does; the chosen
+    answer is its docstring's first paragraph (the chat set's answer), the rejected one its call signature (the chat
+    set's answer to "How do I call it?"): about the right function, plausible, and not an answer to the question.
+    (Another function's docstring as the rejected answer is a finer distinction, which the demo's 5M-parameter model
+    learns on its training pairs but hardly carries over to held-out ones.) The format is ``{"prompt": ...,
+    "chosen": ..., "rejected": ...}`` (`llamita.chat.preferences`, ``flat``).
+
+    Args:
+        path: the .jsonl file to write.
+        max_pairs: stop after this many; None for every function.
+
+    Returns:
+        `path`.
+    """
+
+    def pairs() -> Iterator[dict]:
+        for n, (module, name, answer, call) in enumerate(_documented_functions()):
+            if max_pairs is not None and n >= max_pairs:
+                return
+            yield {"prompt": f"What does {module}.{name}() do?", "chosen": answer, "rejected": f"Like this: {call}"}
+
+    return _write_records(Path(path), pairs())
+
+
+def _documented_functions() -> Iterator[tuple[str, str, str, str]]:
+    """(module, function, its docstring's first paragraph, its call signature) for each public top-level function
+    with a docstring of the public stdlib modules, in sorted module order."""
+    for module, _, tree in _stdlib_modules():
+        if any(part.startswith("_") for part in module.split(".")):
+            continue
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node, clean=True)
+            if not doc:
+                continue
+            answer = doc.split("\n\n")[0].replace("\n", " ").strip()[:400]
+            yield module, node.name, answer, f"{module}.{node.name}({ast.unparse(node.args)})"
+
+
+def _write_records(path: Path, records: Iterator[dict]) -> Path:
+    """Write JSON lines through a temporary file, so no half-written file is ever seen; return `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for conversation in conversations():
-            f.write(json.dumps(conversation, ensure_ascii=False) + "\n")
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
 

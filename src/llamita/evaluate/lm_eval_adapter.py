@@ -11,13 +11,16 @@ or, from Python, ``import llamita.evaluate.lm_eval_adapter`` before ``lm_eval.si
 ``dtype=auto|float32|bfloat16``, ``add_bos_token=true|false``. Tokenization and BOS follow lm-eval's HF backend
 for a Llama tokenizer, so results equal ``--model hf`` on the exported model; log-likelihoods are computed by
 `llamita.evaluate.scoring` (shared contexts run once).
+
+Chat models: lm-eval's ``--apply_chat_template`` (with ``--system_instruction`` and ``--fewshot_as_multiturn``)
+renders every request with the model's own template (its tokenizer's ``chat_template``, which `llamita sft` and
+`llamita dpo` save) through `llamita.chat.templates`, as the HF backend asks transformers to.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
@@ -26,14 +29,14 @@ from tqdm import tqdm
 from llamita.evaluate.load_model import load_model
 from llamita.evaluate.run import resolve_dtype
 from llamita.evaluate.scoring import TokenPair, rolling_windows, score_pairs
-from llamita.generate import decode_one, prefill, sample
-from llamita.model.llama import KVCache
 from llamita.tokenizer import BOS, EOS
 from llamita.train.parallel import pick_device
 
 DEFAULT_BATCH_SIZE = 32
 MAX_GEN_TOKS = 256
 """lm-eval's HF backend default for generate_until."""
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+"""transformers' marker of where the final message ends, for ``continue_final_message``."""
 
 
 @register_model("llamita")
@@ -67,6 +70,7 @@ class LlamitaLM(TemplateLM):
         self.add_bos_token = add_bos_token
         auto = batch_size is None or str(batch_size).startswith("auto")
         self.batch_size = DEFAULT_BATCH_SIZE if auto else int(batch_size)  # type: ignore[arg-type]
+        self._llm: Any = None  # the inference engine, started by the first generate_until
 
     @property
     def eot_token_id(self) -> int:
@@ -84,12 +88,55 @@ class LlamitaLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.llamita_tokenizer.fingerprint()
 
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The model's chat template for ``--apply_chat_template`` (None when it is off).
+
+        Raises:
+            ValueError: the model's tokenizer has no chat template.
+        """
+        if chat_template is False or chat_template is None:
+            return None
+        if self.llamita_tokenizer.chat_template is None:
+            raise ValueError(
+                "--apply_chat_template: this model's tokenizer has no chat_template (a base model); a model from "
+                "`llamita sft` or `llamita dpo`, or an HF directory whose tokenizer_config.json has one, does"
+            )
+        return self.llamita_tokenizer.chat_template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's template renders it, as lm-eval's HF backend has transformers (5) render
+        it: with the assistant's generation prompt, or (``add_generation_prompt=False``) ending inside the final
+        message so that the model continues it; a template that refuses a system message gets the conversation
+        without it."""
+        from llamita.chat.templates import render
+
+        template = self.chat_template(True)
+        if not add_generation_prompt:  # transformers' continue_final_message: render with a tag, cut at the tag
+            *before, final = chat_history
+            chat_history = [*before, {**final, "content": final["content"] + CONTINUE_TAG}]
+
+        def text(history: list[dict[str, str]]) -> str:
+            rendered = render(history, template, self.llamita_tokenizer, add_generation_prompt=add_generation_prompt,
+                              train_on="all")  # fmt: skip
+            return rendered.text
+
+        try:
+            rendered = text(chat_history)
+        except ValueError:
+            rendered = text([m for m in chat_history if m["role"] != "system"])
+        if add_generation_prompt:
+            return rendered
+        at = rendered.rindex(CONTINUE_TAG.strip())
+        return rendered[:at] if rendered[at : at + len(CONTINUE_TAG)] == CONTINUE_TAG else rendered[:at].rstrip()
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        """transformers' ``encode`` of a Llama tokenizer as lm-eval's HF backend calls it (BOS unless told not)."""
+        """transformers' ``encode`` of a Llama tokenizer as lm-eval's HF backend calls it: BOS unless told not, and
+        special-token strings (the ``</s>`` a chat template writes) as their ids."""
         if add_special_tokens is None:
             add = self.add_bos_token if self.add_bos_token is not None else True
             add_special_tokens = add and not string.startswith(BOS)
-        return self.llamita_tokenizer.encode(string, bos=add_special_tokens)
+        ids, _ = self.llamita_tokenizer.encode_rendered(string)
+        return [self.prefix_token_id, *ids] if add_special_tokens else ids
 
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.llamita_tokenizer.decode(tokens)
@@ -123,39 +170,38 @@ class LlamitaLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
 
-    @torch.inference_mode()
-    def _generate(self, context: list[int], stop: list[str], max_new: int, gen: dict[str, Any]) -> str:
-        """Decode from `context` until a stop string, EOS or max_new tokens; the text before the stop."""
-        temperature = float(gen.get("temperature", 0.0)) if gen.get("do_sample") else 0.0
-        device = self.model.lm_head.weight.device
-        n_new = min(max_new, self.max_length - len(context) + 1)
-        cache = KVCache(
-            self.model.config, 1, len(context) + n_new - 1, device=device, dtype=self.model.lm_head.weight.dtype
-        )
-
-        def pick(logits: torch.Tensor) -> torch.Tensor:
-            return sample(logits, temperature, gen.get("top_k"), gen.get("top_p"))
-
-        token = pick(prefill(self.model, torch.tensor([context], device=device), cache))
-        new = [int(token)]
-        while new[-1] != self.eot_token_id and len(new) < n_new:
-            if any(s in self.tok_decode(new) for s in stop):
-                break
-            token = pick(decode_one(self.model, token.view(1, 1), cache, len(context) + len(new) - 1))
-            new.append(int(token))
-        return postprocess_generated_text(self.tok_decode(new), stop, None)
-
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Generation per request, with lm-eval's handling of ``until``, ``max_gen_toks`` and context truncation."""
-        out = []
-        for context, gen_kwargs in tqdm([req.args for req in requests], disable=disable_tqdm, desc="llamita generate"):
+        """Every request through the inference engine at once, with lm-eval's handling of ``until``, ``max_gen_toks``
+        and context truncation; the text is the continuation's own decoding, cut before a stop string."""
+        from llamita.inference import LLM, SamplingParams
+
+        if self._llm is None:
+            self._llm = LLM(self.model, self.llamita_tokenizer, max_batch=self.batch_size)
+        contexts, params, stops = [], [], []
+        for context, gen_kwargs in [req.args for req in requests]:
             gen = normalize_gen_kwargs(gen_kwargs, MAX_GEN_TOKS)
             stop = handle_stop_sequences(gen.pop("until", None), eos=EOS)
             max_new = gen.pop("max_gen_toks")
             if max_new >= self.max_length:
                 raise ValueError(f"max_gen_toks={max_new} leaves no room for a context in {self.max_length} positions")
-            ids = self.tok_encode(context)[-(self.max_length - max_new) :]
-            text = self._generate(ids, stop, max_new, gen)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            contexts.append(self.tok_encode(context)[-(self.max_length - max_new) :])
+            sample = bool(gen.get("do_sample"))
+            params.append(
+                SamplingParams(
+                    max_tokens=max_new,
+                    temperature=float(gen.get("temperature", 1.0)) if sample else 0.0,
+                    top_k=gen.get("top_k") if sample else None,
+                    top_p=float(gen.get("top_p") or 1.0) if sample else 1.0,
+                    stop=tuple(stop),
+                )
+            )
+            stops.append(stop)
+        out = []
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="llamita generate") as bar:
+            completions = self._llm.generate(contexts, params)
+            bar.update(len(requests))
+        for req, completion, stop in zip(requests, completions, stops):
+            text = postprocess_generated_text(self.tok_decode(completion.token_ids), stop, None)
+            self.cache_hook.add_partial("generate_until", req.args, text)
             out.append(text)
         return out

@@ -25,7 +25,7 @@ import torch
 import torch.distributed.fsdp
 from torch import Tensor
 
-from llamita.model.llama import Llama
+from llamita.model.llama import Llama, document_mask
 from llamita.tokenizer import BOS, Tokenizer
 
 TokenPair = tuple[Sequence[int], Sequence[int]]
@@ -169,8 +169,7 @@ def _pack(rows: list[_Row], pairs: Sequence[TokenPair], device: torch.device) ->
     width = max(r.length for r in rows)
     width += -width % 8  # aligned rows suit the attention kernels
     tokens = torch.zeros(len(rows), width, dtype=torch.long)
-    positions = torch.zeros(len(rows), width, dtype=torch.long)
-    segment_of = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
+    positions = torch.zeros(len(rows), width, dtype=torch.long)  # padding: documents of one token each
     branch_of = torch.zeros(len(rows), width, dtype=torch.long)  # 0: context, k: continuation k
     predict: list[int] = []
     target: list[int] = []
@@ -178,7 +177,7 @@ def _pack(rows: list[_Row], pairs: Sequence[TokenPair], device: torch.device) ->
     n_slots = 0
     for r, row in enumerate(rows):
         at = 0
-        for s, segment in enumerate(row.segments):
+        for segment in row.segments:
             n_ctx = len(segment.context)
             tokens[r, at : at + n_ctx] = torch.tensor(segment.context)
             positions[r, at : at + n_ctx] = torch.arange(n_ctx)
@@ -196,16 +195,10 @@ def _pack(rows: list[_Row], pairs: Sequence[TokenPair], device: torch.device) ->
                 slot += [n_slots] * len(cont)
                 n_slots += 1
                 at += n
-            segment_of[r, start:at] = s
     single = all(len(row.segments) == 1 and len(row.segments[0].requests) == 1 for row in rows)
-    mask = None
-    if not single:
-        seg, br = segment_of.to(device), branch_of.to(device)
-        same_segment = seg[:, :, None] == seg[:, None, :]  # [R, T, T]
-        visible_branch = (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])  # [R, T, T]
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()  # [T, T]
-        eye = torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself: no empty rows
-        mask = ((same_segment & visible_branch & causal) | eye)[:, None]  # [R, 1, T, T]
+    # Each segment is a tree (`document_mask`): its context, then its continuations as branches. Dense: the
+    # blocks run eagerly here, where a FlexAttention mask would have no compiled kernel.
+    mask = None if single else document_mask(positions.to(device), branch_of.to(device), blocks=False)
     as_tensor = lambda values: torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
     return {
         "tokens": tokens.to(device),

@@ -9,6 +9,7 @@ I intermediate size, V vocab.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from llamita.model.config import ModelConfig
-from llamita.model.loss import chunked_cross_entropy
+from llamita.model.loss import chunked_cross_entropy, token_logprobs
 
 
 class RMSNorm(nn.Module):
@@ -69,11 +70,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin  # [B, heads, T, hd]
 
 
-def document_mask(positions: Tensor, *, blocks: bool | None = None) -> Tensor | BlockMask:
+def document_mask(
+    positions: Tensor, branches: Tensor | None = None, *, blocks: bool | None = None
+) -> Tensor | BlockMask:
     """The attention mask of packed documents: causal within each document, nothing across documents.
+
+    With `branches`, a document is a tree: a shared prefix (branch 0) followed by branches 1, 2, ... (e.g. one
+    prompt and two completions), each branch attending to the prefix and to itself only. A branch's positions
+    continue the prefix's, so every token sees exactly what it would see in its own sequence (prefix + branch).
 
     Args:
         positions: [B, T] position of every token in its own document; each document starts at position 0.
+        branches: [B, T] branch of every token (0: the document's shared prefix); None: no branches.
         blocks: a FlexAttention `BlockMask` (default on CUDA: its kernel skips the blocks no query may see, where
             SDPA with a dense mask has no flash kernel) instead of the dense mask (default elsewhere).
 
@@ -85,21 +93,29 @@ def document_mask(positions: Tensor, *, blocks: bool | None = None) -> Tensor | 
     if blocks if blocks is not None else positions.is_cuda:
 
         def same_document_causal(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-            return (doc[b, q] == doc[b, k]) & (k <= q)
+            visible = (doc[b, q] == doc[b, k]) & (k <= q)
+            if branches is None:
+                return visible
+            return visible & ((branches[b, k] == 0) | (branches[b, k] == branches[b, q]))
 
         # Compiled: building the block table eagerly costs milliseconds per micro-batch at 2048 tokens.
         return create_block_mask(
             same_document_causal, B, None, T, T, device=positions.device, _compile=positions.is_cuda
         )
     causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()  # [T, T]
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # [B, 1, T, T]
+    visible = (doc[:, :, None] == doc[:, None, :]) & causal  # [B, T, T]
+    if branches is not None:
+        visible &= (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])  # [B, T, T]
+    return visible[:, None]  # [B, 1, T, T]
 
 
 class KVCache:
     """Preallocated keys and values for incremental decoding: one [B, KV, max_len, hd] pair per layer.
 
     `Llama.forward(tokens, cache, start_pos)` writes positions start_pos .. start_pos + T - 1 and attends
-    to everything before them.
+    to everything before them; `Llama.hidden_states(tokens, cache, positions=...)` does the same at each
+    sequence's own positions. Entries past a sequence's length are never read: every forward writes its
+    positions before attending, and a query sees only keys at or before its own position.
     """
 
     def __init__(
@@ -129,6 +145,23 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
 
+    def view(self, rows: slice, length: int | None = None) -> KVCache:
+        """The same buffers for sequences `rows` and positions 0 .. length - 1 (default all): no copy.
+
+        Args:
+            rows: Which sequences (a slice of the batch, so that the result is a view).
+            length: Positions to keep; attention then costs only what it reads.
+
+        Returns:
+            A KVCache whose batch is the rows selected.
+        """
+        length = self.max_len if length is None else length
+        out = copy.copy(self)
+        out.k = [k[rows, :, :length] for k in self.k]
+        out.v = [v[rows, :, :length] for v in self.v]
+        out.batch_size, out.max_len = out.k[0].shape[0], length
+        return out
+
 
 class Attention(nn.Module):
     """Causal grouped-query self-attention through F.scaled_dot_product_attention."""
@@ -149,19 +182,20 @@ class Attention(nn.Module):
         cos: Tensor,
         sin: Tensor,
         kv: tuple[Tensor, Tensor] | None = None,
-        start_pos: int = 0,
+        write_at: Tensor | None = None,
         mask: Tensor | BlockMask | None = None,
     ) -> Tensor:
-        """Attend from x's T positions (start_pos onwards) to themselves and, with a cache, to earlier ones.
+        """Attend from x's T positions to themselves and, with a cache, to the cached positions `mask` allows.
 
         Args:
             x: [B, T, D] normed hidden states.
-            cos: [T, hd] RoPE table rows for positions start_pos .. start_pos + T - 1 (or [B, 1, T, hd]).
+            cos: [T, hd] RoPE table rows for x's positions, or [B, 1, T, hd] when each sequence has its own.
             sin: likewise.
-            kv: This layer's (keys, values) cache buffers, each [B, KV, max_len, hd], updated in place.
-            start_pos: Position of x's first token; must be 0 without a cache.
+            kv: This layer's (keys, values) cache buffers, each [B, KV, S, hd], updated in place.
+            write_at: [B, T] cache position of each of x's tokens, where its key and value go (with `kv`).
             mask: [B, 1, T, T] boolean, True where query i may see key j, replacing the causal mask (packed
-                sequences), or the same as a FlexAttention `BlockMask`; only without a cache.
+                sequences), or the same as a FlexAttention `BlockMask`; with `kv`, [B, 1, T, S]: which cached
+                positions each query sees.
 
         Returns:
             [B, T, D].
@@ -172,24 +206,23 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, T, hd], [B, KV, T, hd]
 
-        causal = mask is None and start_pos == 0  # an explicit mask (packed sequences) replaces the causal one
-        if kv is not None:
-            end = start_pos + T
-            k_cache, v_cache = kv  # [B, KV, max_len, hd] each
-            k_cache[:, :, start_pos:end] = k  # [B, KV, T, hd] written in place
-            v_cache[:, :, start_pos:end] = v  # [B, KV, T, hd] written in place
-            if start_pos > 0:
-                k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # [B, KV, end, hd] each: past + new
-                if T > 1:
-                    # Query i sits at position start_pos + i and may see keys 0 .. start_pos + i.
-                    mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(start_pos)  # [T, end]
-        # start_pos == 0: queries and keys are the same T positions, so the plain causal mask is right.
-        # A single decoded token at start_pos > 0 may see every cached key, so it needs no mask at all.
         gqa = self.n_kv_heads != self.n_heads
-        if isinstance(mask, BlockMask):  # packed documents on a GPU (`document_mask`)
+        if kv is not None:
+            k_cache, v_cache = kv  # [B, KV, S, hd] each
+            where = write_at[:, None, :, None].expand(B, self.n_kv_heads, T, self.head_dim)  # [B, KV, T, hd]
+            k_cache.scatter_(2, where, k)  # written in place, each sequence at its own positions
+            v_cache.scatter_(2, where, v)
+            # The G query heads that share a key/value head attend as G * T queries of that head, so SDPA's fused
+            # kernels take the mask; its grouped-query path would repeat the whole cache for every query head.
+            G, S = self.n_heads // self.n_kv_heads, k_cache.shape[2]
+            grouped = q.reshape(B, self.n_kv_heads, G * T, self.head_dim)  # [B, KV, G * T, hd]
+            mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)  # [B, 1, G * T, S]
+            y = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=mask)  # [B, KV, G * T, hd]
+            y = y.reshape(B, self.n_heads, T, self.head_dim)  # [B, H, T, hd]
+        elif isinstance(mask, BlockMask):  # packed documents on a GPU (`document_mask`)
             y = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)  # [B, H, T, hd]
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        else:  # an explicit mask (packed sequences) replaces the causal one
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H * hd]
         return self.o_proj(y)  # [B, T, D]
 
@@ -224,10 +257,10 @@ class Block(nn.Module):
         cos: Tensor,
         sin: Tensor,
         kv: tuple[Tensor, Tensor] | None = None,
-        start_pos: int = 0,
+        write_at: Tensor | None = None,
         mask: Tensor | BlockMask | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start_pos, mask)  # [B, T, D]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, write_at, mask)  # [B, T, D]
         return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, D]
 
 
@@ -297,20 +330,29 @@ class Llama(nn.Module):
             tokens: [B, T] token ids at positions start_pos .. start_pos + T - 1.
             cache: KV cache to read earlier positions from and write these into; None for training.
             start_pos: Position of the first token; must be 0 without a cache.
-            positions: [B, T] explicit position of every token, for packed sequences (with `mask`, no cache).
-            mask: [B, 1, T, T] boolean attention mask, True where query i may see key j (with `positions`).
+            positions: [B, T] explicit position of every token: with `mask` and no cache, the positions of packed
+                sequences; with a cache, where each sequence's tokens go, so that sequences of different lengths
+                are decoded together (no start_pos then).
+            mask: [B, 1, T, T] boolean attention mask, True where query i may see key j (packed sequences: with
+                `positions`, no cache).
 
         Returns:
             [B, T, D].
         """
-        if (positions is None) != (mask is None) or (positions is not None and (cache is not None or start_pos)):
-            raise ValueError("positions and mask go together, and without a cache or start_pos")
+        packed = cache is None and positions is not None
+        if packed != (mask is not None) or (positions is not None and start_pos):
+            raise ValueError(
+                "positions and mask go together without a cache (packed sequences); with a cache, positions "
+                "replace start_pos and take no mask"
+            )
         B, T = tokens.shape
         end = start_pos + T
         if positions is not None:
             # Checked on the host only where that costs no device sync; on a GPU an index out of the tables raises.
-            if not positions.is_cuda and int(positions.max()) >= self.config.max_seq_len:
-                raise ValueError(f"a position exceeds the model's max_seq_len ({self.config.max_seq_len})")
+            if not positions.is_cuda:
+                limit = self.config.max_seq_len if cache is None else min(cache.max_len, self.config.max_seq_len)
+                if int(positions.max()) >= limit:
+                    raise ValueError(f"a position exceeds the model's max_seq_len or the cache ({limit} positions)")
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [B, 1, T, hd] each
         else:
             if end > self.config.max_seq_len:
@@ -321,15 +363,22 @@ class Llama(nn.Module):
             cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]  # [T, hd] each
         if cache is None and start_pos != 0:
             raise ValueError(f"start_pos={start_pos} needs a KVCache holding the earlier positions")
-        if cache is not None and (B != cache.batch_size or end > cache.max_len):
-            raise ValueError(
-                f"batch of {B} sequences up to position {end - 1} does not fit a KVCache of batch "
-                f"{cache.batch_size} and max_len {cache.max_len}; allocate a larger cache"
-            )
+        write_at = None
+        if cache is not None:
+            if B != cache.batch_size or end > cache.max_len:
+                raise ValueError(
+                    f"batch of {B} sequences up to position {end - 1} does not fit a KVCache of batch "
+                    f"{cache.batch_size} and max_len {cache.max_len}; allocate a larger cache"
+                )
+            if positions is None:
+                positions = torch.arange(start_pos, end, device=tokens.device).expand(B, T)  # [B, T]
+            write_at = positions
+            keys = torch.arange(cache.max_len, device=tokens.device)  # [S]
+            mask = (keys <= positions[:, :, None])[:, None]  # [B, 1, T, S]: each query sees its own past
         x = self.model.embed_tokens(tokens)  # [B, T, D]
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x = layer(x, cos, sin, kv, start_pos, mask)  # [B, T, D]
+            x = layer(x, cos, sin, kv, write_at, mask)  # [B, T, D]
         return self.model.norm(x)  # [B, T, D]
 
     def forward(
@@ -339,6 +388,8 @@ class Llama(nn.Module):
         start_pos: int = 0,
         targets: Tensor | None = None,
         positions: Tensor | None = None,
+        branches: Tensor | None = None,
+        predict: Tensor | None = None,
     ) -> Tensor:
         """Next-token logits at every position, or with `targets` the mean cross-entropy against them.
 
@@ -353,12 +404,20 @@ class Llama(nn.Module):
             targets: [B, T] next-token ids (-100 to skip a position); None for logits.
             positions: [B, T] positions of packed documents (each restarting at 0, see `document_mask`): every
                 document attends only to itself, at the positions it would have alone; no cache.
+            branches: [B, T] with `positions`: packed trees, a shared prefix (0) and branches attending to it and
+                to themselves (`document_mask`), e.g. a prompt with two completions.
+            predict: [N] with `targets`: flat indices into B * T of the positions to score; only they go through
+                the output head, and their log-probabilities are returned instead of the mean loss.
 
         Returns:
-            [B, T, V] logits, or the scalar fp32 mean loss when `targets` is given.
+            [B, T, V] logits; with `targets` the scalar fp32 mean loss, or with `predict` the [N] fp32
+            log-probabilities of `targets` at those positions.
         """
-        mask = None if positions is None else document_mask(positions)  # [B, 1, T, T]
+        mask = None if positions is None else document_mask(positions, branches)  # [B, 1, T, T]
         h = self.hidden_states(tokens, cache, start_pos, positions=positions, mask=mask)  # [B, T, D]
         if targets is None:
             return self.lm_head(h)  # [B, T, V]
+        if predict is not None:
+            scored = h.flatten(0, 1).index_select(0, predict)  # [N, D]
+            return token_logprobs(scored, self.lm_head.weight, targets.flatten().index_select(0, predict))  # [N]
         return chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())  # scalar

@@ -99,6 +99,75 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
+def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """Log-probability of each row's target under `softmax(hidden @ weight.T)`, in row chunks.
+
+    For per-sequence sums (preference losses), whose gradient per row is only known in backward: so the backward
+    pass recomputes each chunk's logits (one more head matmul) instead of keeping [N, V] of them. Dtypes as in
+    `chunked_cross_entropy`: matmuls in the autocast (or common) dtype, the softmax in fp32.
+
+    Args:
+        hidden: [N, D] final hidden states of the scored positions.
+        weight: [V, D] output head weight.
+        targets: [N] token ids (every row is scored; select the rows before).
+        chunk_size: Rows whose logits exist at one time.
+
+    Returns:
+        [N] log-probabilities in fp32 (float64 for float64 inputs).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"token_logprobs: chunk_size must be >= 1, got {chunk_size}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if not torch.is_grad_enabled():
+        hidden, weight = hidden.detach(), weight.detach()
+    with torch.autocast(device_type, enabled=False):
+        return _ChunkedLogprobs.apply(hidden, weight, targets, chunk_size)
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """Target log-probabilities in forward keeping only each row's log-sum-exp; backward recomputes the logits."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int
+    ) -> Tensor:
+        softmax_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.empty(hidden.shape[0], dtype=softmax_dtype, device=hidden.device)  # [N]
+        lse = torch.empty_like(out)  # [N]
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (hidden[rows] @ weight.T).to(softmax_dtype)  # [C, V]
+            lse[rows] = torch.logsumexp(logits, dim=-1)  # [C]
+            out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]  # [C]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, D]
+        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            h, g = hidden[rows], grad_out[rows].to(lse.dtype)  # [C, D], [C]
+            # d log p(target) / d logits = one_hot(target) - softmax, times the row's upstream gradient.
+            grad = torch.exp((h @ weight.T).to(lse.dtype) - lse[rows, None]).mul_(-g[:, None])  # [C, V]
+            grad.scatter_add_(1, targets[rows, None], g[:, None])
+            grad = grad.to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.mm(grad, weight, out=grad_hidden[rows])  # [C, D]
+            if grad_weight is not None:
+                _accumulate_fp32(grad_weight, grad.T, h)  # [V, D]
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
 def _chunk_step(logits: Tensor, targets: Tensor, inv_count: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Summed loss of one chunk and d(mean loss)/d(logits), written as pointwise ops that fuse when compiled.
 

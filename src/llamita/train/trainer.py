@@ -6,7 +6,9 @@ a step may change the weights (NaN/Inf, loss spikes) is decided on the device by
 the fused AdamW kernel; the host reads each step's outcome one step late, so it keeps running up to one step
 ahead of the device. SIGTERM/SIGINT make every rank save a checkpoint at the same step boundary and return. A
 resume refuses a config that changes the run's math since the checkpoint unless `checkpoint.allow_config_change`
-(`find_resume`).
+(`find_resume`). A branch (`init.branch_from`, `find_branch`) starts a new run from another run's checkpoint with
+its weights, optimizer, step and tokens, and a new data order. The global batch follows `train.batch_stages` and
+the learning rate the tokens seen (`optim.BatchSchedule`, `optim.LRSchedule`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,14 +28,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llamita.config import UNSET, RunConfig, changes_math, describe_change, resume_changes, to_dict
+from llamita.config import (
+    UNSET,
+    ConfigError,
+    RunConfig,
+    changes_math,
+    describe_change,
+    resume_changes,
+    to_dict,
+)
 from llamita.evaluate.perplexity import mean_loss
 from llamita.model.config import ModelConfig
 from llamita.tokenizer import Tokenizer
 from llamita.train import checkpoint as ckpt
 from llamita.train.guard import HostCopy, StepGuard
 from llamita.train.metrics import MetricsLogger, Throughput, peak_flops
-from llamita.train.optim import clipped_step, gradient_norm, lr_at, set_lr
+from llamita.train.optim import BatchSchedule, LRSchedule, clipped_step, gradient_norm, set_lr
 
 
 def causal_lm_loss(
@@ -47,8 +57,57 @@ def causal_lm_loss(
     return model(inputs, targets=targets, positions=positions)  # scalar
 
 
+class Objective(Protocol):
+    """What the trainer minimises: `CausalLM` (pretraining, SFT), `chat.preference_objective.PreferenceObjective`
+    (DPO and its variants)."""
+
+    def loss(self, model: nn.Module, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A micro-batch's scalar loss (a mean over what `count` counts) and its metrics (device scalars, means over
+        the same), from the loader's batch on the device."""
+        ...
+
+    def count(self, batch: Sequence[torch.Tensor]) -> int:
+        """What the loss averages over in one host micro-batch: weights micro-batches of a `token_weighted` loader."""
+        ...
+
+    def validate(
+        self,
+        model: nn.Module,
+        batches: Iterable[tuple[torch.Tensor, ...]],
+        *,
+        device: torch.device,
+        autocast: contextlib.AbstractContextManager | None = None,
+    ) -> dict[str, float]:
+        """The scores of a held-out set's batches (at least `val_loss`), summed over ranks."""
+        ...
+
+
+class CausalLM:
+    """Next-token cross-entropy on the targets that are not -100 (`causal_lm_loss`), validated by `mean_loss`."""
+
+    def loss(self, model: nn.Module, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return causal_lm_loss(model, *batch), {}
+
+    def count(self, batch: Sequence[torch.Tensor]) -> int:
+        return int((batch[1] != -100).sum())
+
+    def validate(
+        self,
+        model: nn.Module,
+        batches: Iterable[tuple[torch.Tensor, ...]],
+        *,
+        device: torch.device,
+        autocast: contextlib.AbstractContextManager | None = None,
+    ) -> dict[str, float]:
+        return mean_loss(model, batches, device=device, autocast=autocast)
+
+
 class Validation(Protocol):
-    """A held-out set the trainer scores (`evaluate.perplexity.ShardValidation`, `chat.packing.PackedValidation`)."""
+    """A held-out set the trainer scores (`evaluate.perplexity.ShardValidation`, `chat.packing.PackedValidation`).
+
+    One with a `sources` mapping ({name: Validation}, `pretrain.SourcesValidation`) has each part scored on its own
+    too, as `val_loss/<name>`.
+    """
 
     def batches(self, batch_size: int, max_batches: int | None, rank: int, world: int) -> Iterator[tuple]:
         """This rank's (inputs, targets[, positions]) batches; every rank gets the same number."""
@@ -101,6 +160,22 @@ def find_resume(cfg: RunConfig) -> tuple[Path, dict[str, tuple[Any, Any]]] | Non
     return path, changes
 
 
+def find_branch(cfg: RunConfig) -> Path:
+    """The checkpoint `init.branch_from` names (a run directory: its latest complete one), checked to hold an
+    optimizer and data state (`config.check_config` has checked that it is not in `cfg.out_dir`).
+
+    Raises:
+        CheckpointError: no such checkpoint, or it holds weights only.
+    """
+    path = ckpt.resolve_checkpoint(cfg.init.branch_from)
+    if "loader" not in ckpt.read_state(path):
+        raise ckpt.CheckpointError(
+            f"init.branch_from: {path} holds weights only (no optimizer or data state); start from it with "
+            f"--init.from {path} instead (fresh optimizer and schedule)"
+        )
+    return path
+
+
 @dataclasses.dataclass
 class TrainState:
     step: int = 0
@@ -126,6 +201,9 @@ class Trainer:
         max_steps: optimizer steps of the whole run.
         autocast: autocast forward passes to this dtype; None when the weights already have the compute dtype
             (fp32, or bf16 cast by FSDP2): `parallel.plan_parallel` decides.
+        tokenizer: the run's tokenizer, for `eval.tasks`.
+        objective: what to minimise and how to validate (`Objective`); default `CausalLM`. Its metrics are
+            averaged over the step's micro-batches and ranks as the loss is, and logged in each training row.
     """
 
     def __init__(
@@ -141,6 +219,7 @@ class Trainer:
         *,
         autocast: torch.dtype | None = None,
         tokenizer: Tokenizer | None = None,
+        objective: Objective | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -153,22 +232,25 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.accum = loader.micro_steps_per_step
-        self.tokens_per_step = cfg.train.global_batch_tokens
+        self.batch = BatchSchedule.of(cfg.train)
+        self.lr = LRSchedule.of(cfg.optim, self.batch, max_steps)
+        self.accum = 0  # this step's gradient accumulation and global batch in tokens: `_set_batch`
+        self.tokens_per_step = 0
         self.state = TrainState()
+        self.branched_from: dict[str, Any] | None = None  # the parent checkpoint of a branch (`branch`)
         self.autocast: contextlib.AbstractContextManager = (
             contextlib.nullcontext() if autocast is None else torch.autocast(device.type, dtype=autocast)
         )
         self.autocast_dtype = autocast
         self.tokenizer = tokenizer
+        self.objective: Objective = objective if objective is not None else CausalLM()
+        self.step_metrics: dict[str, torch.Tensor] = {}  # the last step's objective metrics, on the device
         if cfg.eval.tasks and tokenizer is None:
             raise ValueError("eval.tasks needs the tokenizer: pass tokenizer= to the Trainer")
         self._batches: Iterator | None = None
         self.config_changes: dict[str, tuple[Any, Any]] = {}  # since the checkpoint `resume` loaded
         self._stop_signal = 0  # set by a SIGTERM/SIGINT handler while `fit` runs
-        copies = getattr(optimizer, "copies", None)
-        if copies is not None:  # bf16 gradients of several micro-batches are summed in fp32
-            copies.accumulate_fp32 = self.accum > 1
+        self._set_batch()
         self.guard = StepGuard(device, self.world_size, cfg.train.spike_sigma, cfg.train.spike_window)
 
     # ----------------------------------------------------------------------------------------- state
@@ -179,6 +261,7 @@ class Trainer:
             "tokens": self.state.tokens,
             **self.guard.state_dict(),
             "loader": self.loader.state_dict(),
+            **({"branched_from": self.branched_from} if self.branched_from else {}),
             "world_size": self.world_size,
             "model_config": dataclasses.asdict(self.model_config),
             "run_config": to_dict(self.cfg),
@@ -211,7 +294,68 @@ class Trainer:
             raise ckpt.CheckpointError(f"{path}: cannot continue the data order: {e}") from None
         self.state = TrainState(step=state["step"], tokens=state["tokens"])
         self.guard.load_state_dict(state)
+        self.branched_from = state.get("branched_from")
         return path
+
+    def branch(self) -> tuple[Path, dict[str, int]]:
+        """Start this run from the checkpoint `init.branch_from` names (`find_branch`): its weights, optimizer,
+        RNG, step, tokens and guard window, and a new data order at its position (`DataLoader.branch_from`).
+
+        Returns:
+            The parent checkpoint, and the draws of each source whose order continues the parent's.
+
+        Raises:
+            CheckpointError: the parent's model config differs from this run's, or its data position does not fit
+                this run's batch sizes.
+            ConfigError: this loader cannot branch.
+        """
+        if not hasattr(self.loader, "branch_from"):
+            raise ConfigError(f"init.branch_from: {type(self.loader).__name__} data cannot branch; use init.from")
+        path = find_branch(self.cfg)
+        ours = dataclasses.asdict(self.model_config)
+        theirs = ckpt.read_state(path)["model_config"]
+        diff = [f"{k}: {theirs.get(k)!r} (parent) != {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+        if diff:
+            raise ckpt.CheckpointError(
+                f"init.branch_from: {path} holds another model than this run's ({'; '.join(diff)}); a branch "
+                "continues the parent's weights and optimizer, so set model.* and data.seq_len as in its "
+                f"config ({path.parent.parent / 'config.yaml'}), or use init.from for other weights"
+            )
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        try:
+            carried = self.loader.branch_from(state["loader"])
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"init.branch_from: {path}: cannot branch the data order: {e}") from None
+        self.state = TrainState(step=state["step"], tokens=state["tokens"])
+        self.guard.load_state_dict(state)
+        changes = {k: v for k, v in resume_changes(state["run_config"], self.cfg).items() if changes_math(k)}
+        self.branched_from = {
+            "checkpoint": str(path),
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "changes": {k: {s: x for s, x in zip(("parent", "new"), v) if x is not UNSET} for k, v in changes.items()},
+            **({"parent": state["branched_from"]} if "branched_from" in state else {}),
+        }
+        return path, carried
+
+    def _set_batch(self) -> bool:
+        """Take the global batch and accumulation of the step about to run from the batch schedule; True when they
+        changed. The accumulation is derived and checked against the loader's."""
+        tokens = self.batch.at(self.state.tokens)
+        if tokens == self.tokens_per_step:
+            return False
+        self.tokens_per_step = tokens
+        self.accum = tokens // (self.cfg.data.seq_len * self.cfg.train.micro_batch * self.world_size)
+        if self.accum != self.loader.micro_steps_per_step:
+            raise RuntimeError(
+                f"the loader yields {self.loader.micro_steps_per_step} micro-batches per step at {self.state.tokens} "
+                f"tokens, the batch schedule {self.accum} ({tokens} tokens per step); build the loader with "
+                "the run's batch schedule"
+            )
+        copies = getattr(self.optimizer, "copies", None)
+        if copies is not None:  # bf16 gradients of several micro-batches are summed in fp32
+            copies.accumulate_fp32 = self.accum > 1
+        return True
 
     # ------------------------------------------------------------------------------------------ loop
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,8 +365,9 @@ class Trainer:
         when the guard is on) leaves weights and optimizer state untouched; see `guard.StepGuard`.
         """
         assert self._batches is not None
-        set_lr(self.optimizer, lr_at(self.state.step, self.cfg.optim, self.max_steps))
+        set_lr(self.optimizer, self.lr.at(self.state.tokens))
         loss_sum = torch.zeros((), device=self.device)
+        step_metrics: dict[str, torch.Tensor] = {}
         micro_batches = [next(self._batches) for _ in range(self.accum)]
         weights = self._micro_weights(micro_batches)
         for micro, batch in enumerate(micro_batches):
@@ -231,9 +376,13 @@ class Trainer:
                 # FSDP2: reduce-scatter gradients only on the last micro-batch of the step.
                 self.model.set_requires_gradient_sync(micro == self.accum - 1)
             with self.autocast:
-                loss = causal_lm_loss(self.model, *batch)
+                loss, metrics = self.objective.loss(self.model, batch)
             (loss / self.accum if weights is None else loss * weights[micro]).backward()
             loss_sum += loss.detach() if weights is None else loss.detach() * weights[micro] * self.accum
+            for name, value in metrics.items():  # weighted as the loss: their step value is a mean over ranks
+                share = value / self.accum if weights is None else value * weights[micro]
+                step_metrics[name] = step_metrics[name] + share if name in step_metrics else share
+        self.step_metrics = step_metrics
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = gradient_norm(self.optimizer)
         mean_loss = loss_sum / self.accum
@@ -245,11 +394,12 @@ class Trainer:
         return mean_loss, grad_norm, summary
 
     def _micro_weights(self, micro_batches: list) -> torch.Tensor | None:
-        """Each micro-batch's share of the step's targets over all ranks, times the ranks (which gradient reduction
-        averages), for a token-weighted loader; None when every micro-batch holds the same number (pretraining)."""
+        """Each micro-batch's share of what the step's loss averages over (the objective's `count`: targets; pairs for
+        DPO) over all ranks, times the ranks (which gradient reduction averages), for a token-weighted loader; None
+        when every micro-batch holds the same number (pretraining)."""
         if not getattr(self.loader, "token_weighted", False):
             return None
-        counts = torch.tensor([int((b[1] != -100).sum()) for b in micro_batches], dtype=torch.float32)
+        counts = torch.tensor([self.objective.count(b) for b in micro_batches], dtype=torch.float32)
         counts = counts.to(self.device)  # [accum]
         total = counts.sum()
         if self.world_size > 1:
@@ -273,17 +423,22 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def validate(self) -> dict[str, float]:
-        """Validation loss and perplexity on the held-out shards (mean over ranks).
+        """Validation loss and perplexity on the held-out shards (mean over ranks), and `val_loss/<name>` for each
+        part of a validation set with `sources`.
 
         Runs the compiled blocks eagerly: their graphs stay the training step's, and validation batches of another
         size cost no recompilation (the same for `eval.tasks`).
         """
         ev = self.cfg.eval
         assert self.validation is not None
-        # Rank r scores windows r, r + world, ...: batches / world per rank covers the windows of one rank.
-        batches = self.validation.batches(ev.batch_size, -(-ev.batches // self.world_size), self.rank, self.world_size)
-        with torch.compiler.set_stance("force_eager"):
-            result = mean_loss(self.model, batches, device=self.device, autocast=self.autocast)
+        parts = {"": self.validation, **getattr(self.validation, "sources", {})}
+        result: dict[str, float] = {}
+        for name, part in parts.items():
+            # Rank r scores windows r, r + world, ...: batches / world per rank covers the windows of one rank.
+            batches = part.batches(ev.batch_size, -(-ev.batches // self.world_size), self.rank, self.world_size)
+            with torch.compiler.set_stance("force_eager"):
+                scores = self.objective.validate(self.model, batches, device=self.device, autocast=self.autocast)
+            result.update(scores if not name else {f"val_loss/{name}": scores["val_loss"]})
         self.model.train()
         return result
 
@@ -299,15 +454,20 @@ class Trainer:
         losses = torch.stack([p[1] for p in pending])
         norms = torch.stack([p[2] for p in pending]).float()
         summaries = torch.stack([p[5] for p in pending]).tolist()
+        names = list(pending[0][7])  # the objective's metrics, the same every step
+        extras = torch.stack([torch.stack(list(p[7].values())) for p in pending]) if names else None  # [steps, k]
         if self.world_size > 1:
             dist.all_reduce(losses, op=dist.ReduceOp.SUM)
             losses /= self.world_size
+            if extras is not None:
+                dist.all_reduce(extras, op=dist.ReduceOp.SUM)
+                extras /= self.world_size
         tokens_per_s, mfu = meter.update(self.state.tokens)
         # Host-side allocator counter: reading it does not synchronise with the device.
         memory = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         row: dict[str, Any] = {}
-        for (step, _, _, lr, tokens, _), loss, norm, summary in zip(
-            pending, losses.tolist(), norms.tolist(), summaries
+        for (step, _, _, lr, tokens, _, batch, _), loss, norm, summary, extra in zip(
+            pending, losses.tolist(), norms.tolist(), summaries, extras.tolist() if names else [[]] * len(pending)
         ):
             row = {
                 "step": step,
@@ -318,12 +478,15 @@ class Trainer:
                 "tokens_per_s": tokens_per_s,
                 "skipped_steps": int(summary[0]),
             }
+            if len(self.batch.stages) > 1:
+                row["batch_tokens"] = batch
             if self.guard.spike_sigma > 0:
                 row["spike_steps"] = int(summary[1])
             if mfu is not None:
                 row["mfu"] = mfu
             if memory is not None:
                 row["max_memory_gib"] = memory
+            row.update(zip(names, extra))
             logger.log(row)
         pending.clear()
         if report:
@@ -333,7 +496,9 @@ class Trainer:
     def _log_validation(self, logger: MetricsLogger) -> dict[str, float]:
         result = self.validate()
         logger.log({"step": self.state.step, "tokens": self.state.tokens, **result})
-        logger.print(f"step {self.state.step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}")
+        parts = "".join(f" | {k.removeprefix('val_loss/')} {v:.4f}" for k, v in result.items() if "/" in k)
+        ppl = f" | ppl {result['val_ppl']:.2f}" if "val_ppl" in result else ""
+        logger.print(f"step {self.state.step:>6} | val loss {result['val_loss']:.4f}{ppl}{parts}")
         return {**result, "val_step": self.state.step}
 
     def _log_tasks(self, logger: MetricsLogger) -> dict[str, float]:
@@ -386,6 +551,8 @@ class Trainer:
         at `task_step`; and `stopped: true` after a stop by SIGTERM/SIGINT.
         """
         resumed = self.resume()
+        branched = self.branch() if resumed is None and self.cfg.init.branch_from else None
+        self._set_batch()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log = self.cfg.log
         logger = MetricsLogger(
@@ -395,6 +562,7 @@ class Trainer:
             tensorboard=log.tensorboard,
             progress=log.progress,
             enabled=self.rank == 0,
+            wandb=self.cfg if log.wandb else None,
         )
         mc = self.model_config
         logger.print(
@@ -404,10 +572,15 @@ class Trainer:
             f"{self.world_size} ranks x {self.cfg.data.seq_len} tokens | {self.max_steps:,} steps on "
             f"{self.device.type}{f' ({self.autocast_dtype} autocast)' if self.autocast_dtype else ''}"
         )
+        if len(self.batch.stages) > 1:
+            stages = ", ".join(f"{batch:,} from {start:,}" for start, batch in self.batch.stages[1:])
+            logger.print(f"batch schedule (tokens/step from tokens seen): {self.batch.first:,} from 0, {stages}")
         if resumed is not None:
             logger.print(f"resumed from {resumed} at step {self.state.step}")
             if self.config_changes:
                 self._record_config_changes(resumed, logger)
+        if branched is not None:
+            self._log_branch(*branched, logger)
         peak = peak_flops(self.device)  # one GPU's; tokens/s counts every rank's tokens
         meter = Throughput(mc.flops_per_token(self.cfg.data.seq_len), peak * self.world_size if peak else None)
         meter.update(self.state.tokens)
@@ -426,6 +599,22 @@ class Trainer:
         last["step"], last["tokens"] = self.state.step, self.state.tokens
         return last
 
+    def _log_branch(self, path: Path, carried: dict[str, int], logger: MetricsLogger) -> None:
+        """Say where this branch starts and what it changed, and record it as a metrics row."""
+        assert self.branched_from is not None
+        continued = ", ".join(f"{name} at draw {n:,}" for name, n in carried.items()) or "none"
+        logger.print(
+            f"branched from {path} at step {self.state.step} ({self.state.tokens:,} tokens): weights, optimizer and "
+            f"schedule continue; new data order (sources continuing the parent's: {continued})"
+        )
+        changes = self.branched_from["changes"]
+        if changes:
+            shown = "; ".join(
+                describe_change(k, v.get("parent", UNSET), v.get("new", UNSET)) for k, v in changes.items()
+            )
+            logger.print(f"changed from the parent's config: {shown}")
+        logger.log({"step": self.state.step, "tokens": self.state.tokens, "branched_from": str(path)})
+
     def _train_loop(self, logger: MetricsLogger, meter: Throughput, pending: list, last: dict[str, Any]) -> None:
         log = self.cfg.log
         if self.state.step == 0 and self.validation is not None and self.cfg.eval.interval > 0:
@@ -433,9 +622,16 @@ class Trainer:
             meter.update(self.state.tokens)
         previous: HostCopy | None = None  # the guard summary of the step before, on its way to the host
         while self.state.step < self.max_steps:
+            before = (self.tokens_per_step, self.accum)
+            if self._set_batch():
+                logger.print(
+                    f"step {self.state.step + 1:>6} | tokens {self.state.tokens:,} | global batch {before[0]:,} -> "
+                    f"{self.tokens_per_step:,} tokens | accumulation {before[1]} -> {self.accum}"
+                )
             loss, grad_norm, summary = self.train_step()
             lr = self.optimizer.param_groups[0]["lr"]
-            pending.append((self.state.step, loss, grad_norm, lr, self.state.tokens, summary))
+            row = (self.state.step, loss, grad_norm, lr, self.state.tokens, summary, self.tokens_per_step)
+            pending.append((*row, self.step_metrics))
             step, done = self.state.step, self.state.step == self.max_steps
             # Read step-1's outcome now that `step` is enqueued: the device has finished it (or nearly).
             _, _, streak, stop = previous.values() if previous is not None else (0, 0, 0, 0)

@@ -1,0 +1,306 @@
+"""DPO training throughput and peak memory: llamita's tree-packed pairs against TRL's DPOTrainer, in one call.
+
+TinyLlama-1.1B shape, bf16, DPO's sigmoid loss (beta 0.1), on synthetic preference pairs with UltraFeedback-like
+lengths (`pairs`: prompt lognormal around 130 tokens, sigma 0.9; chosen around 280 and rejected around 230, sigma
+0.7; an end-of-turn token closing each answer; fitted to max_length 1024 / max_prompt_length 512 as TRL truncates:
+about 170 + 330 + 280 tokens per pair on average, as UltraFeedback-binarized's with Llama's tokenizer). Every system
+trains the same pairs from the same initial weights; each runs in its own process. Tokens/s counts a pair's prompt
+and both answers once (what the pair is, whatever a system computes for it: TRL runs the prompt twice and pads).
+
+Systems:
+- ``llamita-precomputed``: `llamita dpo` as it runs by default: rows of 2048 slots holding pairs as trees (prompt
+  once, both answers; only answer tokens through the head), the reference's log-probs computed in one pass first
+  (timed on its own, `reference_seconds`), one model in memory.
+- ``llamita-live``: the same with a frozen copy of the starting model run on every batch (`dpo.reference: live`).
+- ``trl-live``: TRL's DPOTrainer with a reference model (its default), bf16, pairs padded per batch.
+- ``trl-precompute``: TRL's DPOTrainer with ``precompute_ref_log_probs=True`` (its precomputation is timed on its
+  own too).
+
+    PYTHONPATH=src python3 bench/dpo_throughput.py --out out/dpo            # one GPU: llamita and TRL (if installed)
+    PYTHONPATH=src python3 bench/dpo_throughput.py --smoke --out /tmp/dpo   # a CPU check of the script
+
+TRL (trl, datasets and their missing dependencies) is carried as wheels; see bench/README.md. The target
+(issue 14): llamita-precomputed >= 2x TRL's best tokens/s at <= 60% of its peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+SEED = 0
+EOS = 2
+BETA = 0.1
+
+
+def pairs(n: int, vocab: int, scale: float = 1.0, seed: int = SEED) -> list[tuple[list[int], list[int], list[int]]]:
+    """Synthetic (prompt, chosen, rejected) token ids, fitted as TRL fits them; `scale` shrinks the lengths and the
+    limits (the CPU smoke run)."""
+    import numpy as np
+
+    from llamita.chat.packing import Pair, fit_pair
+
+    rng = np.random.default_rng(seed)
+    max_length, max_prompt = int(1024 * scale), int(512 * scale)
+    out = []
+    for i in range(n):
+        lengths = [int(np.clip(scale * rng.lognormal(np.log(m), s), 4, 4096)) for m, s in ((130, 0.9), (280, 0.7),
+                                                                                         (230, 0.7))]  # fmt: skip
+        prompt, chosen, rejected = (rng.integers(10, vocab, k).tolist() for k in lengths)
+        pair = Pair(tuple(prompt), (*chosen[:-1], EOS), (*rejected[:-1], EOS), i)
+        fitted = fit_pair(pair, max_length, max_prompt, "truncate")
+        out.append((list(fitted.prompt), list(fitted.chosen), list(fitted.rejected)))
+    return out
+
+
+def _pair_tokens(data: list[tuple[list[int], ...]]) -> int:
+    return sum(len(p) + len(c) + len(r) for p, c, r in data)
+
+
+def run_llamita(spec: dict) -> dict:
+    """llamita as `llamita dpo` runs it: trees packed in rows, the preference objective, stored or live reference."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from llamita.chat.packing import Pair, pack_pairs
+    from llamita.chat.preference_loss import PreferenceLoss
+    from llamita.chat.preference_objective import PreferenceObjective
+    from llamita.chat.reference_logps import compute_reference_logps
+    from llamita.config import OptimConfig, ParallelConfig
+    from llamita.model import get_preset
+    from llamita.pretrain import build_model
+    from llamita.train.copies import ComputeCopies
+    from llamita.train.optim import build_optimizer, clipped_step, gradient_norm
+    from llamita.train.parallel import parallelize
+
+    device = torch.device(spec["device"])
+    config = get_preset(spec["preset"])
+    data = pairs(spec["pairs"], config.vocab_size, spec["scale"])
+    rows, stats = pack_pairs([Pair(tuple(p), tuple(c), tuple(r), i) for i, (p, c, r) in enumerate(data)],
+                             spec["seq_len"], pad_id=EOS)  # fmt: skip
+    model = build_model(config, device, SEED)
+    live = spec["mode"] == "live"
+    reference = copy.deepcopy(model).requires_grad_(False).eval() if live else None
+    par = ParallelConfig(fsdp="off", compile=spec["compile"])
+    parallelize(model, par, None, device, param_dtype=torch.bfloat16)
+    cuda = device.type == "cuda"
+    copies = ComputeCopies(model, torch.bfloat16) if cuda else None
+    optimizer = build_optimizer(model, OptimConfig(lr=5e-7, weight_decay=0.0), device, copies)  # GPU: bf16 copies
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    if live:
+        if cuda:
+            reference.to(torch.bfloat16)
+        parallelize(reference, par, None, device, param_dtype=torch.bfloat16)
+        ref: Any = reference
+        reference_seconds = 0.0
+    else:
+        ref = compute_reference_logps(model, [rows], len(data), batch_size=spec["batch"], device=device)
+        if cuda:
+            torch.cuda.synchronize()
+        reference_seconds = time.perf_counter() - t0
+    objective = PreferenceObjective(PreferenceLoss("sigmoid", BETA), ref)
+    no_skip = torch.zeros((), device=device)
+    order = np.random.default_rng(SEED).permutation(len(rows))
+    batch = spec["batch"]
+    tokens: list[int] = []
+
+    def step(i: int) -> torch.Tensor:
+        index = order[np.arange(i * batch, (i + 1) * batch) % len(rows)]
+        host = rows.batch(index)
+        tokens.append(int((rows.pairs[index] >= 0).sum()) + int(host.pair_ids.numel()))  # +1 per pair: x[-1] twice
+        loss, _ = objective.loss(model, [t.to(device, non_blocking=True) for t in host])
+        loss.backward()
+        clipped_step(optimizer, gradient_norm(optimizer), 1.0, no_skip)
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    out = _timed(step, spec, device, lambda: sum(tokens[spec["warmup"] :]))
+    return out | {
+        "reference_seconds": reference_seconds,
+        "packing_efficiency": stats.efficiency(spec["seq_len"]),
+        "pairs_per_row": stats.conversations / max(1, stats.rows),
+        "rows": stats.rows,
+        "mean_pair_tokens": _pair_tokens(data) / len(data),
+    }
+
+
+def run_trl(spec: dict) -> dict:
+    """TRL's DPOTrainer on the same pairs (as text of a word-level stand-in tokenizer whose words are the ids)."""
+    import datasets
+    import tokenizers
+    import torch
+    import transformers
+    import trl
+
+    from llamita.model import get_preset
+    from llamita.pretrain import build_model
+
+    device = torch.device(spec["device"])
+    config = get_preset(spec["preset"])
+    data = pairs(spec["pairs"], config.vocab_size, spec["scale"])
+
+    def text(ids: list[int]) -> str:
+        return "".join(f" t{i}" for i in ids)
+
+    records = {"prompt": [text(p).lstrip() for p, _, _ in data], "chosen": [text(c) for _, c, _ in data],
+               "rejected": [text(r) for _, _, r in data]}  # fmt: skip
+    vocab = {f"t{i}": i for i in range(config.vocab_size)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=f"t{EOS}", eos_token=f"t{EOS}",
+                                               bos_token="t1")  # fmt: skip
+    weights = build_model(config, torch.device("cpu"), SEED).state_dict()
+
+    def hf_model() -> Any:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf_config_dict()))
+        hf.load_state_dict(weights, strict=False)
+        return hf.to(device)
+
+    precompute = spec["mode"] == "precompute"
+    cuda = device.type == "cuda"
+    args = trl.DPOConfig(
+        output_dir=spec["tmp"], per_device_train_batch_size=spec["trl_batch"], max_length=int(1024 * spec["scale"]),
+        beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=precompute, bf16=cuda, learning_rate=5e-7,
+        max_steps=spec["warmup"] + spec["steps"], logging_steps=1000, save_strategy="no", report_to=[],
+        dataloader_num_workers=0, use_cpu=not cuda, seed=SEED,
+    )  # fmt: skip
+    times: list[float] = []
+    batches: list[int] = []
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trainer = trl.DPOTrainer(
+        model=hf_model(),
+        ref_model=None if precompute else hf_model(),
+        args=args,
+        train_dataset=datasets.Dataset.from_dict(records),
+        processing_class=tok,
+        callbacks=[Clock()],
+    )
+    setup_seconds = time.perf_counter() - t0
+    collate = trainer.data_collator
+
+    def counting(examples: list[dict]) -> dict:
+        batches.append(sum(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples))
+        return collate(examples)
+
+    trainer.data_collator = counting
+    trainer.train()
+    timed = times[spec["warmup"] :]
+    seconds = timed[-1] - timed[0]
+    counted = sum(batches[spec["warmup"] + 1 : spec["warmup"] + len(timed)])  # the steps between the clock's ticks
+    out = {"tokens_per_s": counted / seconds, "steps_timed": len(timed) - 1, "setup_seconds": setup_seconds}
+    if cuda:
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out["mean_pair_tokens"] = _pair_tokens(data) / len(data)
+    out["versions"] = {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
+    return out
+
+
+def _timed(step: Any, spec: dict, device: Any, counted: Any) -> dict:
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(spec["warmup"]):
+        step(i)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(spec["warmup"], spec["warmup"] + spec["steps"]):
+        loss = step(i)
+    sync()
+    seconds = time.perf_counter() - t0
+    out = {"tokens_per_s": counted() / seconds, "steps_timed": spec["steps"], "loss_last": float(loss)}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def _worker(name: str, spec: dict, queue: Any) -> None:
+    try:
+        queue.put((name, (run_trl if name.startswith("trl") else run_llamita)(spec)))
+    except Exception as e:  # a peer that cannot run here is reported in the table, not fatal
+        queue.put((name, {"error": f"{type(e).__name__}: {e}"[:500], "trace": traceback.format_exc()[-2000:]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true", help="the debug preset on a CPU, 2 steps each")
+    parser.add_argument("--systems", default="llamita-precomputed,llamita-live,trl-live,trl-precompute")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    # llamita: 8 rows of 2048 slots per step (~2 pairs each); TRL: 8 pairs per step (its per-device batch).
+    base = {"preset": "tinyllama-1.1b", "seq_len": 2048, "batch": 8, "trl_batch": 8, "warmup": 5, "steps": 20,
+            "pairs": 800, "scale": 1.0, "device": "cuda", "compile": True, "tmp": str(args.out / "trl")}  # fmt: skip
+    if args.smoke:
+        base |= {"preset": "debug", "seq_len": 128, "batch": 2, "trl_batch": 2, "warmup": 1, "steps": 2,
+                 "pairs": 24, "scale": 1 / 16, "device": "cpu", "compile": False}  # fmt: skip
+    specs = {
+        "llamita-precomputed": base | {"mode": "precomputed"},
+        "llamita-live": base | {"mode": "live"},
+        "trl-live": base | {"mode": "live"},
+        "trl-precompute": base | {"mode": "precompute"},
+    }
+    results = {}
+    ctx = mp.get_context("spawn")
+    for name in args.systems.split(","):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_worker, args=(name, specs[name], queue))
+        proc.start()
+        proc.join()
+        results[name] = queue.get()[1] if not queue.empty() else {"error": f"exit code {proc.exitcode}"}
+        print(name, json.dumps({k: v for k, v in results[name].items() if k != "trace"}), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    record = {"date": time.strftime("%Y-%m-%d"), "commit": commit.strip(), "shape": base, "results": results}
+    (args.out / "dpo_throughput.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(table(record))
+
+
+def table(record: dict) -> str:
+    rows = record["results"]
+    trl = [r for name, r in rows.items() if name.startswith("trl") and "error" not in r]
+    best = max(trl, key=lambda r: r["tokens_per_s"]) if trl else None
+    lines = [
+        "| system | pair tokens/s | vs TRL's best | peak GiB | vs its peak | one-off s (reference pass; TRL: set-up) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][:120]} | | | | |")
+            continue
+        tps, peak = r["tokens_per_s"], r.get("peak_gib")
+        speed = f"{tps / best['tokens_per_s']:.2f}x" if best else "-"
+        memory = f"{peak / best['peak_gib']:.2f}" if best and peak and best.get("peak_gib") else "-"
+        once = r.get("reference_seconds", r.get("setup_seconds"))
+        lines.append(
+            f"| {name} | {tps:,.0f} | {speed} | {'-' if peak is None else f'{peak:.1f}'} | {memory} | "
+            f"{'-' if once is None else f'{once:.1f}'} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
