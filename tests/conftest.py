@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from pretrain_runs import mixture_sources
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
@@ -79,11 +81,6 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
             progress=False,
         )
     return out
-
-
-def mixture_sources(prose: Path, code: Path) -> str:
-    """The `data.sources` override for a prose and a code source, mixed 7:3."""
-    return f"[{{name: prose, path: '{prose}', weight: 0.7}}, {{name: code, path: '{code}', weight: 0.3}}]"
 
 
 @pytest.fixture

@@ -11,6 +11,14 @@ from llamita.config import RunConfig, save_config
 from llamita.train.metrics import read_metrics
 
 
+def mixture_sources(prose: Path, code: Path, weights: tuple[float, float] = (0.7, 0.3)) -> str:
+    """The `data.sources` override for a prose and a code source, mixed 7:3 unless `weights` say otherwise."""
+    return (
+        f"[{{name: prose, path: '{prose}', weight: {weights[0]}}}, "
+        f"{{name: code, path: '{code}', weight: {weights[1]}}}]"
+    )
+
+
 def torchrun(
     cfg: RunConfig, *torchrun_args: str, script: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen:

@@ -13,18 +13,18 @@ import pytest
 import yaml
 
 from checkpoint_compare import assert_same, checkpoint_contents
-from conftest import mixture_sources
 from llamita.config import ConfigError
 from llamita.pretrain import pretrain
 from llamita.train import checkpoint as ckpt
 from llamita.train.metrics import read_metrics
+from pretrain_runs import mixture_sources
 
 # A 20-step schedule (5 warmup steps, cosine over 20 x 512 tokens); the parent stops half-way.
 SCHEDULE = {"optim.schedule_tokens": str(20 * 512), "eval.interval": "0", "checkpoint.keep_last": "0"}
 
 
 def _sources(prepared, prose: float, code: float) -> str:
-    return mixture_sources(prepared["prose"], prepared["code"]).replace("0.7", str(prose)).replace("0.3", str(code))
+    return mixture_sources(prepared["prose"], prepared["code"], (prose, code))
 
 
 def _rows(run: Path) -> list[tuple]:
