@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,9 @@ def test_a_resumed_run_continues_its_wandb_run(offline, debug_config, tmp_path):
     cfg = debug_config(run, **settings, **{"log.wandb": "true", "log.wandb_mode": "offline"})
     pretrain(cfg)
     shutil.rmtree(ckpt.checkpoint_path(run, 6))
+    # W&B names an offline run's folder by its start second and run id: a resume of the same id within the same
+    # second would write into the first part's folder (a real run never resumes that fast).
+    time.sleep(1.1)
     pretrain(cfg)
     first, resumed = wandb_runs(run)
     rows = read_metrics(run / "metrics.jsonl")
