@@ -44,6 +44,14 @@ def chunked_cross_entropy(
     """
     if chunk_size < 1:
         raise ValueError(f"chunked_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    hidden, weight = _head_inputs(hidden, weight)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index)
+
+
+def _head_inputs(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """`hidden` and the head `weight` in the dtype the head's matmul runs in (autocast's, else their promotion); under
+    no_grad detached, since the autograd Functions would still see inputs that require grad and compute gradients."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -51,10 +59,8 @@ def chunked_cross_entropy(
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     if not torch.is_grad_enabled():
-        # Under no_grad the Function would still see inputs that require grad; detached, it skips the gradients.
         hidden, weight = hidden.detach(), weight.detach()
-    with torch.autocast(device_type, enabled=False):
-        return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index)
+    return hidden, weight
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -117,15 +123,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: 
     """
     if chunk_size < 1:
         raise ValueError(f"token_logprobs: chunk_size must be >= 1, got {chunk_size}")
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
-    if not torch.is_grad_enabled():
-        hidden, weight = hidden.detach(), weight.detach()
-    with torch.autocast(device_type, enabled=False):
+    hidden, weight = _head_inputs(hidden, weight)
+    with torch.autocast(hidden.device.type, enabled=False):
         return _ChunkedLogprobs.apply(hidden, weight, targets, chunk_size)
 
 
