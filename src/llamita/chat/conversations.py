@@ -48,10 +48,10 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import Literal, TypedDict, TypeVar
 
 from llamita.data.sources import InputFiles, Rejects, SourceError, expand_inputs, iter_rows
 from llamita.evaluate.task_data import files_under, hf_split_file, iter_arrow_records
@@ -402,16 +402,28 @@ def read_conversations(
 
 def _conversations(files: list[Path], format: str, rejects: ConversationRejects | None) -> Iterator[Conversation]:
     counts = rejects if rejects is not None else ConversationRejects()
-    for path in files:
-        for where, record in file_records(path, counts):
-            try:
-                messages = to_messages(record, format)
-            except RejectedRecord as err:
-                counts.add(path, err.reason, where)
-                continue
-            yield Conversation(messages=messages, file=str(path), where=where)
+    for path, where, messages in converted_records(files, counts, lambda record: to_messages(record, format)):
+        yield Conversation(messages=messages, file=str(path), where=where)
     if rejects is None and counts.total:
         warnings.warn(f"conversation records rejected: {counts.summary()}", stacklevel=2)
+
+
+_Converted = TypeVar("_Converted")
+
+
+def converted_records(
+    files: list[Path], rejects: Rejects, convert: Callable[[object], _Converted]
+) -> Iterator[tuple[Path, str, _Converted]]:
+    """(file, place, `convert(record)`) for every record of `files`; a record `convert` rejects (`RejectedRecord`)
+    is counted in `rejects` by its reason and place instead."""
+    for path in files:
+        for where, record in file_records(path, rejects):
+            try:
+                converted = convert(record)
+            except RejectedRecord as err:
+                rejects.add(path, err.reason, where)
+                continue
+            yield path, where, converted
 
 
 def file_records(path: Path, rejects: Rejects) -> Iterator[tuple[str, object]]:

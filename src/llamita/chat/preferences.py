@@ -32,7 +32,7 @@ from llamita.chat.conversations import (
     Message,
     RejectedRecord,
     conversation_files,
-    file_records,
+    converted_records,
     to_messages,
 )
 from llamita.data.sources import Rejects
@@ -180,13 +180,9 @@ def read_preferences(
 
 def _preferences(files: list[Path], format: str, rejects: PreferenceRejects | None) -> Iterator[Preference]:
     counts = rejects if rejects is not None else PreferenceRejects()
-    for path in files:
-        for where, record in file_records(path, counts):
-            try:
-                prompt, chosen, rejected = to_preference(record, format)
-            except RejectedRecord as err:
-                counts.add(path, err.reason, where)
-                continue
-            yield Preference(prompt, chosen, rejected, str(path), where)
+    for path, where, (prompt, chosen, rejected) in converted_records(
+        files, counts, lambda record: to_preference(record, format)
+    ):
+        yield Preference(prompt, chosen, rejected, str(path), where)
     if rejects is None and counts.total:
         warnings.warn(f"preference records rejected: {counts.summary()}", stacklevel=2)
