@@ -26,14 +26,13 @@ TRL (trl, datasets and their missing dependencies) is carried as wheels; see ben
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
-import subprocess
 import sys
 import time
-import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from sft_throughput import run_systems  # this folder: one runner for both benchmarks
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -238,11 +237,8 @@ def _timed(step: Any, spec: dict, device: Any, counted: Any) -> dict:
     return out
 
 
-def _worker(name: str, spec: dict, queue: Any) -> None:
-    try:
-        queue.put((name, (run_trl if name.startswith("trl") else run_llamita)(spec)))
-    except Exception as e:  # a peer that cannot run here is reported in the table, not fatal
-        queue.put((name, {"error": f"{type(e).__name__}: {e}"[:500], "trace": traceback.format_exc()[-2000:]}))
+def _runner(name: str) -> Callable[[dict], dict]:
+    return run_trl if name.startswith("trl") else run_llamita
 
 
 def main() -> None:
@@ -264,18 +260,7 @@ def main() -> None:
         "trl-live": base | {"mode": "live"},
         "trl-precompute": base | {"mode": "precompute"},
     }
-    results = {}
-    ctx = mp.get_context("spawn")
-    for name in args.systems.split(","):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_worker, args=(name, specs[name], queue))
-        proc.start()
-        proc.join()
-        results[name] = queue.get()[1] if not queue.empty() else {"error": f"exit code {proc.exitcode}"}
-        print(name, json.dumps({k: v for k, v in results[name].items() if k != "trace"}), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    record = {"date": time.strftime("%Y-%m-%d"), "commit": commit.strip(), "shape": base, "results": results}
-    (args.out / "dpo_throughput.json").write_text(json.dumps(record, indent=1) + "\n")
+    record = run_systems(args.systems.split(","), specs, _runner, base, args.out / "dpo_throughput.json")
     print(table(record))
 
 

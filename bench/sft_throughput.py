@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -176,11 +177,35 @@ def _timed(step: Any, spec: dict, device: Any) -> dict:
     return out
 
 
-def _worker(name: str, spec: dict, queue: Any) -> None:
+def _isolated(name: str, spec: dict, run: Callable[[dict], dict], queue: Any) -> None:
     try:
-        queue.put((name, (run_trl if name.startswith("trl") else run_llamita)(spec)))
+        queue.put((name, run(spec)))
     except Exception as e:  # a peer that cannot run here is reported in the table, not fatal
         queue.put((name, {"error": f"{type(e).__name__}: {e}"[:500], "trace": traceback.format_exc()[-2000:]}))
+
+
+def _runner(name: str) -> Callable[[dict], dict]:
+    return run_trl if name.startswith("trl") else run_llamita
+
+
+def run_systems(
+    names: list[str], specs: dict[str, dict], runner: Callable[[str], Callable[[dict], dict]], shape: dict, out: Path
+) -> dict:
+    """Run each named system in a fresh spawned process (its own GPU memory and compile caches) with its spec,
+    printing each result as it comes; write the record (date, commit, shape, results) to `out` and return it."""
+    results = {}
+    ctx = mp.get_context("spawn")
+    for name in names:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_isolated, args=(name, specs[name], runner(name), queue))
+        proc.start()
+        proc.join()
+        results[name] = queue.get()[1] if not queue.empty() else {"error": f"exit code {proc.exitcode}"}
+        print(name, json.dumps({k: v for k, v in results[name].items() if k != "trace"}), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    record = {"date": time.strftime("%Y-%m-%d"), "commit": commit.strip(), "shape": shape, "results": results}
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 def main() -> None:
@@ -201,18 +226,7 @@ def main() -> None:
         "trl-bfd": base | {"packing": "bfd"},
         "trl-wrapped": base | {"packing": "wrapped"},
     }
-    results = {}
-    ctx = mp.get_context("spawn")
-    for name in args.systems.split(","):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_worker, args=(name, specs[name], queue))
-        proc.start()
-        proc.join()
-        results[name] = queue.get()[1] if not queue.empty() else {"error": f"exit code {proc.exitcode}"}
-        print(name, json.dumps({k: v for k, v in results[name].items() if k != "trace"}), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    record = {"date": time.strftime("%Y-%m-%d"), "commit": commit.strip(), "shape": base, "results": results}
-    (args.out / "sft_throughput.json").write_text(json.dumps(record, indent=1) + "\n")
+    record = run_systems(args.systems.split(","), specs, _runner, base, args.out / "sft_throughput.json")
     print(table(record))
 
 
