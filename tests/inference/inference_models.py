@@ -22,8 +22,11 @@ def tiny_model(config: ModelConfig = TINY, seed: int = 0, std: float = 0.3) -> L
     return model.eval()
 
 
-def greedy_by_recomputation(model: Llama, prompt: list[int], n: int, penalty: float = 1.0) -> list[int]:
-    """The reference: the full forward over the whole sequence for every new token (no cache at all)."""
+def greedy_by_recomputation(
+    model: Llama, prompt: list[int], n: int, penalty: float = 1.0, presence: float = 0.0, frequency: float = 0.0
+) -> list[int]:
+    """The reference: the full forward over the whole sequence for every new token (no cache at all); with the
+    repetition penalty over prompt and output, then OpenAI's presence and frequency penalties over the output."""
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
@@ -31,5 +34,7 @@ def greedy_by_recomputation(model: Llama, prompt: list[int], n: int, penalty: fl
             if penalty != 1:
                 seen = torch.tensor(sorted(set(ids)))
                 logits[seen] = torch.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+            for token in set(ids[len(prompt) :]):
+                logits[token] -= frequency * ids[len(prompt) :].count(token) + presence
             ids.append(int(logits.argmax()))
     return ids[len(prompt) :]

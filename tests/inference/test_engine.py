@@ -166,6 +166,19 @@ def test_repetition_penalty_against_the_reference():
     assert seqs[1].output == greedy_by_recomputation(model, [1, 2], 12)
 
 
+def test_presence_and_frequency_penalties_against_the_reference():
+    model = tiny_model(std=0.1)
+    presence = SamplingParams(temperature=0.0, max_tokens=12, presence_penalty=1.5)
+    frequency = SamplingParams(temperature=0.0, max_tokens=12, frequency_penalty=0.7, repetition_penalty=1.2)
+    engine = Engine(model, EngineConfig(max_batch=2))
+    # A slot reused by a penalized request starts from no counts, and its neighbour's counts stay its own.
+    seqs, _ = run(engine, {0: [([1, 2], GREEDY), ([3, 3, 4], presence)], 3: [([5, 6, 7], frequency)]})
+    assert seqs[1].output == greedy_by_recomputation(model, [3, 3, 4], 12, presence=1.5)
+    assert seqs[1].output != greedy_by_recomputation(model, [3, 3, 4], 12)
+    assert seqs[2].output == greedy_by_recomputation(model, [5, 6, 7], 12, penalty=1.2, frequency=0.7)
+    assert seqs[0].output == greedy_by_recomputation(model, [1, 2], 12)
+
+
 def test_stream_yields_what_generate_returns(model):
     llm = LLM(model)
     params = SamplingParams(temperature=0.7, max_tokens=10, seed=3)

@@ -20,12 +20,17 @@ from llamita.inference.sampling import (
 V = 50
 
 
-def reference_probs(logits: list[float], p: SamplingParams, seen: set[int]) -> list[float]:
-    """One row's sampling distribution in float64, step by step as transformers' processors compute it."""
+def reference_probs(
+    logits: list[float], p: SamplingParams, seen: set[int], counts: dict[int, int] | None = None
+) -> list[float]:
+    """One row's sampling distribution in float64, step by step as transformers' processors compute it, with
+    OpenAI's frequency and presence penalties (`counts`: the output's tokens) after the repetition penalty."""
     x = [
         (v / p.repetition_penalty if v > 0 else v * p.repetition_penalty) if i in seen else v
         for i, v in enumerate(logits)
     ]
+    for i, n in (counts or {}).items():
+        x[i] -= p.frequency_penalty * n + p.presence_penalty * (n > 0)
     if p.temperature == 0:
         best = max(range(len(x)), key=lambda i: x[i])
         return [float(i == best) for i in range(len(x))]
@@ -52,6 +57,8 @@ PARAMS = [
     SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.3),
     SamplingParams(temperature=0.0),
     SamplingParams(temperature=0.0, repetition_penalty=2.0),
+    SamplingParams(temperature=0.8, top_p=0.9, presence_penalty=1.5, frequency_penalty=0.5),
+    SamplingParams(temperature=1.0, presence_penalty=-1.0, frequency_penalty=2.0, repetition_penalty=1.2),
 ]
 
 
@@ -63,12 +70,28 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, SamplingTensors]:
     return logits, seen, t
 
 
+def _output_counts(seen: torch.Tensor, seed: int = 5) -> torch.Tensor:
+    """[B, V] float32 output counts 0..3 on a part of the seen tokens (the output is part of what was seen)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 4, seen.shape, generator=g) * seen).float()  # [B, V]
+
+
 def test_processed_distribution_equals_the_float64_reference():
     logits, seen, t = _batch()
-    probs = processed_logits(logits, t, seen, filters=True).double().softmax(-1)  # [B, V]
+    counts = _output_counts(seen)
+    probs = processed_logits(logits, t, seen, filters=True, counts=counts).double().softmax(-1)  # [B, V]
     for row, p in enumerate(PARAMS):
-        expected = reference_probs(logits[row].double().tolist(), p, set(seen[row].nonzero().flatten().tolist()))
+        row_counts = {i: int(counts[row, i]) for i in counts[row].nonzero().flatten().tolist()}
+        seen_row = set(seen[row].nonzero().flatten().tolist())
+        expected = reference_probs(logits[row].double().tolist(), p, seen_row, row_counts)
         torch.testing.assert_close(probs[row], torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_penalties_of_zero_leave_the_logits_unchanged_whatever_the_counts():
+    logits, seen, t = _batch(6)
+    plain = [i for i, p in enumerate(PARAMS) if p.presence_penalty == 0 and p.frequency_penalty == 0]
+    with_counts = processed_logits(logits, t, seen, filters=True, counts=_output_counts(seen) + 1)[plain]
+    torch.testing.assert_close(with_counts, processed_logits(logits, t, seen, filters=True)[plain], atol=0, rtol=0)
 
 
 def test_without_filters_rows_that_need_none_are_unchanged():
@@ -161,6 +184,8 @@ def test_logprobs_equal_the_float64_log_softmax():
         ({"top_p": 1.5}, "top_p must be in (0, 1]"),
         ({"min_p": 2.0}, "min_p must be in [0, 1]"),
         ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+        ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2]"),
+        ({"frequency_penalty": -3.0}, "frequency_penalty must be in [-2, 2]"),
         ({"max_tokens": 0}, "max_tokens must be >= 1"),
         ({"logprobs": -1}, "logprobs must be >= 0"),
         ({"stop": ("",)}, "stop strings"),

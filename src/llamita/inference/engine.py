@@ -7,7 +7,8 @@ the new token ids to the host once; that copy is the step's only sync. On CUDA t
 replayed from CUDA graphs; on a CPU the same function runs eagerly.
 
 Per-slot state lives on the device between steps: the token each slot feeds next, its position, its sampling
-settings and the tokens it has seen (for the repetition penalty), so a decode step needs nothing from the host.
+settings, the tokens it has seen (for the repetition penalty) and how often its output holds each token (for the
+frequency and presence penalties), so a decode step needs nothing from the host.
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ class Engine:
         self.positions = torch.full((n_slots,), self.seq_len - 1, dtype=torch.long, device=self.device)
         self.sampling = SamplingTensors.empty(n_slots, self.device)
         self.seen = torch.zeros(n_slots, self.vocab_size, dtype=torch.bool, device=self.device)
+        self.counts = torch.zeros(n_slots, self.vocab_size, dtype=torch.float32, device=self.device)
         self.stats = EngineStats()
         self._ids = itertools.count()
         self.speculator = Speculator(self, draft) if config.speculate else None
@@ -310,6 +312,8 @@ class Engine:
         if seq.params.repetition_penalty != 1:
             self.seen[seq.slot] = False
             self.seen[seq.slot, self.upload(seq.prompt)] = True
+        if seq.params.presence_penalty != 0 or seq.params.frequency_penalty != 0:
+            self.counts[seq.slot] = 0  # other rows' counts are multiplied by penalties of 0: never reset
 
     def _release(self, seq: Sequence) -> None:
         if seq.slot is not None:
@@ -322,11 +326,12 @@ class Engine:
         """Views of rows 0 .. batch - 1 of the cache and the slot state: the decode step's inputs."""
         return (
             self.cache.rows(0, batch), self.tokens[:batch], self.positions[:batch], self.sampling.rows(batch),
-            self.seen[:batch],
+            self.seen[:batch], self.counts[:batch],
         )  # fmt: skip
 
     def _decode_rows(
-        self, cache: KVCache, tokens: Tensor, positions: Tensor, t: SamplingTensors, seen: Tensor, filters: bool
+        self, cache: KVCache, tokens: Tensor, positions: Tensor, t: SamplingTensors, seen: Tensor, counts: Tensor,
+        filters: bool,
     ) -> tuple[Tensor, Tensor]:
         """One decode step of every row, in place on the slot state: feed each row's token, draw the next.
 
@@ -334,10 +339,11 @@ class Engine:
             ([B] new token ids, [B, V] fp32 logits they were drawn from).
         """
         logits = model_logits(self.model, cache, tokens[:, None], positions[:, None])[:, 0]  # [B, V]
-        new = sampling.sample(logits, t, seen, positions + 1, filters)  # [B]
+        new = sampling.sample(logits, t, seen, positions + 1, filters, counts)  # [B]
         tokens.copy_(new)
         positions.copy_((positions + 1).clamp_(max=self.seq_len - 1))  # an idle row stays at its scratch position
         seen.scatter_(1, new[:, None], True)
+        counts.scatter_add_(1, new[:, None], torch.ones_like(counts[:, :1]))
         return new, logits
 
     def _decode(self, batch: int, filters: bool) -> tuple[Tensor, Tensor]:
@@ -382,10 +388,12 @@ class Engine:
         logits = torch.cat(logits)  # [K, V]
         slots, draw_at = self.upload([s.slot for s in done]), self.upload([len(s.prompt) for s in done])
         filters = any(s.params.filters for s in done)
+        # The first token: no output yet, so no frequency or presence penalty.
         new = sampling.sample(logits, self.sampling.take(slots), self.seen[slots], draw_at, filters)  # [K]
         self.tokens[slots] = new
         self.positions[slots] = draw_at
         self.seen[slots, new] = True
+        self.counts[slots, new] += 1
         return done, new, logits
 
     def _logprobs(self, rows: list[tuple[Sequence, Tensor, Tensor]]) -> dict[int, dict[str, object]]:

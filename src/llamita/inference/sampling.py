@@ -38,6 +38,10 @@ class SamplingParams:
     """Then drop the tokens less likely than min_p times the most likely one."""
     repetition_penalty: float = 1.0
     """Above 1, tokens of the prompt and the output so far are made less likely (CTRL's rule, as transformers)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the output holds already (OpenAI's rule; -2 .. 2)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time the output holds it (OpenAI's rule; -2 .. 2)."""
     seed: int | None = None
     """Makes the draws reproducible, whatever else is in the batch (used modulo 2^32); None: a fresh seed."""
     stop_token_ids: tuple[int, ...] = ()
@@ -59,6 +63,8 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1] (1: no nucleus), got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1: none), got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0 (or unset), got {self.logprobs}"),
             (all(s for s in self.stop), "stop strings must not be empty"),
         ]
@@ -69,6 +75,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether any penalty is on: they need the tokens seen so far, which speculation does not track."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def filters(self) -> bool:
@@ -90,6 +101,10 @@ class SamplingTensors:
     """[B] float32."""
     repetition_penalty: Tensor
     """[B] float32."""
+    presence_penalty: Tensor
+    """[B] float32."""
+    frequency_penalty: Tensor
+    """[B] float32."""
     seed: Tensor
     """[B] int64, below 2^32."""
 
@@ -99,7 +114,7 @@ class SamplingTensors:
         f32, i64 = {"dtype": torch.float32, "device": device}, {"dtype": torch.int64, "device": device}
         return cls(
             torch.zeros(batch, **f32), torch.ones(batch, **i64), torch.ones(batch, **f32), torch.zeros(batch, **f32),
-            torch.ones(batch, **f32), torch.zeros(batch, **i64),
+            torch.ones(batch, **f32), torch.zeros(batch, **f32), torch.zeros(batch, **f32), torch.zeros(batch, **i64),
         )  # fmt: skip
 
     @classmethod
@@ -119,6 +134,8 @@ class SamplingTensors:
         self.top_p[row] = params.top_p
         self.min_p[row] = params.min_p
         self.repetition_penalty[row] = params.repetition_penalty
+        self.presence_penalty[row] = params.presence_penalty
+        self.frequency_penalty[row] = params.frequency_penalty
         self.seed[row] = seed & _MASK32
 
     def rows(self, stop: int) -> SamplingTensors:
@@ -160,39 +177,48 @@ def gumbel(seed: Tensor, position: Tensor, n: int, stream: int = 0) -> Tensor:
     return -torch.log(-torch.log(uniform(seed, position, n, stream)))
 
 
-def penalize(logits: Tensor, penalty: Tensor, seen: Tensor) -> Tensor:
-    """CTRL's repetition penalty, as transformers applies it: seen tokens' logits divided (if > 0) or multiplied.
+def penalize(logits: Tensor, t: SamplingTensors, seen: Tensor, counts: Tensor | None = None) -> Tensor:
+    """The penalties, in vLLM's order: CTRL's repetition penalty as transformers applies it (seen tokens' logits
+    divided if > 0, else multiplied), then OpenAI's frequency and presence penalties over the output's tokens.
 
     Args:
         logits: [B, V] float32.
-        penalty: [B] penalties (1: none, exactly).
+        t: The rows' settings (penalties 1 and 0: none, exactly).
         seen: [B, V] bool, True for the tokens of the prompt and the output so far.
+        counts: [B, V] float32, how often each token is in the output so far (None: no frequency or presence
+            penalty in this batch).
 
     Returns:
         [B, V].
     """
-    factor = penalty[:, None]  # [B, 1]
+    factor = t.repetition_penalty[:, None]  # [B, 1]
     penalized = torch.where(logits > 0, logits / factor, logits * factor)  # [B, V]
-    return torch.where(seen, penalized, logits)  # [B, V]
+    logits = torch.where(seen, penalized, logits)  # [B, V]
+    if counts is not None:
+        logits = logits - counts * t.frequency_penalty[:, None] - (counts > 0) * t.presence_penalty[:, None]
+    return logits  # [B, V]
 
 
-def processed_logits(logits: Tensor, t: SamplingTensors, seen: Tensor | None, filters: bool) -> Tensor:
+def processed_logits(
+    logits: Tensor, t: SamplingTensors, seen: Tensor | None, filters: bool, counts: Tensor | None = None
+) -> Tensor:
     """The logits whose softmax is each row's sampling distribution: -inf for every token it may not draw.
 
-    Order as transformers': repetition penalty, temperature, top-k, top-p, min-p. A greedy row keeps only its
+    Order as transformers': penalties, temperature, top-k, top-p, min-p. A greedy row keeps only its
     argmax (logit 0), so that greedy and sampled rows share one formula for drawing and for speculative decoding.
 
     Args:
         logits: [B, V] float32 model logits.
         t: The rows' settings.
-        seen: [B, V] bool tokens seen so far, for the repetition penalty (None: no penalty in this batch).
+        seen: [B, V] bool tokens seen so far, for the penalties (None: no penalty in this batch).
         filters: Apply top-k and top-p (they sort the logits); False when no row uses them.
+        counts: [B, V] float32 output token counts, for the frequency and presence penalties (`penalize`).
 
     Returns:
         [B, V] float32.
     """
     if seen is not None:
-        logits = penalize(logits, t.repetition_penalty, seen)  # [B, V]
+        logits = penalize(logits, t, seen, counts)  # [B, V]
     greedy = t.temperature == 0  # [B]
     scaled = logits / torch.where(greedy, 1.0, t.temperature)[:, None]  # [B, V]
     if filters:
@@ -215,20 +241,24 @@ def draw(processed: Tensor, t: SamplingTensors, position: Tensor, stream: int = 
     return (processed + gumbel(t.seed, position, processed.shape[-1], stream)).argmax(dim=-1)  # [B]
 
 
-def sample(logits: Tensor, t: SamplingTensors, seen: Tensor | None, position: Tensor, filters: bool) -> Tensor:
+def sample(
+    logits: Tensor, t: SamplingTensors, seen: Tensor | None, position: Tensor, filters: bool,
+    counts: Tensor | None = None,
+) -> Tensor:
     """One token per row, each row by its own settings and seed.
 
     Args:
         logits: [B, V] float32 model logits.
         t: The rows' settings.
-        seen: [B, V] bool tokens seen so far (None: no repetition penalty in this batch).
+        seen: [B, V] bool tokens seen so far (None: no penalty in this batch).
         position: [B] int64 position of the token each row draws (the counter of the noise).
         filters: Whether any row uses top-k or top-p.
+        counts: [B, V] float32 output token counts (None: no frequency or presence penalty in this batch).
 
     Returns:
         [B] int64 token ids.
     """
-    return draw(processed_logits(logits, t, seen, filters), t, position)
+    return draw(processed_logits(logits, t, seen, filters, counts), t, position)
 
 
 def logprobs(logits: Tensor, chosen: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:

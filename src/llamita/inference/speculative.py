@@ -98,7 +98,7 @@ class Speculator:
     def applies(self, decoders: list[Sequence]) -> bool:
         """Speculate at small batches only, and for requests that need no per-token state it does not keep."""
         return len(decoders) <= self.engine.config.speculate_max_batch and all(
-            s.params.repetition_penalty == 1 and s.params.logprobs is None for s in decoders
+            not s.params.penalizes and s.params.logprobs is None for s in decoders
         )
 
     def release(self, seq: Sequence) -> None:
