@@ -330,7 +330,13 @@ class Engine:
         )  # fmt: skip
 
     def _decode_rows(
-        self, cache: KVCache, tokens: Tensor, positions: Tensor, t: SamplingTensors, seen: Tensor, counts: Tensor,
+        self,
+        cache: KVCache,
+        tokens: Tensor,
+        positions: Tensor,
+        t: SamplingTensors,
+        seen: Tensor,
+        counts: Tensor,
         filters: bool,
     ) -> tuple[Tensor, Tensor]:
         """One decode step of every row, in place on the slot state: feed each row's token, draw the next.

@@ -242,7 +242,11 @@ def draw(processed: Tensor, t: SamplingTensors, position: Tensor, stream: int = 
 
 
 def sample(
-    logits: Tensor, t: SamplingTensors, seen: Tensor | None, position: Tensor, filters: bool,
+    logits: Tensor,
+    t: SamplingTensors,
+    seen: Tensor | None,
+    position: Tensor,
+    filters: bool,
     counts: Tensor | None = None,
 ) -> Tensor:
     """One token per row, each row by its own settings and seed.
