@@ -42,8 +42,10 @@ class EngineConfig:
     """Positions over all slots at most; None: as many as `memory_fraction` of the free GPU memory holds."""
     memory_fraction: float = 0.9
     """Share of the free memory (GPU, or the host's for a CPU; after the weights) the KV cache may take."""
-    prefill_tokens: int = 512
-    """Prompt tokens prefilled per step, over all sequences; longer prompts are prefilled in chunks."""
+    prefill_tokens: int | None = None
+    """Prompt tokens prefilled per step, over all sequences; longer prompts are prefilled in chunks. None: 8192 on
+    a GPU (vLLM's chunk budget: a prefill forward runs eagerly and costs about its kernel launches below that, so
+    fewer larger chunks start a batch of prompts sooner), 512 on a CPU."""
     prefix_cache: bool = False
     """Reuse the keys and values of a prompt prefix (whole blocks) that another sequence's slot still holds."""
     prefix_block: int = 16
@@ -51,7 +53,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     """On CUDA, replay the decode step from CUDA graphs (one per batch size the scheduler can reach)."""
     compile: bool = True
-    """On CUDA, compile the decode step with torch.compile before capturing it."""
+    """On CUDA, compile the decode step (the model's forward and the sampling) before capturing it."""
     speculate: str | None = None
     """Speculative decoding: "draft" (a draft model, given to the engine) or "ngram" (prompt lookup); None: off."""
     gamma: int = 4
@@ -67,7 +69,10 @@ class EngineConfig:
             (self.max_seq_len is None or self.max_seq_len >= 2, f"max_seq_len must be >= 2, got {self.max_seq_len}"),
             (self.max_cache_tokens is None or self.max_cache_tokens >= 1, "max_cache_tokens must be >= 1"),
             (0 < self.memory_fraction <= 1, f"memory_fraction must be in (0, 1], got {self.memory_fraction}"),
-            (self.prefill_tokens >= 1, f"prefill_tokens must be >= 1, got {self.prefill_tokens}"),
+            (
+                self.prefill_tokens is None or self.prefill_tokens >= 1,
+                f"prefill_tokens must be >= 1 (or unset), got {self.prefill_tokens}",
+            ),
             (self.prefix_block >= 1, f"prefix_block must be >= 1, got {self.prefix_block}"),
             (self.speculate in (None, "draft", "ngram"), f"speculate is draft, ngram or unset, not {self.speculate!r}"),
             (self.gamma >= 1, f"gamma must be >= 1, got {self.gamma}"),
@@ -172,7 +177,8 @@ class Engine:
         # Left free for the steps: the decode step's [batch, vocab] sampling tensors (logits, sort values and
         # indices, noise) and the prefill's activations; an estimate with room to spare.
         d = model.config
-        reserve = 2**29 + max_batch * d.vocab_size * 48 + config.prefill_tokens * (d.intermediate_size + d.dim) * 16
+        prefill_tokens = config.prefill_tokens or (8192 if weight.is_cuda else 512)
+        reserve = 2**29 + max_batch * d.vocab_size * 48 + prefill_tokens * (d.intermediate_size + d.dim) * 16
         n_slots = count_slots(
             per_slot, self.seq_len, self.device, max_batch=max_batch, max_cache_tokens=config.max_cache_tokens,
             memory_fraction=config.memory_fraction, reserve=reserve,
@@ -180,7 +186,7 @@ class Engine:
         self.n_slots = n_slots
         self.cache = SlotCache(model.config, n_slots, self.seq_len, device=self.device, dtype=self.dtype)
         self.scheduler = Scheduler(
-            n_slots, self.seq_len, config.prefill_tokens, config.prefix_block if config.prefix_cache else None
+            n_slots, self.seq_len, prefill_tokens, config.prefix_block if config.prefix_cache else None
         )
         # The slot state. An idle slot sits at its scratch position, the last one (see cache.py).
         self.tokens = torch.zeros(n_slots, dtype=torch.long, device=self.device)
@@ -192,12 +198,17 @@ class Engine:
         self._ids = itertools.count()
         self.speculator = Speculator(self, draft) if config.speculate else None
 
+        # Compiled on CUDA: the model's decode forward, and the sampling without top-k/top-p. The sampling with
+        # them stays eager (inside the same CUDA graph): Inductor (torch 2.11) fails to generate the split scan of
+        # top-p's cumsum over the vocabulary once the batch size is dynamic.
+        compiled = self.device.type == "cuda" and config.compile
+        self._logits = torch.compile(model_logits, fullgraph=True) if compiled else model_logits
+        self._sample_plain = torch.compile(sampling.sample, fullgraph=True) if compiled else sampling.sample
         self.graphs: CapturedSteps | None = None
         if self.device.type == "cuda" and config.cuda_graphs:
-            step = torch.compile(self._decode_rows, fullgraph=True) if config.compile else self._decode_rows
             with torch.no_grad():
                 self.graphs = CapturedSteps(
-                    lambda batch, filters: step(*self._decode_inputs(batch), filters),
+                    lambda batch, filters: self._decode_rows(*self._decode_inputs(batch), filters),
                     capture_sizes(n_slots),
                     variants=(False, True),
                 )
@@ -344,8 +355,9 @@ class Engine:
         Returns:
             ([B] new token ids, [B, V] fp32 logits they were drawn from).
         """
-        logits = model_logits(self.model, cache, tokens[:, None], positions[:, None])[:, 0]  # [B, V]
-        new = sampling.sample(logits, t, seen, positions + 1, filters, counts)  # [B]
+        logits = self._logits(self.model, cache, tokens[:, None], positions[:, None])[:, 0]  # [B, V]
+        sample = sampling.sample if filters else self._sample_plain
+        new = sample(logits, t, seen, positions + 1, filters, counts)  # [B]
         tokens.copy_(new)
         positions.copy_((positions + 1).clamp_(max=self.seq_len - 1))  # an idle row stays at its scratch position
         seen.scatter_(1, new[:, None], True)

@@ -1,0 +1,119 @@
+"""Where a decode step of the engine spends its time, TinyLlama-1.1B shape, random bf16 weights, on one GPU.
+
+For each batch size: the step replayed from its CUDA graph (what the engine runs), the model's forward alone and
+the sampling alone (both eager and compiled, outside graphs), timed with CUDA events over many steps; then the
+kernels of one eager step by GPU time (torch.profiler), so that a change to the step can be aimed and checked.
+
+    python bench/profile_decode.py --batches 1 64 256 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def _events_ms(fn, steps: int) -> float:
+    """Mean GPU milliseconds of fn() over `steps` calls, after 3 untimed ones."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--preset", default="tinyllama-1.1b")
+    parser.add_argument("--seq-len", type=int, default=384, help="slot length (prompt 128 + 256 new, as the benchmark)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    args = parser.parse_args()
+
+    from llamita.inference import Engine, EngineConfig, SamplingParams, sampling
+    from llamita.inference.engine import model_logits
+    from llamita.model import Llama, get_preset
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Llama(get_preset(args.preset))
+    model.to_empty(device="cuda")
+    model.init_weights()
+    model = model.to(torch.bfloat16).eval()
+    t0 = time.perf_counter()
+    engine = Engine(model, EngineConfig(max_batch=max(args.batches), max_seq_len=args.seq_len,
+                                        compile=not args.no_compile))  # fmt: skip
+    startup = time.perf_counter() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=args.seq_len - 130, ignore_eos=True)
+    for _ in range(max(args.batches)):
+        engine.add(torch.randint(0, model.config.vocab_size, (128,)).tolist(), params)
+    while len(engine.scheduler.decoding()) < max(args.batches):
+        engine.step()
+
+    rows, kernels = [], {}
+    for batch in args.batches:
+        cache, tokens, positions, t, seen, counts = engine._decode_inputs(batch)
+        positions_copy = positions.clone()
+
+        def graph(batch=batch, positions=positions, positions_copy=positions_copy):
+            engine._decode(batch, False)
+            positions.copy_(positions_copy)  # stay at the same length: every step costs the same
+
+        def forward(cache=cache, tokens=tokens, positions=positions):
+            return model_logits(model, cache, tokens[:, None], positions[:, None])
+
+        def forward_compiled(cache=cache, tokens=tokens, positions=positions):
+            return engine._logits(model, cache, tokens[:, None], positions[:, None])
+
+        logits = forward()[:, 0]
+        plain = lambda logits=logits, t=t, seen=seen, counts=counts, positions=positions: sampling.sample(  # noqa: E731
+            logits, t, seen, positions + 1, False, counts
+        )
+        compiled_sample = torch.compile(plain)
+        with torch.no_grad():
+            row = {
+                "batch": batch,
+                "graph_step_ms": _events_ms(graph, args.steps),
+                "forward_eager_ms": _events_ms(forward, args.steps // 5),
+                "forward_compiled_ms": _events_ms(forward_compiled, args.steps // 5),
+                "sample_eager_ms": _events_ms(plain, args.steps),
+                "sample_compiled_ms": _events_ms(compiled_sample, args.steps),
+            }
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                forward()
+                plain()
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70)
+        kernels[batch] = table
+        row["tok_s_graph"] = batch / row["graph_step_ms"] * 1e3
+        rows.append(row)
+        print(f"== batch {batch}: kernels of one eager forward + sampling\n{table}", flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"preset": args.preset, "seq_len": args.seq_len, "compile": not args.no_compile,
+              "startup_s": startup, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "rows": rows}  # fmt: skip
+    (out / "profile_decode.json").write_text(json.dumps(record, indent=2))
+    print(f"engine start-up (graphs{'' if args.no_compile else ' + compile'}): {startup:.1f} s")
+    print(f"{'batch':>5} {'graph step ms':>13} {'tok/s':>9} {'fwd eager ms':>12} {'fwd comp ms':>11} "
+          f"{'sample eager':>12} {'sample comp':>11}")  # fmt: skip
+    for r in rows:
+        print(f"{r['batch']:>5} {r['graph_step_ms']:>13.3f} {r['tok_s_graph']:>9.0f} {r['forward_eager_ms']:>12.3f} "
+              f"{r['forward_compiled_ms']:>11.3f} {r['sample_eager_ms']:>12.3f} {r['sample_compiled_ms']:>11.3f}")
+
+
+if __name__ == "__main__":
+    main()
