@@ -183,6 +183,7 @@ def _user_error(capsys, argv: list[str]) -> str:
         (["--temperature", "-1"], "temperature must be >= 0"),
         (["--top-k", "0"], "top_k must be >= 1"),
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--presence-penalty", "3"], "presence_penalty must be in [-2, 2]"),
         (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 1"),
     ],
 )
@@ -217,7 +218,7 @@ def test_generate_prints_the_decoded_prompt_and_continuation(capsys, trained_run
 
 def test_generate_streams_what_the_engine_makes(capsys, trained_run):
     from llamita.inference import LLM, SamplingParams
-    from llamita.inference.llm import text_pieces
+    from llamita.inference.text import text_pieces
 
     main(["generate", "--checkpoint", trained_run, "--prompt", "def f1(y):", "--max-new-tokens", "12", "--greedy"])
     llm = LLM(trained_run, device="cpu")

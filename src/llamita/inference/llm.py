@@ -13,7 +13,7 @@ Every call runs through one `Engine`, so requests of one `generate` call are bat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from llamita.config import ConfigError
 from llamita.inference.engine import Engine, EngineConfig
 from llamita.inference.sampling import SamplingParams
 from llamita.inference.scheduler import Sequence as EngineSequence
+from llamita.inference.text import TextStream, follow
 from llamita.model.llama import Llama
 from llamita.tokenizer import Tokenizer
 
@@ -135,11 +136,12 @@ class LLM:
         for p in params:
             self._check_stop_strings(p)
         seqs = [self.engine.add(i, p) for i, p in zip(ids, params)]
-        texts = {s.id: _TextTracker(self.tokenizer, s) for s in seqs if self.tokenizer is not None}
+        texts = {s.id: self._text(s) for s in seqs}
         while self.engine.has_work():
-            for seq, _ in self.engine.step():
-                self._watch(seq, texts.get(seq.id))
-        return [self._completion(p, s, texts.get(s.id)) for p, s in zip(prompts, seqs)]
+            for seq, new in self.engine.step():
+                if texts.get(seq.id) is not None:
+                    follow(self.engine, seq, new, texts[seq.id])
+        return [self._completion(p, s, texts[s.id]) for p, s in zip(prompts, seqs)]
 
     # ----------------------------------------------------------------------------------------- streaming
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[int]:
@@ -147,26 +149,39 @@ class LLM:
 
         Leaving the loop early aborts the request. Other requests in the engine advance with it.
         """
+        for new, _ in self._follow(prompt, params):
+            yield from new
+
+    def stream_text(self, prompt: Prompt, params: SamplingParams | None = None, *, echo: bool = False) -> Iterator[str]:
+        """The new text of one prompt, piece by piece (a `TextStream`: never half a character, never a part of a
+        stop string); with `echo`, the prompt's text first."""
+        ids = self._encode(prompt)
+        if echo:
+            yield self._need_tokenizer().decode(ids)
+        for _, piece in self._follow(ids, params, need_text=True):
+            if piece:
+                yield piece
+
+    # ---------------------------------------------------------------------------------------- internals
+    def _follow(
+        self, prompt: Prompt, params: SamplingParams | None, need_text: bool = False
+    ) -> Iterator[tuple[list[int], str]]:
+        """One request through the engine: each step's new ids of it, and the text they add."""
         params = params or SamplingParams()
         self._check_stop_strings(params)
+        if need_text:
+            self._need_tokenizer()
         seq = self.engine.add(self._encode(prompt), params)
-        text = _TextTracker(self.tokenizer, seq) if self.tokenizer is not None else None
+        text = self._text(seq)
         try:
             while not seq.finished:
                 for other, new in self.engine.step():
-                    self._watch(other, text if other is seq else None)
                     if other is seq:
-                        yield from new
+                        yield new, "" if text is None else follow(self.engine, seq, new, text)
         finally:
             if not seq.finished:
                 self.engine.abort(seq)
 
-    def stream_text(self, prompt: Prompt, params: SamplingParams | None = None, *, echo: bool = False) -> Iterator[str]:
-        """The new text of one prompt, piece by piece (`text_pieces`); with `echo`, the prompt's text first."""
-        ids = self._encode(prompt)
-        yield from text_pieces(self._need_tokenizer(), self.stream(ids, params), prefix=ids, show_prefix=echo)
-
-    # ---------------------------------------------------------------------------------------- internals
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ConfigError("text prompts and outputs need a tokenizer: pass LLM(model, tokenizer)")
@@ -179,67 +194,16 @@ class LLM:
         if params.stop:
             self._need_tokenizer()
 
-    def _watch(self, seq: EngineSequence, text: _TextTracker | None) -> None:
-        """Stop strings: a sequence whose new text holds one finishes there."""
-        if text is not None and seq.params.stop and not seq.finished and text.hits_stop():
-            seq.finish_reason = "stop"
-            self.engine.abort(seq)
+    def _text(self, seq: EngineSequence) -> TextStream | None:
+        """A sequence's text stream (None without a tokenizer: token ids only)."""
+        return None if self.tokenizer is None else TextStream(self.tokenizer, seq.prompt, seq.params.stop)
 
-    def _completion(self, prompt: Prompt, seq: EngineSequence, text: _TextTracker | None) -> Completion:
+    def _completion(self, prompt: Prompt, seq: EngineSequence, text: TextStream | None) -> Completion:
         return Completion(
             prompt=prompt if isinstance(prompt, str) else None,
             prompt_token_ids=seq.prompt,
-            text="" if text is None else text.final(),
+            text="" if text is None else text.text,
             token_ids=list(seq.output),
             finish_reason=seq.finish_reason,
             logprobs=seq.logprobs if seq.params.logprobs is not None else None,
         )
-
-
-class _TextTracker:
-    """A sequence's new text (decoded with its prompt, so that a leading space survives) and its stop strings."""
-
-    def __init__(self, tokenizer: Tokenizer, seq: EngineSequence) -> None:
-        self.tokenizer, self.seq = tokenizer, seq
-        self.prompt_text = tokenizer.decode(seq.prompt)
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.seq.prompt + self.seq.output)[len(self.prompt_text) :]
-
-    def hits_stop(self) -> bool:
-        text = self.text()
-        return any(s in text for s in self.seq.params.stop)
-
-    def final(self) -> str:
-        text = self.text()
-        cut = min((text.index(s) for s in self.seq.params.stop if s in text), default=len(text))
-        return text[:cut]
-
-
-def text_pieces(
-    tokenizer: Tokenizer, tokens: Iterable[int], *, prefix: Sequence[int] = (), show_prefix: bool = False
-) -> Iterator[str]:
-    """Text as the tokens come, piece by piece, never half a character.
-
-    Each piece is what decoding all the tokens so far (after `prefix`, which keeps a continuation's leading space)
-    adds; a piece that would end in an incomplete UTF-8 character waits for the tokens that complete it.
-
-    Args:
-        tokenizer: Decodes the ids.
-        tokens: The ids, as they are made.
-        prefix: Ids before them (the prompt).
-        show_prefix: Yield the prefix's text first.
-    """
-    ids = list(prefix)
-    shown = "" if show_prefix else tokenizer.decode(ids)
-    for token in tokens:
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        if text.endswith("\ufffd"):  # a character whose bytes are not all out yet
-            continue
-        if len(text) > len(shown):
-            yield text[len(shown) :]
-            shown = text
-    text = tokenizer.decode(ids)
-    if len(text) > len(shown):
-        yield text[len(shown) :]
