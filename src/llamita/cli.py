@@ -128,6 +128,8 @@ def _sampling_llm(args: argparse.Namespace, **engine: Any) -> tuple[Any, Any]:
         top_p=1.0 if args.top_p is None else args.top_p,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         seed=args.seed,
     )
     device = pick_device(args.device, option="--device")
@@ -207,11 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if (args.prompt is None) == (args.prompts is None):
         raise ConfigError("give --prompt TEXT (streamed to stdout) or --prompts FILE.jsonl (a JSONL of completions)")
-    if args.draft and args.speculate == "ngram":
-        raise ConfigError("--draft and --speculate ngram are two kinds of speculative decoding; choose one")
-    engine: dict[str, Any] = {"gamma": args.gamma}
-    if args.draft or args.speculate:
-        engine["speculate"] = "draft" if args.draft else "ngram"
+    engine = _speculation(args)
     if args.prompt is not None:
         engine["max_batch"] = 1
     elif args.max_batch is not None:
@@ -230,6 +228,45 @@ def cmd_generate(args: argparse.Namespace) -> None:
         )
 
 
+def _speculation(args: argparse.Namespace) -> dict[str, Any]:
+    """`generate`'s and `serve`'s --draft, --speculate and --gamma as engine settings."""
+    if args.draft and args.speculate == "ngram":
+        raise ConfigError("--draft and --speculate ngram are two kinds of speculative decoding; choose one")
+    engine: dict[str, Any] = {"gamma": args.gamma}
+    if args.draft or args.speculate:
+        engine["speculate"] = "draft" if args.draft else "ngram"
+    return engine
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from llamita.inference.server import ServerConfig, serve
+    except ImportError as e:
+        if e.name not in ("fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic"):
+            raise
+        raise ConfigError(
+            f"serving needs the serve extra ({e.name} is not installed): pip install 'llamita[serve]'"
+        ) from None
+    from llamita.inference import LLM
+    from llamita.train.parallel import pick_device
+
+    config = ServerConfig(
+        host=args.host, port=args.port, model_name=args.served_model_name or args.checkpoint, api_key=args.api_key,
+        max_queue=args.max_queue, request_timeout=args.request_timeout, shutdown_grace=args.shutdown_grace,
+        log_level=args.log_level,
+    )  # fmt: skip
+    engine = _speculation(args)
+    for flag, value in [("--max-batch", args.max_batch), ("--max-seq-len", args.max_seq_len)]:
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    device = pick_device(args.device, option="--device")
+    llm = LLM(
+        args.checkpoint, device=device, dtype=args.dtype, draft=args.draft, compile=args.compile,
+        max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefix_cache=args.prefix_cache, **engine,
+    )  # fmt: skip
+    serve(llm, config)
+
+
 def _generate_one(llm: Any, params: Any, prompt: str) -> None:
     """One prompt: its text, then the continuation streamed as it is sampled, to stdout."""
     prompt_ids = llm.tokenizer.encode(prompt, bos=True)
@@ -246,7 +283,7 @@ def _generate_one(llm: Any, params: Any, prompt: str) -> None:
             new.append(token)
             yield token
 
-    from llamita.inference.llm import text_pieces
+    from llamita.inference.text import text_pieces
 
     # Decoding prompt and continuation together keeps the space a continuation starts with (as transformers does).
     for piece in text_pieces(llm.tokenizer, tokens(), prefix=prompt_ids, show_prefix=True):
@@ -551,11 +588,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="a JSONL file of prompts, generated as one continuous batch")
     p.add_argument("--out", help="where --prompts writes its completions (default: stdout)")
     p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default: 256 GPU, 16 CPU)")
-    p.add_argument("--draft", help="speculative decoding with this draft model (same tokenizer; a smaller checkpoint)")
-    p.add_argument("--speculate", choices=["ngram"], help="speculative decoding by prompt lookup, no draft model")
-    p.add_argument("--gamma", type=int, default=4, help="tokens drafted per speculative step")
+    _add_speculation_options(p)
     _add_sampling_options(p, max_new_tokens=100, temperature=0.8)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "serve",
+        formatter_class=fmt,
+        help="an OpenAI-compatible HTTP server on the engine (completions, chat, streaming; a chat page at /)",
+        description="Serves /v1/models, /v1/completions, /v1/chat/completions (the checkpoint's chat template), "
+        "/health, /metrics (Prometheus) and a chat page at /, with every request batched continuously in one "
+        "engine. Needs the serve extra: pip install 'llamita[serve]'. SIGTERM shuts down gracefully.",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="run directory, checkpoint folder, or Hugging Face Llama directory"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LLAMITA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LLAMITA_API_KEY; unset: no key)",
+    )
+    p.add_argument("--served-model-name", help="the model's id in the API (default: the --checkpoint path)")
+    p.add_argument("--max-queue", type=int, default=1000, help="sequences that may wait for a slot; more: 429")
+    p.add_argument(
+        "--request-timeout", type=float, default=None, help="seconds a request may take, queueing included (408)"
+    )
+    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default: 256 GPU, 16 CPU)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="positions per sequence (default: the model's)")
+    p.add_argument("--prefix-cache", action="store_true", help="reuse the KV of shared prompt prefixes (system prompt)")
+    _add_speculation_options(p)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights (auto: bf16 GPU)"
+    )
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="on a GPU, compile the decode step"
+    )
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "demo",
@@ -606,6 +679,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_speculation_options(p: argparse.ArgumentParser) -> None:
+    """The options of `generate` and `serve` that `_speculation` reads."""
+    p.add_argument("--draft", help="speculative decoding with this draft model (same tokenizer; a smaller checkpoint)")
+    p.add_argument("--speculate", choices=["ngram"], help="speculative decoding by prompt lookup, no draft model")
+    p.add_argument("--gamma", type=int, default=4, help="tokens drafted per speculative step")
+
+
 def _add_sampling_options(p: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float) -> None:
     """The options of `generate` and `chat` that `_sampling_llm` reads."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
@@ -614,6 +694,10 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, max_new_tokens: int, te
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling probability mass")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this times the best one")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1: seen tokens made less likely")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, OpenAI's: subtracted from the logit "
+                   "of every token the output holds")  # fmt: skip
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, OpenAI's: subtracted once per "
+                   "time the output holds the token")  # fmt: skip
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")

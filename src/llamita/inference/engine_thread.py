@@ -1,0 +1,227 @@
+"""One engine, driven by one thread, for the requests of an asyncio server.
+
+The engine is synchronous and not thread-safe, so exactly one thread touches it: the engine loop. HTTP handlers
+(on the event loop) hand it commands through a thread-safe queue (`submit` jobs, `abort` them); the loop applies
+every queued command, runs one `Engine.step`, pushes each sequence's new tokens through its `TextStream` (`follow`:
+a stop string finishes the sequence there and frees its slot) and hands the step's `Delta`s to the event loop in
+one `call_soon_threadsafe`, where each goes to its request's asyncio queue. With no work the loop sleeps on the
+command queue (a blocking get), so an idle server costs nothing. A request behind on reading its queue gets the
+deltas of several steps at once: the HTTP side sends them as one chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from llamita.config import ConfigError
+from llamita.inference.engine import Engine
+from llamita.inference.sampling import SamplingParams
+from llamita.inference.scheduler import Sequence
+from llamita.inference.server_metrics import ServerMetrics
+from llamita.inference.text import TextStream, follow
+
+log = logging.getLogger("llamita.serve")
+
+IDLE_WAIT_S = 1.0
+"""How long an idle loop sleeps on the command queue before it looks again (commands wake it at once)."""
+
+
+@dataclass
+class Delta:
+    """What one step made for one sequence of a request."""
+
+    index: int
+    """The choice (the request's sequence) it belongs to."""
+    text: str
+    """New text: whole characters, never a part of a stop string."""
+    token_ids: list[int]
+    logprobs: list[dict[str, Any]] | None = None
+    """Per new token, when asked: {"logprob": float, "top": [(id, logprob), ...]}."""
+    offsets: list[int] | None = None
+    """Per new token, when logprobs are asked: where its text starts in the sequence's text."""
+    finish_reason: str | None = None
+    """Set on the last delta: "stop" or "length"."""
+    error: str | None = None
+    """The engine refused the sequence or stopped: the request fails with this message."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One engine sequence of an HTTP request: what it asks for and where its deltas go."""
+
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    text: TextStream
+    outbox: asyncio.Queue
+    """The request's queue, on the event loop: every job of a request shares it."""
+    arrived: float = field(default_factory=time.perf_counter)
+    seq: Sequence | None = None
+    last_token: float | None = None
+    logprobs_sent: int = 0
+
+
+class EngineThread:
+    """The engine loop: a thread that owns an engine and serves the jobs of one event loop."""
+
+    def __init__(self, engine: Engine, metrics: ServerMetrics | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.failure: str | None = None
+        """Why the loop died (an exception in a step); None while it is fine."""
+        self._commands: queue.SimpleQueue[tuple[str, list[Job]]] = queue.SimpleQueue()
+        self._jobs: dict[int, Job] = {}  # by sequence id; the engine thread's own
+        self._lock = threading.Lock()
+        self._unapplied = 0  # jobs submitted whose sequences are not in the engine yet
+        self._thread = threading.Thread(target=self._run, name="llamita-engine", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------------------ event loop side
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the engine loop; its deltas go to queues of `loop`."""
+        self._loop = loop
+        self._thread.start()
+
+    def submit(self, jobs: list[Job]) -> None:
+        with self._lock:
+            self._unapplied += len(jobs)
+        self._commands.put(("add", jobs))
+
+    def abort(self, jobs: list[Job]) -> None:
+        """Stop the jobs' sequences (those still running) and free their slots; they send nothing more."""
+        self._commands.put(("abort", jobs))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort every sequence and end the loop."""
+        if self._thread.is_alive():
+            self._commands.put(("stop", []))
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.failure is None
+
+    def waiting(self) -> int:
+        """Sequences waiting for a cache slot, the ones not yet given to the engine included."""
+        return self._unapplied + len(self.engine.scheduler.waiting)
+
+    def running(self) -> int:
+        """Sequences in cache slots."""
+        return self.engine.n_slots - len(self.engine.scheduler.free)
+
+    # ------------------------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        try:
+            while self._apply(block=not self.engine.has_work()):
+                if self.engine.has_work():
+                    self._step()
+        except Exception as e:  # a bug or an accelerator error: fail every request, say why, stop
+            log.exception("the engine loop stopped")
+            self.failure = f"the engine stopped: {type(e).__name__}: {e}"
+            self._send([(job.outbox, Delta(job.index, "", [], error=self.failure)) for job in self._jobs.values()])
+            self._jobs.clear()
+        finally:
+            self._drain_after_stop()
+
+    def _apply(self, block: bool) -> bool:
+        """Apply the queued commands (waiting for one when `block`); False once told to stop."""
+        try:
+            commands = [self._commands.get(timeout=IDLE_WAIT_S) if block else self._commands.get_nowait()]
+        except queue.Empty:
+            return True
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                break
+        refused = []
+        for kind, jobs in commands:
+            if kind == "stop":
+                for job in list(self._jobs.values()):
+                    self.engine.abort(job.seq)
+                self._jobs.clear()
+                return False
+            if kind == "add":
+                with self._lock:
+                    self._unapplied -= len(jobs)
+                for job in jobs:
+                    try:
+                        job.seq = self.engine.add(job.prompt, job.params)
+                    except ConfigError as e:  # checked on the HTTP side already; this is the engine's last word
+                        refused.append((job.outbox, Delta(job.index, "", [], error=str(e))))
+                        continue
+                    self._jobs[job.seq.id] = job
+                    if self.metrics is not None:
+                        self.metrics.prompt_tokens.inc(len(job.prompt))
+            else:
+                for job in jobs:
+                    if job.seq is not None and not job.seq.finished:
+                        self.engine.abort(job.seq)
+                    if job.seq is not None:
+                        self._jobs.pop(job.seq.id, None)
+        self._send(refused)
+        return True
+
+    def _step(self) -> None:
+        out = self.engine.step()
+        now = time.perf_counter()
+        deltas = []
+        for seq, new in out:
+            job = self._jobs.get(seq.id)
+            if job is None:
+                continue
+            deltas.append((job.outbox, self._delta(job, seq, new, now)))
+            if seq.finished:
+                del self._jobs[seq.id]
+        self._send(deltas)
+
+    def _delta(self, job: Job, seq: Sequence, new: list[int], now: float) -> Delta:
+        offsets = [job.text.offset] if seq.params.logprobs is not None else None  # one token per step then
+        text = follow(self.engine, seq, new, job.text)
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs = seq.logprobs[job.logprobs_sent :]
+            job.logprobs_sent = len(seq.logprobs)
+        if self.metrics is not None:
+            m = self.metrics
+            m.generation_tokens.inc(len(new))
+            if job.last_token is None:
+                m.time_to_first_token.observe(now - job.arrived)
+            else:
+                for _ in new:
+                    m.inter_token_latency.observe((now - job.last_token) / len(new))
+            if seq.finished:
+                m.request_latency.observe(now - job.arrived)
+        job.last_token = now
+        finish = seq.finish_reason if seq.finished else None
+        return Delta(job.index, text, list(new), logprobs, offsets, finish)
+
+    def _send(self, deltas: list[tuple[asyncio.Queue, Delta]]) -> None:
+        """Hand deltas to their requests' queues, all in one call on the event loop."""
+        if deltas and self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(_put_all, deltas)
+            except RuntimeError:  # the event loop closed in between: nobody waits for them
+                pass
+
+    def _drain_after_stop(self) -> None:
+        """Commands that come after the loop ended: their requests fail at once instead of waiting."""
+        reason = self.failure or "the server is shutting down"
+        while True:
+            try:
+                kind, jobs = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._send([(job.outbox, Delta(job.index, "", [], error=reason)) for job in jobs])
+
+
+def _put_all(deltas: list[tuple[asyncio.Queue, Delta]]) -> None:
+    for outbox, delta in deltas:
+        outbox.put_nowait(delta)

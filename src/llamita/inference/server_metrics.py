@@ -1,0 +1,59 @@
+"""The server's Prometheus metrics, in a registry of its own (never the process-wide one, so that two servers in
+one process, as in the tests, count apart).
+
+Counters and histograms are fed as things happen: requests by endpoint and status (an ASGI middleware), prompt and
+generated tokens, time to first token and inter-token latency (the engine thread, when a step returns tokens).
+The gauges (requests waiting, sequences running, cache use) are read from the engine when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
+"""Paths counted by name; every other path counts as "other" (a scan of random paths adds no series)."""
+
+
+class ServerMetrics:
+    """The metrics of one server."""
+
+    content_type = "text/plain; version=0.0.4; charset=utf-8"
+
+    def __init__(self, waiting: Callable[[], float], running: Callable[[], float], slots: int) -> None:
+        """
+        Args:
+            waiting: Sequences waiting for a cache slot, read at each scrape.
+            running: Sequences in cache slots, read at each scrape.
+            slots: The engine's cache slots.
+        """
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("llamita_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("llamita_prompt_tokens", "Prompt tokens of the sequences started", registry=r)
+        self.generation_tokens = Counter("llamita_generation_tokens", "Tokens generated", registry=r)
+        self.time_to_first_token = Histogram(
+            "llamita_time_to_first_token_seconds", "From a request's arrival to its first token", registry=r,
+            buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.inter_token_latency = Histogram(
+            "llamita_inter_token_latency_seconds", "Between a sequence's tokens", registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.request_latency = Histogram(
+            "llamita_e2e_request_latency_seconds", "From a sequence's arrival to its last token", registry=r,
+            buckets=REQUEST_BUCKETS,
+        )  # fmt: skip
+        Gauge("llamita_requests_waiting", "Sequences waiting for a cache slot", registry=r).set_function(waiting)
+        Gauge("llamita_requests_running", "Sequences in cache slots", registry=r).set_function(running)
+        Gauge("llamita_cache_usage", "Share of the KV cache slots in use", registry=r).set_function(
+            lambda: running() / slots
+        )
+
+    def count_request(self, path: str, status: int) -> None:
+        self.requests.labels(endpoint=path if path in ENDPOINTS else "other", status=str(status)).inc()
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric."""
+        return generate_latest(self.registry)
