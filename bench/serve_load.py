@@ -375,8 +375,22 @@ def run_offline(spec: dict) -> dict:
     shape = spec["shape"]
     t = time.perf_counter()
     llm = LLM(spec["model"], device=shape["device"], dtype=shape["dtype"], max_batch=max(shape["concurrency"]),
-              compile=shape["device"] == "cuda")  # fmt: skip
+              compile=shape["device"] == "cuda", prefill_interval=spec["prefill_interval"])  # fmt: skip
     out: dict[str, Any] = {"start_s": time.perf_counter() - t}
+    # Where a level's time goes: the prefill forwards, timed between syncs (the step syncs once anyway).
+    prefill, untimed = {"s": 0.0}, llm.engine._prefill
+
+    def timed_prefill(chunks: Any) -> Any:
+        if shape["device"] == "cuda":
+            torch.cuda.synchronize()  # the decode step launched before it
+        t = time.perf_counter()
+        result = untimed(chunks)
+        if shape["device"] == "cuda":
+            torch.cuda.synchronize()
+        prefill["s"] += time.perf_counter() - t
+        return result
+
+    llm.engine._prefill = timed_prefill
     requests = sharegpt_like(spec["n"], llm.model.config.vocab_size, shape, llm.tokenizer.bos_id)
 
     def level(reqs: list[Request], concurrency: int, level_s: float) -> list[dict]:
@@ -416,9 +430,17 @@ def run_offline(spec: dict) -> dict:
         return records
 
     level([Request(r.prompt, 8) for r in requests[: shape["warmup"]]], shape["warmup"], math.inf)
+    stats = llm.engine.stats
     for c in shape["concurrency"]:
         n = requests_at(c, shape)
-        out[str(c)] = _past_deadline(spec) or summarize(level(requests[:n], c, spec["level_s"]), n)
+        before = (stats.steps, stats.prefill_steps, prefill["s"], time.perf_counter())
+        skipped = _past_deadline(spec)
+        out[str(c)] = skipped or summarize(level(requests[:n], c, spec["level_s"]), n)
+        if skipped is None:
+            steps, wall = stats.steps - before[0], time.perf_counter() - before[3]
+            out[str(c)] |= {"steps": steps, "prefill_steps": stats.prefill_steps - before[1],
+                            "prefill_share": (prefill["s"] - before[2]) / wall,
+                            "step_ms": 1e3 * wall / max(steps, 1)}  # fmt: skip
     return out
 
 
@@ -482,7 +504,8 @@ def _server_command(spec: dict, port: int) -> tuple[list[str], str | None, dict 
     if spec["system"] == "llamita-serve":
         cmd = [sys.executable, "-m", "llamita.cli", "serve", "--checkpoint", spec["model"], "--host", "127.0.0.1",
                "--port", str(port), "--max-batch", str(max(shape["concurrency"])), "--max-queue", str(spec["n"]),
-               "--device", shape["device"], "--dtype", shape["dtype"], "--log-level", "warning"]  # fmt: skip
+               "--device", shape["device"], "--dtype", shape["dtype"], "--log-level", "warning",
+               "--prefill-interval", str(spec["prefill_interval"])]  # fmt: skip
         return cmd, None, None
     # transformers' CLI; offline, so huggingface_hub looks for no update and no remote files.
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -548,7 +571,9 @@ DETAIL = [("sent", "sent", ","), ("planned", "planned", ","), ("cancelled", "can
           ("output tokens", "output_tokens", ","), ("short answers", "short_answers", ","),
           ("chunk gap p50 ms", "chunk_gap_p50_ms", ".2f"), ("chunk gap p99 ms", "chunk_gap_p99_ms", ".2f"),
           ("tokens per chunk", "tokens_per_chunk", ".2f"), ("wall s", "wall_s", ".1f"),
-          ("busiest client CPU", "client_cpu", ".0%")]  # fmt: skip
+          ("busiest client CPU", "client_cpu", ".0%"), ("engine steps", "steps", ","),
+          ("prefill steps", "prefill_steps", ","), ("step ms", "step_ms", ".2f"),
+          ("prefill share of wall", "prefill_share", ".0%")]  # fmt: skip
 """Table columns: (header, key in a level's summary, format)."""
 
 
@@ -627,6 +652,7 @@ def main() -> None:
     parser.add_argument("--grace-seconds", type=float, default=15.0, help="then cancels what still runs after this")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a server to answer /health")
     parser.add_argument("--deadline", type=float, default=470.0, help="seconds for the call: later levels are skipped")
+    parser.add_argument("--prefill-interval", type=int, default=1, help="llamita's EngineConfig.prefill_interval")
     args = parser.parse_args()
     shape = SMOKE if args.smoke else SHAPE
     names = args.systems.split(",") if args.systems else SYSTEMS[: 3 if args.peers or not args.smoke else 2]
@@ -644,7 +670,7 @@ def main() -> None:
         n = max(requests_at(c, shape) for c in shape["concurrency"])
         base = {"shape": shape, "model": str(model), "hf_model": str(hf_model), "n": n, "deadline_at": deadline_at,
                 "level_s": args.level_seconds, "grace_s": args.grace_seconds,
-                "start_timeout": args.start_timeout}  # fmt: skip
+                "start_timeout": args.start_timeout, "prefill_interval": args.prefill_interval}  # fmt: skip
         specs = {name: base | {"system": name, "log": str(args.out / f"{name}.log")} for name in names}
         record = run_systems(names, specs, _runner, shape, args.out / "serve_load.json")
     finally:

@@ -262,7 +262,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     device = pick_device(args.device, option="--device")
     llm = LLM(
         args.checkpoint, device=device, dtype=args.dtype, draft=args.draft, compile=args.compile,
-        max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefix_cache=args.prefix_cache, **engine,
+        max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefix_cache=args.prefix_cache,
+        prefill_interval=args.prefill_interval, **engine,
     )  # fmt: skip
     serve(llm, config)
 
@@ -619,6 +620,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default: 256 GPU, 16 CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="positions per sequence (default: the model's)")
     p.add_argument("--prefix-cache", action="store_true", help="reuse the KV of shared prompt prefixes (system prompt)")
+    p.add_argument(
+        "--prefill-interval", type=int, default=1,
+        help="while sequences decode, prefill new prompts every N steps at most (they wait up to N - 1 steps)",
+    )  # fmt: skip
     _add_speculation_options(p)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument(

@@ -50,6 +50,26 @@ def test_batched_greedy_equals_one_at_a_time_with_requests_joining_and_leaving(m
     assert all(s is None for s in engine.scheduler.slots) and sorted(engine.scheduler.free) == [0, 1, 2, 3]
 
 
+def test_a_prefill_interval_gathers_prompts_and_keeps_every_output(model):
+    """With prefill_interval 4, prompts that arrive while others decode wait at most 3 steps and are prefilled
+    together: fewer prefill steps, the same greedy outputs."""
+    ps, lengths = prompts(10, seed=3), [6, 11, 3, 9, 12, 4, 8, 10, 5, 7]
+    arrivals: dict[int, list] = {}
+    for i, (p, n) in enumerate(zip(ps, lengths)):  # one request every other step
+        arrivals.setdefault(2 * i, []).append((p, SamplingParams(temperature=0.0, max_tokens=n)))
+    every_step, _ = run(Engine(model, EngineConfig(max_batch=8)), arrivals)
+    engine = Engine(model, EngineConfig(max_batch=8, prefill_interval=4))
+    seqs, waits, step = [], [], 0
+    while engine.has_work() or any(k >= step for k in arrivals):
+        seqs += [engine.add(prompt, params) for prompt, params in arrivals.get(step, [])]
+        engine.step()
+        waits += [step - 2 * i for i, s in enumerate(seqs) if s.prefilled and len(waits) <= i]
+        step += 1
+    assert [s.output for s in seqs] == [s.output for s in every_step]
+    assert max(waits) == 3  # at most interval - 1 steps waited (the first had nothing decoding: none)
+    assert engine.stats.prefill_steps < len(ps)  # prompts shared prefill steps
+
+
 def test_engine_logits_equal_the_training_forward(model):
     """Prefill chunks and ragged decode rows through the cache give the logits of the plain causal forward."""
     cache = SlotCache(TINY, 3, 24, device=torch.device("cpu"), dtype=torch.float64)

@@ -46,6 +46,12 @@ class EngineConfig:
     """Prompt tokens prefilled per step, over all sequences; longer prompts are prefilled in chunks. None: 8192 on
     a GPU (vLLM's chunk budget: a prefill forward runs eagerly and costs about its kernel launches below that, so
     fewer larger chunks start a batch of prompts sooner), 512 on a CPU."""
+    prefill_interval: int = 1
+    """While sequences decode, new prompt chunks are prefilled every this many steps at most (a prompt waits at
+    most interval - 1 steps, and prompts that arrive meanwhile join its prefill), or at once when the prompt tokens
+    waiting fill `prefill_tokens`; with nothing decoding, at once. A prefill forward runs eagerly, so on a GPU it
+    costs about its kernel launches whatever its size: waiting a few steps spreads that cost over more prompts
+    (TGI's `max_waiting_tokens` does the same), for a longer time to first token. 1: every step."""
     prefix_cache: bool = False
     """Reuse the keys and values of a prompt prefix (whole blocks) that another sequence's slot still holds."""
     prefix_block: int = 16
@@ -74,6 +80,7 @@ class EngineConfig:
                 f"prefill_tokens must be >= 1 (or unset), got {self.prefill_tokens}",
             ),
             (self.prefix_block >= 1, f"prefix_block must be >= 1, got {self.prefix_block}"),
+            (self.prefill_interval >= 1, f"prefill_interval must be >= 1, got {self.prefill_interval}"),
             (self.speculate in (None, "draft", "ngram"), f"speculate is draft, ngram or unset, not {self.speculate!r}"),
             (self.gamma >= 1, f"gamma must be >= 1, got {self.gamma}"),
             (self.ngram >= 1, f"ngram must be >= 1, got {self.ngram}"),
@@ -90,6 +97,8 @@ class EngineStats:
 
     steps: int = 0
     decode_steps: int = 0
+    prefill_steps: int = 0
+    """Steps that ran a prefill forward."""
     prefill_tokens: int = 0
     reused_tokens: int = 0
     """Prompt tokens taken from the prefix cache instead of prefilled."""
@@ -186,7 +195,8 @@ class Engine:
         self.n_slots = n_slots
         self.cache = SlotCache(model.config, n_slots, self.seq_len, device=self.device, dtype=self.dtype)
         self.scheduler = Scheduler(
-            n_slots, self.seq_len, prefill_tokens, config.prefix_block if config.prefix_cache else None
+            n_slots, self.seq_len, prefill_tokens, config.prefix_block if config.prefix_cache else None,
+            prefill_interval=config.prefill_interval,
         )
         # The slot state. An idle slot sits at its scratch position, the last one (see cache.py).
         self.tokens = torch.zeros(n_slots, dtype=torch.long, device=self.device)
@@ -259,7 +269,7 @@ class Engine:
             self._admit(seq)
             self.stats.reused_tokens += seq.reused
         decoders = self.scheduler.decoding()
-        chunks = self.scheduler.prefill_chunks()
+        chunks = self.scheduler.prefill_chunks(decoding=bool(decoders))
 
         pieces: list[Tensor] = []
         logprob_rows: list[tuple[Sequence, Tensor, Tensor]] = []
@@ -274,6 +284,7 @@ class Engine:
             logprob_rows += [(s, logits[s.slot], new[s.slot]) for s in decoders if s.params.logprobs is not None]
             self.stats.decode_steps += 1
         completing, first, first_logits = self._prefill(chunks) if chunks else ([], None, None)
+        self.stats.prefill_steps += bool(chunks)
         if first is not None:
             pieces.append(first)
             logprob_rows += [

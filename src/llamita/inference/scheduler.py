@@ -117,16 +117,21 @@ class PrefixIndex:
 class Scheduler:
     """The queue, the slots and who is in which, the prefill plan of each step and the prefix cache."""
 
-    def __init__(self, n_slots: int, seq_len: int, prefill_tokens: int, prefix_block: int | None) -> None:
+    def __init__(
+        self, n_slots: int, seq_len: int, prefill_tokens: int, prefix_block: int | None, prefill_interval: int = 1
+    ) -> None:
         """
         Args:
             n_slots: Sequences the cache holds.
             seq_len: Positions per slot: prompt and output together fit in it.
             prefill_tokens: Prompt tokens prefilled per step, over all sequences (longer prompts take several).
             prefix_block: Block size of the prefix cache, in tokens; None turns it off.
+            prefill_interval: While sequences decode, prefill at most every this many steps (`prefill_chunks`).
         """
         self.seq_len = seq_len
         self.prefill_tokens = prefill_tokens
+        self.prefill_interval = prefill_interval
+        self.postponed = 0  # steps in a row whose prefill waited
         self.waiting: deque[Sequence] = deque()
         self.slots: list[Sequence | None] = [None] * n_slots
         self.free = list(range(n_slots))  # a heap: the lowest free slot first keeps decode batches short
@@ -188,8 +193,20 @@ class Scheduler:
         """The sequences past their prompt, by slot."""
         return [s for s in self.slots if s is not None and s.prefilled]
 
-    def prefill_chunks(self) -> list[Chunk]:
-        """This step's prompt pieces: the oldest prompts first, `prefill_tokens` in all."""
+    def prefill_chunks(self, decoding: bool = False) -> list[Chunk]:
+        """This step's prompt pieces: the oldest prompts first, `prefill_tokens` in all.
+
+        With `decoding` (sequences decode in this step) and a `prefill_interval` above 1, none until the prompts
+        have waited interval - 1 steps or their tokens fill the budget.
+        """
+        pending = sum(len(s.prompt) - s.cached for s in self.prefilling)
+        if pending == 0:
+            self.postponed = 0
+            return []
+        if decoding and self.postponed + 1 < self.prefill_interval and pending < self.prefill_tokens:
+            self.postponed += 1
+            return []
+        self.postponed = 0
         chunks, budget = [], self.prefill_tokens
         for seq in self.prefilling:
             if budget == 0:
