@@ -75,13 +75,12 @@ def _timed(fn: Any, device: str) -> tuple[float, float, Any]:
     return seconds, peak, result
 
 
-def _llamita(shape: dict, model: Any, prompts: Any) -> dict:
+def _llamita(shape: dict, model: Any, prompts: Any, out: dict) -> dict:
     from llamita.inference import LLM, SamplingParams
 
     cuda = shape["device"] == "cuda"
     llm = LLM(model, max_batch=max(shape["batches"]), max_seq_len=shape["prompt"] + shape["new"], compile=cuda)
     params = SamplingParams(temperature=0.0, max_tokens=shape["new"], ignore_eos=True)
-    out = {}
     for batch in shape["batches"]:
         ids = prompts[:batch].tolist()
         seconds, peak, done = _timed(lambda ids=ids: llm.generate(ids, params), shape["device"])
@@ -91,7 +90,7 @@ def _llamita(shape: dict, model: Any, prompts: Any) -> dict:
     return out
 
 
-def _hf(shape: dict, model: Any, prompts: Any, static: bool) -> dict:
+def _hf(shape: dict, model: Any, prompts: Any, static: bool, out: dict) -> dict:
     import torch
     import transformers
 
@@ -104,7 +103,6 @@ def _hf(shape: dict, model: Any, prompts: Any, static: bool) -> dict:
     if static:
         # transformers compiles the decoding forward itself when the cache is static (its compile_config).
         kwargs["cache_implementation"] = "static"
-    out = {}
     for batch in shape["batches"]:
         ids = prompts[:batch]
 
@@ -118,7 +116,7 @@ def _hf(shape: dict, model: Any, prompts: Any, static: bool) -> dict:
     return out
 
 
-def _gpt_fast(shape: dict, model: Any, prompts: Any, path: str) -> dict:
+def _gpt_fast(shape: dict, model: Any, prompts: Any, path: str, out: dict) -> dict:
     """gpt-fast's own `generate` with its settings: decode compiled reduce-overhead + fullgraph, its inductor flags."""
     import inspect
 
@@ -142,7 +140,6 @@ def _gpt_fast(shape: dict, model: Any, prompts: Any, path: str) -> dict:
     theirs = theirs.to_empty(device=shape["device"]).to(getattr(torch, shape["dtype"])).eval()
     gf.decode_one_token = torch.compile(gf.decode_one_token, mode="reduce-overhead", fullgraph=True)
     batched = "batch_size" in inspect.signature(gf.generate).parameters
-    out = {}
     for batch in shape["batches"]:
         if batch > 1 and not batched:
             out[batch] = {"skipped": "this gpt-fast checkout's generate has no batch_size"}
@@ -158,7 +155,27 @@ def _gpt_fast(shape: dict, model: Any, prompts: Any, path: str) -> dict:
     return out
 
 
-def run_worker(spec: dict) -> dict:
+class _Progress(dict):
+    """A system's results by batch, written to `path` as each batch is done: a system stopped at its time limit
+    still reports the batches it finished."""
+
+    def __init__(self, path: str, spec: dict, weight_bytes: int) -> None:
+        super().__init__()
+        self.path, self.spec, self.weight_bytes = path, spec, weight_bytes
+
+    def __setitem__(self, batch: Any, r: Any) -> None:
+        if isinstance(r, dict) and "seconds" in r:
+            new = self.spec["shape"]["new"]
+            r["tokens_per_s"] = batch * new / r["seconds"]
+            r["ms_per_token"] = 1000 * r["seconds"] / new
+            limit = batch * self.spec["bandwidth"] / self.weight_bytes  # every decode step reads the weights once
+            r["bandwidth_share"] = r["tokens_per_s"] / limit
+        super().__setitem__(batch, r)
+        if self.path:
+            Path(self.path).write_text(json.dumps({"partial": {str(k): v for k, v in self.items()}}))
+
+
+def run_worker(spec: dict, result_path: str = "") -> dict:
     import torch
 
     shape = spec["shape"]
@@ -167,20 +184,15 @@ def run_worker(spec: dict) -> dict:
     prompts = torch.randint(0, model.config.vocab_size, (max(shape["batches"]), shape["prompt"]), generator=g)
     prompts = prompts.to(shape["device"])
     system = spec["system"]
-    if system == "llamita":
-        result = _llamita(shape, model, prompts.cpu())
-    elif system in ("hf-eager", "hf-static-compile"):
-        result = _hf(shape, model, prompts, static=system == "hf-static-compile")
-    else:
-        result = _gpt_fast(shape, model, prompts, spec["gpt_fast"])
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    for batch in shape["batches"]:
-        r = result.get(batch, {})
-        if "seconds" in r:
-            r["tokens_per_s"] = batch * shape["new"] / r["seconds"]
-            r["ms_per_token"] = 1000 * r["seconds"] / shape["new"]
-            limit = batch * spec["bandwidth"] / weight_bytes  # every decode step reads the weights once
-            r["bandwidth_share"] = r["tokens_per_s"] / limit
+    progress = _Progress(result_path, spec, weight_bytes)
+    if system == "llamita":
+        result = _llamita(shape, model, prompts.cpu(), progress)
+    elif system in ("hf-eager", "hf-static-compile"):
+        result = _hf(shape, model, prompts, system == "hf-static-compile", progress)
+    else:
+        result = _gpt_fast(shape, model, prompts, spec["gpt_fast"], progress)
+    result = dict(result)
     result["weight_gb"] = weight_bytes / 1e9
     return {str(k): v for k, v in result.items()}
 
@@ -198,10 +210,11 @@ def _run_isolated(name: str, spec: dict, log: Path, timeout: float) -> dict:
             rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
+    done = json.loads(result_path.read_text()) if result_path.stat().st_size else {}
     if rc == 0:
-        result = json.loads(result_path.read_text())
-    else:
-        result = {"error": f"exit {rc}", "log_tail": log.read_text().splitlines()[-12:]}
+        result = done
+    else:  # the batches it finished, and why it stopped
+        result = {"error": f"exit {rc}", "log_tail": log.read_text().splitlines()[-12:]} | done.get("partial", {})
     result_path.unlink(missing_ok=True)
     result["wall_s"] = time.perf_counter() - t0
     print(f"[{name}] {'FAILED ' + result['error'] if 'error' in result else 'done'} ({result['wall_s']:.0f} s)")
@@ -353,10 +366,13 @@ def tables(results: dict) -> str:
             "|---|---:|---:|---:|---:|---:|",
         ]
         for system, r in results["throughput"].items():
-            if "error" in r or "skipped" in r:
+            finished = [b for b in batches if "tokens_per_s" in r.get(str(b), {})]
+            if "skipped" in r or ("error" in r and not finished):
                 lines.append(f"| {system} | {r.get('skipped') or r['error']} |")
                 continue
             cells = [_fmt(r.get(str(b), {}).get("tokens_per_s"), ",.0f") for b in batches]
+            if "error" in r:  # stopped after some batches: the others are marked with why
+                cells = [c if b in finished else r["error"] for c, b in zip(cells, batches)]
             lines.append(f"| {system} | " + " | ".join(cells) + " |")
             for b in batches:
                 x = r.get(str(b), {})
@@ -394,7 +410,7 @@ def main() -> None:
     parser.add_argument("--result", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        Path(args.result).write_text(json.dumps(run_worker(json.loads(args.worker))))
+        Path(args.result).write_text(json.dumps(run_worker(json.loads(args.worker), args.result)))
         return
     shape = SMOKE if args.smoke else SHAPE
     out = Path(args.out)
