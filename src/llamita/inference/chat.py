@@ -18,7 +18,7 @@ from llamita.chat.templates import generation_prompt_ids, stop_ids
 from llamita.config import ConfigError
 from llamita.inference.llm import LLM
 from llamita.inference.sampling import SamplingParams
-from llamita.inference.text import TextStream
+from llamita.inference.text import text_pieces
 
 HELP = "/reset clears the conversation, /system TEXT sets the system message, /quit (or Ctrl-D) ends"
 
@@ -64,18 +64,19 @@ class ChatSession:
         """Add the user's `text`, then yield the answer's text piece by piece as its tokens come."""
         self.messages.append({"role": "user", "content": text})
         params = dataclasses.replace(self.sampling, stop_token_ids=(*self.sampling.stop_token_ids, *self.stops))
+
+        def answer_tokens() -> Iterator[int]:
+            for token in self.llm.stream(self._prompt(), params):
+                if token in self.stops:
+                    return
+                yield token
+
         # The answer decoded on its own: its text is the content the template renders in the next turn.
-        text = TextStream(self.tokenizer, stop=params.stop)
-        for token in self.llm.stream(self._prompt(), params):
-            if token in self.stops:
-                break
-            piece = text.push([token])
-            if piece:
-                yield piece
-        piece = text.finish()
-        if piece:
+        pieces = []
+        for piece in text_pieces(self.tokenizer, answer_tokens(), stop=params.stop):
+            pieces.append(piece)
             yield piece
-        self.messages.append({"role": "assistant", "content": text.text})
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
 def run_terminal(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:

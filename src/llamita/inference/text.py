@@ -164,7 +164,12 @@ def follow(engine: Engine, seq: EngineSequence, new: list[int], text: TextStream
 
 
 def text_pieces(
-    tokenizer: Tokenizer, tokens: Iterable[int], *, prefix: Sequence[int] = (), show_prefix: bool = False
+    tokenizer: Tokenizer,
+    tokens: Iterable[int],
+    *,
+    prefix: Sequence[int] = (),
+    show_prefix: bool = False,
+    stop: Sequence[str] = (),
 ) -> Iterator[str]:
     """Text as the tokens come, piece by piece (a `TextStream` over them), never half a character.
 
@@ -173,10 +178,11 @@ def text_pieces(
         tokens: The ids, as they are made.
         prefix: Ids before them (the prompt): keeps a continuation's leading space.
         show_prefix: Yield the prefix's text first.
+        stop: Stop strings: the text ends before the first one.
     """
     if show_prefix and prefix:
         yield tokenizer.decode(prefix)
-    stream = TextStream(tokenizer, prefix)
+    stream = TextStream(tokenizer, prefix, stop)
     for token in tokens:
         piece = stream.push([token])
         if piece:
