@@ -34,8 +34,20 @@ def offline(tmp_path, monkeypatch):
     wandb.teardown()  # W&B reads the environment once per setup: the next test's must be read afresh
 
 
-def wandb_runs(out_dir: Path) -> list[dict[str, Any]]:
-    """The offline W&B runs under <out_dir>/wandb, by start time, read from their .wandb files:
+def wandb_runs(out_dir: Path, wait_s: float = 60.0) -> list[dict[str, Any]]:
+    """`read_wandb_runs`, again until every file holds its run's exit record (its last): W&B's service process
+    writes the .wandb file on its own, and on a loaded machine it was seen to finish that after `finish()` had
+    returned."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        runs = read_wandb_runs(out_dir)
+        if all(r["exited"] for r in runs) or time.monotonic() > deadline:
+            return sorted(runs, key=lambda r: r.get("start", 0))
+        time.sleep(0.5)
+
+
+def read_wandb_runs(out_dir: Path) -> list[dict[str, Any]]:
+    """The offline W&B runs under <out_dir>/wandb, read from their .wandb files:
     {"id", "name", "project", "start", "config", "rows"} with each history row without W&B's own `_` keys."""
     from wandb.proto import wandb_internal_pb2
     from wandb.sdk.internal.datastore import DataStore
@@ -47,7 +59,7 @@ def wandb_runs(out_dir: Path) -> list[dict[str, Any]]:
     for path in (out_dir / "wandb").glob("offline-run-*/run-*.wandb"):
         store = DataStore()
         store.open_for_scan(str(path))
-        run: dict[str, Any] = {"config": {}, "rows": []}
+        run: dict[str, Any] = {"config": {}, "rows": [], "exited": False}
         while (data := store.scan_data()) is not None:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(data)
@@ -58,6 +70,9 @@ def wandb_runs(out_dir: Path) -> list[dict[str, Any]]:
                 updates = record.run.config.update
             elif kind == "config":
                 updates = record.config.update
+            elif kind == "exit":
+                run["exited"] = True
+                continue
             elif kind == "history":
                 items = {key(i): json.loads(i.value_json) for i in record.history.item}
                 run["rows"].append({k: v for k, v in items.items() if not k.startswith("_")})
@@ -66,7 +81,7 @@ def wandb_runs(out_dir: Path) -> list[dict[str, Any]]:
                 continue
             run["config"].update({key(u): json.loads(u.value_json) for u in updates if key(u) != "_wandb"})
         runs.append(run)
-    return sorted(runs, key=lambda r: r["start"])
+    return runs
 
 
 def test_a_run_logs_its_metrics_rows_and_config(offline, debug_config, tmp_path):
