@@ -7,14 +7,24 @@ about 170 + 330 + 280 tokens per pair on average, as UltraFeedback-binarized's w
 trains the same pairs from the same initial weights; each runs in its own process. Tokens/s counts a pair's prompt
 and both answers once (what the pair is, whatever a system computes for it: TRL runs the prompt twice and pads).
 
-Systems:
+Systems (the table's second column says each one's activation checkpointing):
 - ``llamita-precomputed``: `llamita dpo` as it runs by default: rows of 2048 slots holding pairs as trees (prompt
   once, both answers; only answer tokens through the head), the reference's log-probs computed in one pass first
-  (timed on its own, `reference_seconds`), one model in memory.
-- ``llamita-live``: the same with a frozen copy of the starting model run on every batch (`dpo.reference: live`).
-- ``trl-live``: TRL's DPOTrainer with a reference model (its default), bf16, pairs padded per batch.
+  (timed on its own, `reference_seconds`), one model in memory; no activation checkpointing (bf16 compute copies).
+- ``llamita-precomputed-ac``: the same with ``parallel.activation_checkpoint: full`` (``--ac selective`` for the
+  selective mode): every block recomputed in backward, as TRL's gradient checkpointing recomputes every decoder
+  layer. The copies cannot serve a recomputation, so `llamita dpo`'s plan (`plan_parallel`) puts FSDP2 on the one
+  GPU instead, casting to bf16.
+- ``llamita-live``: ``llamita-precomputed`` with a frozen copy of the starting model run on every batch
+  (`dpo.reference: live`; the frozen copy is never checkpointed: it runs no backward).
+- ``trl-live``: TRL's DPOTrainer with a reference model (its default), bf16, pairs padded per batch, its default
+  ``gradient_checkpointing=True``.
 - ``trl-precompute``: TRL's DPOTrainer with ``precompute_ref_log_probs=True`` (its precomputation is timed on its
-  own too).
+  own too), gradient checkpointing on (its default).
+- ``trl-precompute-noac``: the same with ``gradient_checkpointing=False``.
+
+Like for like in memory: ``llamita-precomputed-ac`` against ``trl-precompute``, ``llamita-precomputed`` against
+``trl-precompute-noac``.
 
     PYTHONPATH=src python3 bench/dpo_throughput.py --out out/dpo            # one GPU: llamita and TRL (if installed)
     PYTHONPATH=src python3 bench/dpo_throughput.py --smoke --out /tmp/dpo   # a CPU check of the script
@@ -66,7 +76,9 @@ def _pair_tokens(data: list[tuple[list[int], ...]]) -> int:
 
 
 def run_llamita(spec: dict) -> dict:
-    """llamita as `llamita dpo` runs it: trees packed in rows, the preference objective, stored or live reference."""
+    """llamita as `llamita dpo` runs it: trees packed in rows, the preference objective, stored or live reference;
+    the model parallelized, and the live reference frozen, by `llamita dpo`'s own steps for one process."""
+    import contextlib
     import copy
 
     import numpy as np
@@ -76,37 +88,48 @@ def run_llamita(spec: dict) -> dict:
     from llamita.chat.preference_loss import PreferenceLoss
     from llamita.chat.preference_objective import PreferenceObjective
     from llamita.chat.reference_logps import compute_reference_logps
-    from llamita.config import OptimConfig, ParallelConfig
+    from llamita.config import OptimConfig, ParallelConfig, RunConfig
+    from llamita.dpo import frozen_reference
     from llamita.model import get_preset
-    from llamita.pretrain import build_model
-    from llamita.train.copies import ComputeCopies
-    from llamita.train.optim import build_optimizer, clipped_step, gradient_norm
-    from llamita.train.parallel import parallelize
+    from llamita.pretrain import RunStart, build_model
+    from llamita.sft import prepare_training
+    from llamita.train.optim import clipped_step, gradient_norm
+    from llamita.train.parallel import DistEnv, plan_parallel
 
     device = torch.device(spec["device"])
     config = get_preset(spec["preset"])
     data = pairs(spec["pairs"], config.vocab_size, spec["scale"])
     rows, stats = pack_pairs([Pair(tuple(p), tuple(c), tuple(r), i) for i, (p, c, r) in enumerate(data)],
                              spec["seq_len"], pad_id=EOS)  # fmt: skip
+    cfg = RunConfig(
+        out_dir=spec["tmp"],
+        optim=OptimConfig(lr=5e-7, weight_decay=0.0),
+        parallel=ParallelConfig(
+            fsdp=spec.get("fsdp", "auto"), compile=spec["compile"], activation_checkpoint=spec["activation_checkpoint"]
+        ),
+    )
+    cfg.train.device = spec["device"]
+    # The plan `llamita dpo` makes on one GPU: bf16 compute copies, or, with activation checkpointing (which the
+    # copies cannot recompute under), FSDP2 on one rank casting to bf16; on a CPU plain fp32.
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=device)
+    start = RunStart(env, plan_parallel(cfg, env), Path(spec["tmp"]), resuming=False, branch=None)
     model = build_model(config, device, SEED)
     live = spec["mode"] == "live"
-    reference = copy.deepcopy(model).requires_grad_(False).eval() if live else None
-    par = ParallelConfig(fsdp="off", compile=spec["compile"])
-    parallelize(model, par, None, device, param_dtype=torch.bfloat16)
+    reference = copy.deepcopy(model) if live else None
+    optimizer = prepare_training(cfg, start, model)
+    autocast = contextlib.nullcontext()
+    if start.plan.autocast_dtype is not None:
+        autocast = torch.autocast(device.type, dtype=start.plan.autocast_dtype)
     cuda = device.type == "cuda"
-    copies = ComputeCopies(model, torch.bfloat16) if cuda else None
-    optimizer = build_optimizer(model, OptimConfig(lr=5e-7, weight_decay=0.0), device, copies)  # GPU: bf16 copies
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     if live:
-        if cuda:
-            reference.to(torch.bfloat16)
-        parallelize(reference, par, None, device, param_dtype=torch.bfloat16)
-        ref: Any = reference
+        ref: Any = frozen_reference(cfg, start, reference)
         reference_seconds = 0.0
     else:
-        ref = compute_reference_logps(model, [rows], len(data), batch_size=spec["batch"], device=device)
+        ref = compute_reference_logps(model, [rows], len(data), batch_size=spec["batch"], device=device,
+                                      autocast=autocast)  # fmt: skip
         if cuda:
             torch.cuda.synchronize()
         reference_seconds = time.perf_counter() - t0
@@ -120,7 +143,8 @@ def run_llamita(spec: dict) -> dict:
         index = order[np.arange(i * batch, (i + 1) * batch) % len(rows)]
         host = rows.batch(index)
         tokens.append(int((rows.pairs[index] >= 0).sum()) + int(host.pair_ids.numel()))  # +1 per pair: x[-1] twice
-        loss, _ = objective.loss(model, [t.to(device, non_blocking=True) for t in host])
+        with autocast:
+            loss, _ = objective.loss(model, [t.to(device, non_blocking=True) for t in host])
         loss.backward()
         clipped_step(optimizer, gradient_norm(optimizer), 1.0, no_skip)
         optimizer.zero_grad(set_to_none=True)
@@ -133,6 +157,8 @@ def run_llamita(spec: dict) -> dict:
         "pairs_per_row": stats.conversations / max(1, stats.rows),
         "rows": stats.rows,
         "mean_pair_tokens": _pair_tokens(data) / len(data),
+        "activation_checkpoint": spec["activation_checkpoint"],
+        "compute": "fsdp2" if start.plan.fsdp else "copies" if start.plan.copies else str(start.plan.compute_dtype),
     }
 
 
@@ -173,6 +199,7 @@ def run_trl(spec: dict) -> dict:
     args = trl.DPOConfig(
         output_dir=spec["tmp"], per_device_train_batch_size=spec["trl_batch"], max_length=int(1024 * spec["scale"]),
         beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=precompute, bf16=cuda, learning_rate=5e-7,
+        gradient_checkpointing=spec["activation_checkpoint"] == "full",
         max_steps=spec["warmup"] + spec["steps"], logging_steps=1000, save_strategy="no", report_to=[],
         dataloader_num_workers=0, use_cpu=not cuda, seed=SEED,
     )  # fmt: skip
@@ -212,6 +239,11 @@ def run_trl(spec: dict) -> dict:
     if cuda:
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     out["mean_pair_tokens"] = _pair_tokens(data) / len(data)
+    # What the model did, not only what was asked (transformers 5.2x renames the option activation_checkpointing).
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) is True for m in trainer.model.modules())
+    if checkpointed != args.gradient_checkpointing:
+        raise RuntimeError(f"TRL trained with gradient checkpointing {checkpointed}, asked for the opposite")
+    out["activation_checkpoint"] = "full (gradient_checkpointing)" if checkpointed else "none"
     out["versions"] = {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
     return out
 
@@ -237,6 +269,16 @@ def _timed(step: Any, spec: dict, device: Any, counted: Any) -> dict:
     return out
 
 
+SYSTEMS = {  # name: (reference, activation checkpointing); TRL's DPOConfig checkpoints by default
+    "llamita-precomputed": ("precomputed", "none"),
+    "llamita-precomputed-ac": ("precomputed", "full"),
+    "llamita-live": ("live", "none"),
+    "trl-live": ("live", "full"),
+    "trl-precompute": ("precompute", "full"),
+    "trl-precompute-noac": ("precompute", "none"),
+}
+
+
 def _runner(name: str) -> Callable[[dict], dict]:
     return run_trl if name.startswith("trl") else run_llamita
 
@@ -245,7 +287,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="the debug preset on a CPU, 2 steps each")
-    parser.add_argument("--systems", default="llamita-precomputed,llamita-live,trl-live,trl-precompute")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    ac_help = "llamita-precomputed-ac's parallel.activation_checkpoint (full recomputes every block, as TRL does)"
+    parser.add_argument("--ac", choices=("full", "selective"), default="full", help=ac_help)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     # llamita: 8 rows of 2048 slots per step (~2 pairs each); TRL: 8 pairs per step (its per-device batch).
@@ -254,35 +298,41 @@ def main() -> None:
     if args.smoke:
         base |= {"preset": "debug", "seq_len": 128, "batch": 2, "trl_batch": 2, "warmup": 1, "steps": 2,
                  "pairs": 24, "scale": 1 / 16, "device": "cpu", "compile": False}  # fmt: skip
-    specs = {
-        "llamita-precomputed": base | {"mode": "precomputed"},
-        "llamita-live": base | {"mode": "live"},
-        "trl-live": base | {"mode": "live"},
-        "trl-precompute": base | {"mode": "precompute"},
-    }
+    specs = {name: base | {"mode": mode, "activation_checkpoint": ac} for name, (mode, ac) in SYSTEMS.items()}
+    specs["llamita-precomputed-ac"]["activation_checkpoint"] = args.ac
+    if args.smoke:  # the path the GPU run takes: FSDP2 on one rank (a CPU plain process would not shard)
+        specs["llamita-precomputed-ac"]["fsdp"] = "on"
     record = run_systems(args.systems.split(","), specs, _runner, base, args.out / "dpo_throughput.json")
     print(table(record))
 
 
 def table(record: dict) -> str:
+    """The record's results as a markdown table: against TRL's fastest system, and against TRL's precomputing one
+    at the same activation checkpointing (full or none), the like-for-like comparison of memory."""
     rows = record["results"]
-    trl = [r for name, r in rows.items() if name.startswith("trl") and "error" not in r]
-    best = max(trl, key=lambda r: r["tokens_per_s"]) if trl else None
+    trl = {name: r for name, r in rows.items() if name.startswith("trl") and "error" not in r}
+    best = max(trl.values(), key=lambda r: r["tokens_per_s"]) if trl else None
+    same = {r["activation_checkpoint"].split()[0]: r for name, r in trl.items() if name.startswith("trl-precompute")}
     lines = [
-        "| system | pair tokens/s | vs TRL's best | peak GiB | vs its peak | one-off s (reference pass; TRL: set-up) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| system | activation checkpointing | pair tokens/s | vs TRL's best | peak GiB | vs its peak "
+        "| vs TRL precompute, same checkpointing: tokens/s, peak | one-off s (reference pass; TRL: set-up) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
+        ac = r.get("activation_checkpoint", "-")
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:120]} | | | | |")
+            lines.append(f"| {name} | {ac} | failed: {r['error'][:120]} | | | | | |")
             continue
         tps, peak = r["tokens_per_s"], r.get("peak_gib")
-        speed = f"{tps / best['tokens_per_s']:.2f}x" if best else "-"
-        memory = f"{peak / best['peak_gib']:.2f}" if best and peak and best.get("peak_gib") else "-"
+        ratios = []
+        for other in (best, same.get(ac.split()[0])):
+            speed = f"{tps / other['tokens_per_s']:.2f}x" if other else "-"
+            memory = f"{peak / other['peak_gib']:.2f}" if other and peak and other.get("peak_gib") else "-"
+            ratios.append((speed, memory))
         once = r.get("reference_seconds", r.get("setup_seconds"))
         lines.append(
-            f"| {name} | {tps:,.0f} | {speed} | {'-' if peak is None else f'{peak:.1f}'} | {memory} | "
-            f"{'-' if once is None else f'{once:.1f}'} |"
+            f"| {name} | {ac} | {tps:,.0f} | {ratios[0][0]} | {'-' if peak is None else f'{peak:.1f}'} | "
+            f"{ratios[0][1]} | {ratios[1][0]}, {ratios[1][1]} | {'-' if once is None else f'{once:.1f}'} |"
         )
     return "\n".join(lines)
 

@@ -1,20 +1,26 @@
 """`llamita dpo` end to end on CPU: the pretraining trainer with tree-packed preference pairs, reference log-probs
 computed once and stored (reused on resume, recomputed when the data or the reference changes), the same losses as
-a live reference, exact resume, preference metrics in metrics.jsonl, bad records counted."""
+a live reference and with activation checkpointing, exact resume, preference metrics in metrics.jsonl, bad records
+counted; and on 2 gloo processes (FSDP2), the one process's stored reference log-probs and losses."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
+import textwrap
 
+import numpy as np
 import pytest
+import torch
 
 from llamita.chat.reference_logps import META_FILE, REFERENCE_FILE
 from llamita.cli import main
 from llamita.config import load_config
 from llamita.train import checkpoint as ckpt
 from llamita.train.metrics import read_metrics
+from pretrain_runs import finish, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +114,16 @@ def test_a_live_reference_gives_the_stored_references_losses(dpo_run, base_run, 
     assert _losses(tmp_path / "live") == pytest.approx(_losses(out), rel=1e-6)
 
 
+def test_activation_checkpointing_trains_with_the_same_losses(dpo_run, base_run, pairs_file, tmp_path):
+    """Recomputing the blocks in backward (the reference pass runs through the same wrapped blocks, without
+    gradients) changes no loss."""
+    from llamita.dpo import dpo
+
+    out, _, _ = dpo_run
+    dpo(_cfg(tmp_path / "ac", base_run, pairs_file, **{"parallel.activation_checkpoint": "selective"}))
+    assert _losses(tmp_path / "ac") == pytest.approx(_losses(out), abs=1e-6)
+
+
 def test_resume_is_exact_and_reuses_the_stored_reference_log_probs(dpo_run, base_run, pairs_file, tmp_path, capsys):
     from llamita.dpo import dpo
 
@@ -171,3 +187,100 @@ def test_dpo_errors_are_one_line(base_run, tmp_path, capsys):
         main(["dpo", "--config", "dpo-debug", "--dpo.data", "[x.jsonl]", "--init.from", str(base_run),
               "--dpo.max_prompt_length", "64"])  # fmt: skip
     assert e.value.code == 2 and "dpo.max_prompt_length=64 must be below dpo.max_length=64" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- 2 gloo processes on CPU
+DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import numpy as np
+    import torch, torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    import llamita.chat.reference_logps as reference_logps
+    from llamita.chat.packing import TreeRows
+    from llamita.config import load_config
+    from llamita.dpo import dpo
+    from llamita.model import Llama, ModelConfig
+    from llamita.train.parallel import apply_fsdp, end_distributed
+
+    recipe = Path(sys.argv[1])
+    here = recipe.parent  # the test's folder: split.pt in, split.<rank>.json out
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    # The reference pass over hand-sized parts, on an FSDP2-sharded model; every forward pass's pairs recorded.
+    given = torch.load(here / "split.pt", weights_only=False)
+    model = Llama(ModelConfig(**given["config"]))
+    model.load_state_dict(given["weights"])
+    apply_fsdp(model, init_device_mesh("cpu", (2,)), param_dtype=torch.float32)
+    parts = [TreeRows(*(np.asarray(a) for a in part)) for part in given["parts"]]
+    passes = []
+    score = reference_logps.pair_logps
+    def recording(model, batch):
+        passes.append(batch.pair_ids.tolist())
+        return score(model, batch)
+    reference_logps.pair_logps = recording
+    table = reference_logps.compute_reference_logps(
+        model, parts, given["n_pairs"], batch_size=given["batch_size"], device=torch.device("cpu")
+    )
+    reference_logps.pair_logps = score
+    (here / f"split.{rank}.json").write_text(json.dumps({"table": table.tolist(), "passes": passes}))
+    # A whole `llamita dpo` run of the recipe.
+    dpo(load_config(str(recipe)))
+    end_distributed()  # no rank tears the group down while a peer still uses it
+    """
+)
+
+
+def test_two_ranks_store_one_ranks_reference_log_probs_and_train_with_its_losses(
+    dpo_run, base_run, pairs_file, tmp_path
+):
+    """FSDP2 over 2 gloo ranks, the same global batch: the reference pass scores every pair on exactly one rank (rows
+    split r, r + 2, ...; a rank short of rows repeats one of its own, a part of one row is scored by both) and gives
+    one process's log-probs, stored as one process stores them; the run's per-step losses are one process's."""
+    from llamita.chat.packing import Pair, pack_pairs
+    from llamita.chat.reference_logps import compute_reference_logps
+    from llamita.model import Llama, get_preset
+
+    config = get_preset("debug")
+    rng = np.random.default_rng(0)
+
+    def tokens(low: int, high: int) -> tuple[int, ...]:
+        return tuple(rng.integers(3, config.vocab_size, rng.integers(low, high)).tolist())
+
+    # Parts of 7 rows (odd), 5 (rank 1 a batch short at batch size 2) and 1 (fewer rows than ranks), a pair each.
+    sizes, parts, first = (7, 5, 1), [], 0
+    for n in sizes:
+        pairs = [Pair(tokens(2, 20), tokens(1, 14), tokens(1, 14), first + i) for i in range(n)]
+        parts.append(pack_pairs(pairs, 48, pad_id=0, packing=False)[0])
+        first += n
+    torch.manual_seed(0)
+    model = Llama(config)
+    arrays = [(r.inputs, r.targets, r.positions, r.branches, r.pairs) for r in parts]
+    torch.save({"config": dataclasses.asdict(config), "weights": model.state_dict(), "parts": arrays,
+                "n_pairs": first, "batch_size": 2}, tmp_path / "split.pt")  # fmt: skip
+    fewer = {"eval.interval": "0", "checkpoint.interval": "0", "train.threads": "1"}  # the same losses, sooner
+    cfg = _cfg(tmp_path / "two", base_run, pairs_file, **fewer)
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    finish(torchrun(cfg, script=script))
+
+    expected = compute_reference_logps(model, parts, first, batch_size=2, device=torch.device("cpu"))  # [P, 2]
+    results = [json.loads((tmp_path / f"split.{rank}.json").read_text()) for rank in (0, 1)]
+    scored = []
+    for result in results:
+        torch.testing.assert_close(torch.tensor(result["table"]), expected, rtol=1e-6, atol=1e-5)
+        assert len(result["passes"]) == 2 + 2 + 1  # per part ceil(ceil(rows / 2) / 2): the same on both ranks
+        scored.append({p for ids in result["passes"] for p in ids})
+    last = set(range(first - sizes[-1], first))
+    assert scored[0] | scored[1] == set(range(first)) and scored[0] & scored[1] == last
+    assert [len(ids) for ids in results[1]["passes"]] == [2, 1, 2, 2, 1]  # rows 1, 3 | 5 ; 1, 3 | 1, 3 (again) ; 0
+    assert results[1]["passes"][3] == results[1]["passes"][2]
+
+    out, _, _ = dpo_run
+    two = tmp_path / "two"
+    one_meta, two_meta = (json.loads((run / META_FILE).read_text()) for run in (out, two))
+    assert two_meta["pairs"] == one_meta["pairs"] and two_meta["data"] == one_meta["data"]
+    np.testing.assert_allclose(np.load(two / REFERENCE_FILE), np.load(out / REFERENCE_FILE), rtol=1e-6, atol=1e-5)
+    assert _losses(two) == pytest.approx(_losses(out), abs=1e-5)
