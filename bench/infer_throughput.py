@@ -3,10 +3,15 @@
 Group `throughput`: every system continues the same random prompts (128 tokens) by 256 greedy tokens with the same
 random bf16 weights, at batch 1, 8, 64 and 256; tokens/s = batch x new tokens / wall time, prefill included, after
 one untimed warm-up run at that batch (compilation and CUDA-graph capture are not timed). Systems: llamita's
-`LLM.generate` (decode step compiled and replayed from CUDA graphs), transformers' `generate` eager with its
+`LLM.generate` (decode step compiled and replayed from CUDA graphs) in the weights' dtype and as `llamita-int8` with
+weight-only int8 Linear layers (`quantize="int8"`, torchao), transformers' `generate` eager with its
 dynamic cache and with its static cache + torch.compile, and gpt-fast's own `generate` from a checkout given with
 `--gpt-fast PATH` (its public source; never committed here: without the path it is reported as missing). Each
-system runs in its own subprocess. The bandwidth limit is the weights read once per decode step at `--bandwidth`.
+system runs in its own subprocess. The bandwidth limit is the weights read once per decode step at `--bandwidth`
+(for llamita-int8 its int8 weights and scales, the embedding in bf16: `llamita.inference.quantize.weight_bytes`).
+`--systems llamita-int8-tuned` adds llamita-int8 built under Inductor's coordinate-descent tuning, with which
+Inductor turns a matrix-vector product (batch 1) into a reduction that reads the int8 weights directly instead of
+casting them to bf16 in a kernel of their own (`torch/_inductor/decomposition.py`, `mm`); it compiles longer.
 
 Group `speculative`: trains, within the same call, a target of the tinyllama-1.1b shape and a much smaller draft
 (two narrow layers: at this scale a step costs about its kernel count, not its parameter count) on the prepared
@@ -39,7 +44,9 @@ SMOKE = {"preset": "debug", "prompt": 12, "new": 8, "batches": [1, 4], "device":
          "train_seq": 64, "target_steps": 3, "draft_steps": 3, "batch_tokens": 256, "micro_batch": 4,
          "spec_prompts": 2, "spec_new": 8, "draft": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
          "intermediate_size": 64}}  # fmt: skip
-SYSTEMS = ["llamita", "hf-eager", "hf-static-compile", "gpt-fast"]
+SYSTEMS = ["llamita", "llamita-int8", "hf-eager", "hf-static-compile", "gpt-fast"]
+EXTRA_SYSTEMS = ["llamita-int8-tuned"]
+"""Run only when `--systems` names them."""
 REPEAT = "\n\n# The same code again, unchanged:\n"
 
 
@@ -75,17 +82,25 @@ def _timed(fn: Any, device: str) -> tuple[float, float, Any]:
     return seconds, peak, result
 
 
-def _llamita(shape: dict, model: Any, prompts: Any, out: dict) -> dict:
+def _llamita(shape: dict, model: Any, prompts: Any, out: _Progress, quantize: str | None, tuned: bool) -> dict:
+    import contextlib
+
+    import torch._inductor.config as inductor
+
     from llamita.inference import LLM, SamplingParams
+    from llamita.inference.quantize import weight_bytes
 
     cuda = shape["device"] == "cuda"
-    llm = LLM(model, max_batch=max(shape["batches"]), max_seq_len=shape["prompt"] + shape["new"], compile=cuda)
-    params = SamplingParams(temperature=0.0, max_tokens=shape["new"], ignore_eos=True)
-    for batch in shape["batches"]:
-        ids = prompts[:batch].tolist()
-        seconds, peak, done = _timed(lambda ids=ids: llm.generate(ids, params), shape["device"])
-        assert all(len(c.token_ids) == shape["new"] for c in done)
-        out[batch] = {"seconds": seconds, "peak_gib": peak}
+    with inductor.patch(coordinate_descent_tuning=True) if tuned else contextlib.nullcontext():
+        llm = LLM(model, max_batch=max(shape["batches"]), max_seq_len=shape["prompt"] + shape["new"], compile=cuda,
+                  quantize=quantize)  # fmt: skip
+        out.weight_bytes = weight_bytes(llm.model)  # what a decode step reads
+        params = SamplingParams(temperature=0.0, max_tokens=shape["new"], ignore_eos=True)
+        for batch in shape["batches"]:
+            ids = prompts[:batch].tolist()
+            seconds, peak, done = _timed(lambda ids=ids: llm.generate(ids, params), shape["device"])
+            assert all(len(c.token_ids) == shape["new"] for c in done)
+            out[batch] = {"seconds": seconds, "peak_gib": peak}
     out["uncaptured_steps"] = llm.engine.graphs.uncaptured if llm.engine.graphs else None
     return out
 
@@ -186,14 +201,15 @@ def run_worker(spec: dict, result_path: str = "") -> dict:
     system = spec["system"]
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     progress = _Progress(result_path, spec, weight_bytes)
-    if system == "llamita":
-        result = _llamita(shape, model, prompts.cpu(), progress)
+    if system.startswith("llamita"):
+        quantize = "int8" if system.startswith("llamita-int8") else None
+        result = _llamita(shape, model, prompts.cpu(), progress, quantize, tuned=system.endswith("-tuned"))
     elif system in ("hf-eager", "hf-static-compile"):
         result = _hf(shape, model, prompts, system == "hf-static-compile", progress)
     else:
         result = _gpt_fast(shape, model, prompts, spec["gpt_fast"], progress)
     result = dict(result)
-    result["weight_gb"] = weight_bytes / 1e9
+    result["weight_gb"] = progress.weight_bytes / 1e9
     return {str(k): v for k, v in result.items()}
 
 
@@ -399,7 +415,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on a CPU: every part of the script, briefly")
     parser.add_argument("--groups", default="throughput,speculative", help="comma list of throughput, speculative")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ", ".join(SYSTEMS))
+    known = SYSTEMS + EXTRA_SYSTEMS
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ", ".join(known))
     parser.add_argument("--gpt-fast", default="", help="a checkout of github.com/pytorch-labs/gpt-fast")
     parser.add_argument("--data", default="", help="prepared corpus (bench/train_throughput.py --prepare-data)")
     parser.add_argument("--gamma", type=int, default=4, help="tokens drafted per speculative step")
@@ -412,6 +429,9 @@ def main() -> None:
     if args.worker:
         Path(args.result).write_text(json.dumps(run_worker(json.loads(args.worker), args.result)))
         return
+    unknown = sorted(set(args.systems.split(",")) - set(known))
+    if unknown:
+        parser.error(f"unknown --systems {', '.join(unknown)}; choose from {', '.join(known)}")
     shape = SMOKE if args.smoke else SHAPE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

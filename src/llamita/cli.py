@@ -133,7 +133,7 @@ def _sampling_llm(args: argparse.Namespace, **engine: Any) -> tuple[Any, Any]:
         seed=args.seed,
     )
     device = pick_device(args.device, option="--device")
-    return LLM(args.checkpoint, device=device, compile=args.compile, **engine), params
+    return LLM(args.checkpoint, device=device, compile=args.compile, quantize=args.quantize, **engine), params
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -263,6 +263,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     llm = LLM(
         args.checkpoint, device=device, dtype=args.dtype, draft=args.draft, compile=args.compile,
         max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefix_cache=args.prefix_cache,
+        quantize=args.quantize,
         prefill_interval=args.prefill_interval, **engine,
     )  # fmt: skip
     serve(llm, config)
@@ -629,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights (auto: bf16 GPU)"
     )
+    _add_quantize_option(p)
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=True, help="on a GPU, compile the decode step"
     )
@@ -706,7 +708,16 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, max_new_tokens: int, te
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    _add_quantize_option(p)
     p.add_argument("--compile", action="store_true", help="on a GPU, compile the decode step first (pays in long runs)")
+
+
+def _add_quantize_option(p: argparse.ArgumentParser) -> None:
+    """`generate`'s, `chat`'s and `serve`'s --quantize (the `LLM` option)."""
+    p.add_argument(
+        "--quantize", choices=["int8"], default=None,
+        help="weight-only int8 Linear layers, the output head included (torchao: pip install 'llamita[quant]')",
+    )  # fmt: skip
 
 
 def _add_plan_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:

@@ -124,21 +124,15 @@ def run_text(
     return result
 
 
-def run_shards(
-    checkpoint: str,
-    data_dirs: list[str],
-    *,
-    device: torch.device,
-    split: str,
-    seq_len: int,
-    batch_size: int,
-    batches: int,
-    out: str | None,
-) -> dict[str, Any]:
-    """Validation loss on prepared shards: `data_dirs`, else the run's own sources; writes the JSON to `out`."""
+def held_out_shards(checkpoint: str, data_dirs: list[str], split: str, seq_len: int) -> tuple[list[Path], int]:
+    """The `split` shards of `data_dirs` (default: the run's own sources) and their window length (default: the
+    run's data.seq_len), read from the checkpoint's run config before its weights are loaded.
+
+    Raises:
+        ConfigError: a Hugging Face directory without both, a run that names no sources, or no such shards.
+    """
     from llamita.config import config_from_dict
     from llamita.data.prepare import shard_paths
-    from llamita.pretrained import load_pretrained
     from llamita.train import checkpoint as ckpt
 
     hf = is_hf_directory(checkpoint)
@@ -162,7 +156,25 @@ def run_shards(
             f"no {split} shards in {', '.join(map(str, data_dirs))} (a source whose {split} split is empty); pass "
             f"--data with other prepared sources{', or --split train' if split == 'val' else ''}, or --text FILES"
         )
-    if hf:
+    return shards, seq_len
+
+
+def run_shards(
+    checkpoint: str,
+    data_dirs: list[str],
+    *,
+    device: torch.device,
+    split: str,
+    seq_len: int,
+    batch_size: int,
+    batches: int,
+    out: str | None,
+) -> dict[str, Any]:
+    """Validation loss on prepared shards: `data_dirs`, else the run's own sources; writes the JSON to `out`."""
+    from llamita.pretrained import load_pretrained
+
+    shards, seq_len = held_out_shards(checkpoint, data_dirs, split, seq_len)
+    if is_hf_directory(checkpoint):
         loaded = load_model(checkpoint, device)
         model, source, step = loaded.model, loaded.source, None
     else:

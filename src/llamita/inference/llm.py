@@ -79,6 +79,7 @@ class LLM:
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
         draft: str | Path | Llama | None = None,
+        quantize: str | None = None,
         config: EngineConfig | None = None,
         **engine: Any,
     ) -> None:
@@ -91,18 +92,25 @@ class LLM:
             device: Where a loaded model goes: auto, cpu, cuda, cuda:N.
             dtype: A loaded model's weights: auto (bf16 on a GPU), float32, bfloat16, float16.
             draft: A draft model for speculative decoding (path or `Llama`, same tokenizer); sets speculate="draft".
+            quantize: "int8": the model's Linear layers as weight-only int8 (torchao, `pip install 'llamita[quant]'`;
+                `llamita.inference.quantize`), before the engine sizes its cache from the memory left; a `Llama`
+                given is quantized in place. None: the weights as they are. The draft model stays as it is.
             config: The engine's settings; or give them as keywords (max_batch=..., prefix_cache=True, ...).
             **engine: `EngineConfig` fields, when `config` is not given.
         """
+        from llamita.inference.quantize import check_method, quantize_weights
         from llamita.train.parallel import pick_device
 
+        check_method(quantize)  # before anything is loaded
         self.source: Path | None = None
         """The checkpoint folder (or Hugging Face directory) the model came from; None for a `Llama` given."""
         if isinstance(model, Llama):
             self.model, self.tokenizer = model, tokenizer
         else:
             self.model, self.tokenizer, self.source = load(model, pick_device(str(device), option="device"), dtype)
-        weight = self.model.lm_head.weight
+        if quantize is not None:
+            quantize_weights(self.model, quantize)
+        weight = self.model.lm_head.weight  # a quantized weight keeps its device and (activation) dtype
         if isinstance(draft, (str, Path)):
             draft, draft_tokenizer, _ = load(draft, weight.device, weight.dtype)
             if self.tokenizer is not None and draft_tokenizer.fingerprint() != self.tokenizer.fingerprint():
