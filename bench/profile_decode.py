@@ -111,8 +111,10 @@ def main() -> None:
     print(f"{'batch':>5} {'graph step ms':>13} {'tok/s':>9} {'fwd eager ms':>12} {'fwd comp ms':>11} "
           f"{'sample eager':>12} {'sample comp':>11}")  # fmt: skip
     for r in rows:
-        print(f"{r['batch']:>5} {r['graph_step_ms']:>13.3f} {r['tok_s_graph']:>9.0f} {r['forward_eager_ms']:>12.3f} "
-              f"{r['forward_compiled_ms']:>11.3f} {r['sample_eager_ms']:>12.3f} {r['sample_compiled_ms']:>11.3f}")
+        print(
+            f"{r['batch']:>5} {r['graph_step_ms']:>13.3f} {r['tok_s_graph']:>9.0f} {r['forward_eager_ms']:>12.3f} "
+            f"{r['forward_compiled_ms']:>11.3f} {r['sample_eager_ms']:>12.3f} {r['sample_compiled_ms']:>11.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ class Engine:
         self.scheduler = Scheduler(
             n_slots, self.seq_len, prefill_tokens, config.prefix_block if config.prefix_cache else None,
             prefill_interval=config.prefill_interval,
-        )
+        )  # fmt: skip
         # The slot state. An idle slot sits at its scratch position, the last one (see cache.py).
         self.tokens = torch.zeros(n_slots, dtype=torch.long, device=self.device)
         self.positions = torch.full((n_slots,), self.seq_len - 1, dtype=torch.long, device=self.device)
