@@ -150,6 +150,7 @@ def test_encode_concat_equals_encode(tok, tok_dir, corpus, bos, eos):
             ids, counts = fresh.encode_concat(batch, np.uint16, bos=bos, eos=eos)
             assert ids.dtype == np.uint16 and counts.dtype == np.int64
             assert (ids.tolist(), counts.tolist()) == _concat_reference(tok, batch, bos, eos)
+            assert fresh._piece_cache.encode(batch, np.uint16, bos, eos) is not None, "the cache answered"
     empty_ids, empty_counts = fresh.encode_concat([], np.uint16)
     assert empty_ids.shape == empty_counts.shape == (0,)
 
@@ -162,7 +163,36 @@ def test_piece_cache_is_bounded(tok, tok_dir, corpus, monkeypatch):
         batch = texts[start : start + 5]
         ids, counts = small.encode_concat(batch, bos=True)
         assert (ids.tolist(), counts.tolist()) == _concat_reference(tok, batch, True, False)
-        assert len(small._piece_cache._rows) <= 40 + sum(len(t) for t in batch) + 2
+        assert small._piece_cache.pieces <= 40 + sum(len(t) for t in batch) + 2
+
+
+def test_piece_cache_across_windows(tok, tok_dir, corpus, monkeypatch):
+    """Texts longer than a window are cut between pieces (or not at all, without a place to cut)."""
+    monkeypatch.setattr(llamita.tokenizer._PieceCache, "WINDOW_BYTES", 64)
+    small = Tokenizer.load(tok_dir)
+    lines = corpus[0].read_text(encoding="utf-8").splitlines()
+    texts = [" ".join(lines[:20]), "x" * 300, "", *WORD_EDGES, lines[20][:100], "  " * 50 + "y", ""]
+    for bos, eos in [(False, False), (True, True), (False, True)]:
+        cached = small._piece_cache.encode(texts, np.int64, bos, eos)
+        assert cached is not None
+        assert (cached[0].tolist(), cached[1].tolist()) == _concat_reference(tok, texts, bos, eos)
+
+
+def test_piece_cache_hash_collisions_change_no_id(tok, tok_dir, corpus, monkeypatch):
+    """Pieces are found by hash, then their bytes are compared: with a hash that is a piece's length, pieces collide
+    with new ones and with cached ones; the cache declines those batches, encode_concat still equals encode, and
+    the cache stays right for the pieces it holds."""
+    monkeypatch.setattr(
+        llamita.tokenizer._PieceCache, "_hashes", lambda self, data, starts, ends: (ends - starts).astype(np.uint64)
+    )
+    weak = Tokenizer.load(tok_dir)
+    assert weak._piece_cache.encode(["ab"], np.int64, True, True) is not None
+    cached = weak._piece_cache.encode(["ab ab", "ab"], np.int64, True, True)
+    assert cached is not None and cached[0].tolist() == [i for t in ["ab ab", "ab"] for i in tok.encode(t, True, True)]
+    for texts in (["cd"], ["ef gh"], WORD_EDGES + corpus[0].read_text(encoding="utf-8").splitlines()[:50]):
+        assert weak._piece_cache.encode(texts, np.int64, True, True) is None
+        ids, counts = weak.encode_concat(texts, bos=True, eos=True)
+        assert (ids.tolist(), counts.tolist()) == _concat_reference(tok, texts, True, True)
 
 
 def test_encode_concat_outside_the_piece_cache_pipelines(tok_dir, corpus):
@@ -181,6 +211,7 @@ def test_encode_concat_outside_the_piece_cache_pipelines(tok_dir, corpus):
         assert (tokenizer._piece_cache is not None) == cached
         ids, counts = tokenizer.encode_concat(texts, bos=True, eos=True)
         assert (ids.tolist(), counts.tolist()) == _concat_reference(tokenizer, texts, True, True)
+        assert not cached or tokenizer._piece_cache.encode(texts, np.int64, True, True) is not None
 
 
 def test_pre_tokenizer_only_saves_time(tok_dir, corpus):

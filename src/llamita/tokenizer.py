@@ -183,7 +183,7 @@ class Tokenizer:
         if not all(isinstance(t, str) and t for t in tokens):
             raise ValueError(f"special tokens must be non-empty strings, got {tokens!r}")
         added = self._backend.add_special_tokens(tokens)
-        for derived in ("_rendered_backend", "_piece_cache"):
+        for derived in ("_rendered_backend", "_piece_cache", "_token_bytes"):
             self.__dict__.pop(derived, None)  # rebuilt with the new tokens on next use
         return added
 
@@ -203,9 +203,10 @@ class Tokenizer:
 
         For Llama's normalizer with the pre-tokenizer :func:`train_tokenizer` builds, or with none (Llama 2's
         whole-text BPE), the ids of a text are those of its pieces (runs of spaces with the word after them,
-        digits, newlines: :class:`_PieceCache`) in order, so each distinct piece is BPE-encoded once and then
-        looked up: several times faster than :meth:`encode_batch` on one core. Other pipelines go through
-        :meth:`encode_batch`. Not thread-safe: the cache belongs to this tokenizer.
+        digits, newlines) in order, so each distinct piece is BPE-encoded once and the rest is done on whole arrays
+        (:class:`_PieceCache`): several times faster than :meth:`encode_batch` on one core. Other pipelines, and the
+        rare batch whose pieces' hashes collide, go through :meth:`encode_batch`. Not thread-safe: the cache
+        belongs to this tokenizer.
 
         Args:
             texts: the texts.
@@ -217,7 +218,9 @@ class Tokenizer:
             ``(ids, counts)``: all ids, and how many of them belong to each text (int64).
         """
         if self._piece_cache is not None:
-            return self._piece_cache.encode(texts, dtype, bos, eos)
+            encoded = self._piece_cache.encode(texts, dtype, bos, eos)
+            if encoded is not None:
+                return encoded
         ids = self.encode_batch(list(texts), bos, eos)
         counts = np.fromiter(map(len, ids), np.int64, len(ids))
         return np.fromiter(itertools.chain.from_iterable(ids), dtype, int(counts.sum())), counts
@@ -265,6 +268,24 @@ class Tokenizer:
         """The text of ``ids``; special tokens (BOS, EOS, UNK) are dropped, byte tokens become characters."""
         return self._backend.decode(list(map(int, ids)), skip_special_tokens=True)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to a text, exactly (what logprobs show of a token: OpenAI's ``bytes``).
+
+        A byte-fallback token ``<0xNN>`` is its one byte, maybe a part of a character; SentencePiece's ``▁`` is a
+        space, so a word's token starts with its space (the one a decoder drops at the start of a text); a
+        byte-level (GPT-2 style) token is the bytes its characters stand for; a special or added token is its
+        string. So the bytes of ``encode(text)`` joined are the UTF-8 of the text the model reads: with Llama's
+        normalizer, a space and the text.
+
+        Raises:
+            ValueError: ``token_id`` is outside the vocabulary.
+        """
+        return self._token_bytes(int(token_id))
+
+    @functools.cached_property
+    def _token_bytes(self) -> _TokenBytes:
+        return _TokenBytes(self._backend)
+
     def fingerprint(self) -> str:
         """SHA-256 hex digest of the serialized pipeline and special tokens: same digest, same token ids."""
         state = self._backend.to_str() + json.dumps(self._tokens, sort_keys=True)
@@ -310,14 +331,24 @@ class Tokenizer:
 
 
 class _PieceCache:
-    """The ids of texts piece by piece, each distinct piece BPE-encoded once.
+    """The ids of texts piece by piece, each distinct piece BPE-encoded once, the rest done by numpy.
 
-    A text normalized as Llama's normalizer does (a ``▁`` before it, every space a ``▁``) is cut by
-    :attr:`PIECES` into runs of ``▁`` with what follows them up to the next ``▁``, newline or ASCII digit; runs of
-    ``▁`` alone; single digits; runs of newlines. The pre-tokenizer of :func:`train_tokenizer` cuts there too (and
-    maybe within: ``>`` after ``<s``, other numerals), and no merge makes a token across these cuts (:attr:`ACROSS`;
-    what lets Llama 2's BPE, with no pre-tokenizer, take this cache too). So the ids of a text are those of its
-    pieces in order, each computed alone by the tokenizer's own pre-tokenizer and model.
+    A text normalized as Llama's normalizer does (a ``▁`` before it, every space a ``▁``) is cut into runs of ``▁``
+    with what follows them up to the next ``▁``, newline or ASCII digit; runs of ``▁`` alone; single digits; runs
+    of newlines. The pre-tokenizer of :func:`train_tokenizer` cuts there too (and maybe within: ``>`` after ``<s``,
+    other numerals), and no merge makes a token across these cuts (:attr:`ACROSS`; what lets Llama 2's BPE, with no
+    pre-tokenizer, take this cache too). So the ids of a text are those of its pieces in order, each computed alone
+    by the tokenizer's own pre-tokenizer and model.
+
+    Python does nothing per piece but for a new one. A batch of texts becomes windows of UTF-8 of about
+    :attr:`WINDOW_BYTES`, a space standing for ``▁`` (the normalizer makes both ``▁``), and each window is worked
+    on as whole arrays: where pieces start is a few comparisons of neighbouring bytes (:func:`_piece_starts`); each
+    piece gets a polynomial hash from prefix sums, and a hash table in numpy (:class:`_HashRows`) its row. A new
+    piece's ids come from the BPE model itself (``model.tokenize``, without the offsets an ``encode`` tracks),
+    through the pre-tokenizer first when it may cut the piece (one holding ``>`` or a byte beyond ASCII). Then
+    every piece's bytes are compared with those its row holds, so that a hash collision cannot change an id (the
+    batch is then left to the whole pipeline). Last, the ids of all rows are gathered at once, with a separator row
+    (ids EOS then BOS) between texts.
 
     Args:
         backend: the tokenizer's pipeline.
@@ -326,78 +357,290 @@ class _PieceCache:
         max_pieces: the cache is emptied when it holds more pieces than this, so memory stays bounded.
     """
 
-    PIECES = re.compile(f"{SPACE}*[^{SPACE}\\n0-9]+|{SPACE}+|[0-9]|\\n+")
     ACROSS = re.compile(f"[^{SPACE}]{SPACE}|[^\\n]\\n|\\n[^\\n]|[0-9].|.[0-9]", re.DOTALL)
-    """A token containing one of these spans a cut of :attr:`PIECES`."""
-    _BOS, _EOS = 0, 1  # the rows of BOS and EOS; never a piece, which is a str
+    """A token containing one of these spans a cut between pieces."""
+    WINDOW_BYTES = 1 << 17
+    """Text worked on at once (some 30 bytes of arrays per byte); a longer text is cut before a space."""
+    _LONG_TEXT_CUT = re.compile(rb"[^ ] ")  # a space after another byte always starts a piece
+    _HASH_BASE = 0x100000001B3  # odd, so that its powers are invertible modulo 2**64
+    _HASH_LENGTH = np.uint64(0x9E3779B97F4A7C15)
 
     def __init__(self, backend: Backend, bos_id: int, eos_id: int, max_pieces: int) -> None:
-        state = json.loads(backend.to_str())
-        state.update(normalizer=None, post_processor=None)  # pieces are normalized text; no BOS template
-        self._backend = Backend.from_str(json.dumps(state))
-        self._backend.encode_special_tokens = True
-        self._specials = (bos_id, eos_id)
+        self._model = backend.model
+        self._pre_tokenizer = backend.pre_tokenizer
+        self._specials = (eos_id, bos_id)
         self._max_pieces = max_pieces
+        self._powers = self._inverse_powers = np.empty(0, dtype=np.uint64)
         self._clear()
 
+    @property
+    def pieces(self) -> int:
+        """How many distinct pieces the cache holds."""
+        return self._n_rows - 1
+
     def _clear(self) -> None:
-        # Row r of the table holds the ids _flat[_start[r] : _start[r] + _len[r]]; the arrays grow by doubling.
-        self._rows: dict[str | int, int] = {self._BOS: self._BOS, self._EOS: self._EOS}
-        self._start = np.arange(1024, dtype=np.int64)
-        self._len = np.ones(1024, dtype=np.int64)
-        self._flat = np.zeros(4096, dtype=np.uint32)
+        # Row r: ids _flat[_start[r] : _start[r] + _len[r]], UTF-8 _bytes[_byte_start[r] : ... + _byte_len[r]].
+        # Row 0 is the separator, its ids [EOS, BOS] at _flat[0:2]. The arrays grow by doubling.
+        self._rows = _HashRows()
+        self._n_rows, self._n_ids, self._n_bytes = 1, 2, 0
+        self._start, self._len = np.zeros(1024, dtype=np.int64), np.zeros(1024, dtype=np.int64)
+        self._byte_start, self._byte_len = np.zeros(1024, dtype=np.int64), np.zeros(1024, dtype=np.int64)
+        self._flat, self._bytes = np.zeros(4096, dtype=np.uint32), np.zeros(4096, dtype=np.uint8)
         self._flat[:2] = self._specials
-        self._n_ids = 2
 
     def encode(
         self, texts: Sequence[str], dtype: np.dtype | type, bos: bool, eos: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """As :meth:`Tokenizer.encode_concat`."""
-        if len(self._rows) > self._max_pieces:
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """As :meth:`Tokenizer.encode_concat`, or None after a hash collision (the cache stays valid)."""
+        if self.pieces > self._max_pieces:
             self._clear()
-        keys: list[str | int] = []
-        n_keys = np.empty(len(texts), dtype=np.int64)
-        pieces = self.PIECES.findall
-        for i, text in enumerate(texts):
-            before = len(keys)
-            if bos:
-                keys.append(self._BOS)
-            if text:  # nothing is prepended to an empty text
-                keys += pieces(SPACE + text.replace(" ", SPACE))
-            if eos:
-                keys.append(self._EOS)
-            n_keys[i] = len(keys) - before
-        rows = self._lookup(keys)
-        new = np.flatnonzero(rows < 0)
-        if len(new):
-            new_keys = [keys[k] for k in new]
-            self._add(list(dict.fromkeys(new_keys)))
-            rows[new] = self._lookup(new_keys)
+        windows = [self._window_rows(data, text_starts) for data, text_starts in self._windows(texts)]
+        if any(rows is None for rows in windows):
+            return None
+        rows = np.concatenate([*windows, [0]])  # a separator before each text and after the last
+        # The separator's ids this time: EOS ending the text before it, then BOS starting the next.
+        self._start[0], self._len[0] = int(not eos), int(eos) + int(bos)
         # Gather: the ids of row rows[k] land at ends[k] - lens[k] onward.
         lens = self._len[rows]
         ends = np.cumsum(lens)
-        total = int(ends[-1]) if len(ends) else 0
-        ids = self._flat[np.repeat(self._start[rows] - (ends - lens), lens) + np.arange(total)]
-        key_ends = np.cumsum(n_keys)
-        id_ends = np.concatenate([[0], ends])
-        return ids.astype(dtype, copy=False), id_ends[key_ends] - id_ends[key_ends - n_keys]
+        ids = self._flat[np.repeat(self._start[rows] - (ends - lens), lens) + np.arange(ends[-1])]
+        # A text's ids (its BOS to its EOS) run from its separator's BOS to the next separator's.
+        counts = np.diff(ends[rows == 0])
+        return ids[int(eos) : len(ids) - int(bos)].astype(dtype), counts
 
-    def _lookup(self, keys: list[str | int]) -> np.ndarray:
-        """The rows of ``keys``, -1 where absent."""
-        return np.fromiter(map(self._rows.get, keys, itertools.repeat(-1)), np.int64, len(keys))
+    def _windows(self, texts: Sequence[str]) -> Iterator[tuple[bytes, list[int]]]:
+        """``(UTF-8, the offsets in it where texts start)`` for windows of the normalized texts.
 
-    def _add(self, pieces: list[str]) -> None:
-        # One pre-tokenized sequence, each piece encoded alone: a quarter faster than a batch of one-piece texts.
-        encoding = self._backend.encode(pieces, is_pretokenized=True, add_special_tokens=False)
-        lens = np.bincount(np.array(encoding.word_ids, dtype=np.int64), minlength=len(pieces))
-        first, stop = len(self._rows), len(self._rows) + len(pieces)
+        A non-empty text gets a space before it, Llama's prepended ``▁`` (nothing is prepended to an empty text).
+        """
+        window: list[bytes] = []
+        text_starts: list[int] = []
+        size = 0
+        for text in texts:
+            text_starts.append(size)
+            data = (" " + (text.replace(SPACE, " ") if SPACE in text else text)).encode() if text else b""
+            done = 0
+            while size + len(data) - done > self.WINDOW_BYTES:
+                cut = self._LONG_TEXT_CUT.search(data, done + max(0, self.WINDOW_BYTES - size - 1))
+                if cut is None:
+                    break
+                window.append(data[done : cut.start() + 1])
+                yield b"".join(window), text_starts
+                window, text_starts, size, done = [], [], 0, cut.start() + 1
+            window.append(data[done:] if done else data)
+            size += len(window[-1])
+            if size >= self.WINDOW_BYTES:
+                yield b"".join(window), text_starts
+                window, text_starts, size = [], [], 0
+        if window:
+            yield b"".join(window), text_starts
+
+    def _window_rows(self, raw: bytes, text_starts: list[int]) -> np.ndarray | None:
+        """The rows of one window's pieces, a separator (row 0) before each text; None after a hash collision."""
+        data = np.frombuffer(raw, dtype=np.uint8)  # [n]
+        starts = _piece_starts(data, text_starts)  # [p]
+        ends = np.append(starts[1:], len(data))
+        hashes = self._hashes(data, starts, ends)
+        rows = self._rows.find(hashes)
+        new = np.flatnonzero(rows < 0)
+        if len(new):
+            keys, first, inverse = np.unique(hashes[new], return_index=True, return_inverse=True)
+            added = self._add([raw[s:e] for s, e in zip(starts[new[first]].tolist(), ends[new[first]].tolist())])
+            self._rows.add(keys, added)
+            rows[new] = added[inverse.reshape(-1)]
+        # Each piece's bytes against its row's: equal hashes are no proof.
+        lens = ends - starts
+        if not np.array_equal(self._byte_len[rows], lens):
+            return None
+        at = np.repeat(self._byte_start[rows] - starts, lens)
+        at += np.arange(len(data))
+        if not np.array_equal(self._bytes[at], data):
+            return None
+        return np.insert(rows, np.searchsorted(starts, text_starts), 0)
+
+    def _hashes(self, data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Of each piece ``data[s:e]``: the sum of ``byte * base**k`` over its bytes (k from 0), plus its length times
+        a constant, modulo 2**64 (as uint64 arithmetic wraps).
+
+        All at once from the prefix sums of ``data[i] * base**i``: a piece's sum is ``(prefix[e] - prefix[s]) *
+        base**-s``.
+        """
+        if len(data) > len(self._powers):
+            size = max(self.WINDOW_BYTES, 1 << (len(data) - 1).bit_length())
+            self._powers = _powers(self._HASH_BASE, size)
+            self._inverse_powers = _powers(pow(self._HASH_BASE, -1, 2**64), size)
+        prefix = np.zeros(len(data) + 1, dtype=np.uint64)
+        np.multiply(data, self._powers[: len(data)], out=prefix[1:])
+        np.cumsum(prefix[1:], out=prefix[1:])
+        lengths = (ends - starts).astype(np.uint64)
+        return (prefix[ends] - prefix[starts]) * self._inverse_powers[starts] + lengths * self._HASH_LENGTH
+
+    def _add(self, pieces: list[bytes]) -> np.ndarray:
+        """Give ``pieces`` new rows holding their ids and bytes; returns the rows."""
+        tokenize, may_cut = self._model.tokenize, self._pre_tokenizer is not None
+        texts = [piece.decode().replace(" ", SPACE) for piece in pieces]
+        tokens = [
+            self._word_tokens(text) if may_cut and (b">" in piece or not piece.isascii()) else tokenize(text)
+            for piece, text in zip(pieces, texts, strict=True)
+        ]
+        lens = np.fromiter(map(len, tokens), np.int64, len(pieces))
+        byte_lens = np.fromiter(map(len, pieces), np.int64, len(pieces))
+        first, stop = self._n_rows, self._n_rows + len(pieces)
         begin, end = self._n_ids, self._n_ids + int(lens.sum())
-        self._start, self._len, self._flat = _grown(self._start, stop), _grown(self._len, stop), _grown(self._flat, end)
-        self._start[first:stop] = begin + np.cumsum(lens) - lens
-        self._len[first:stop] = lens
-        self._flat[begin:end] = encoding.ids
-        self._n_ids = end
-        self._rows.update(zip(pieces, range(first, stop)))
+        byte_begin, byte_end = self._n_bytes, self._n_bytes + int(byte_lens.sum())
+        self._start, self._len = _grown(self._start, stop), _grown(self._len, stop)
+        self._byte_start, self._byte_len = _grown(self._byte_start, stop), _grown(self._byte_len, stop)
+        self._flat, self._bytes = _grown(self._flat, end), _grown(self._bytes, byte_end)
+        self._start[first:stop], self._len[first:stop] = begin + np.cumsum(lens) - lens, lens
+        self._byte_start[first:stop] = byte_begin + np.cumsum(byte_lens) - byte_lens
+        self._byte_len[first:stop] = byte_lens
+        self._flat[begin:end] = [token.id for piece_tokens in tokens for token in piece_tokens]
+        self._bytes[byte_begin:byte_end] = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+        self._n_rows, self._n_ids, self._n_bytes = stop, end, byte_end
+        return np.arange(first, stop)
+
+    def _word_tokens(self, piece: str) -> list:
+        """The model's tokens of the words the pre-tokenizer cuts ``piece`` into."""
+        words = [word for word, _ in self._pre_tokenizer.pre_tokenize_str(piece)]
+        return [token for word in words for token in self._model.tokenize(word)]
+
+
+def _powers(base: int, size: int) -> np.ndarray:
+    """``base**i`` modulo 2**64 for ``i < size``."""
+    steps = np.full(size, base, dtype=np.uint64)
+    steps[:1] = 1
+    return np.cumprod(steps)
+
+
+def _piece_starts(data: np.ndarray, text_starts: list[int]) -> np.ndarray:
+    """Where the pieces of ``data`` (normalized UTF-8, spaces for ``▁``) start: at each ASCII digit, at the first of
+    a run of spaces or of newlines, at the first byte of a word (the rest, multi-byte characters too) unless spaces
+    come before it, and where a text starts."""
+    space, newline = data == ord(" "), data == ord("\n")
+    digit = data - ord("0") < 10  # the bytes below "0" wrap around
+    word = ~(space | newline | digit)
+    first = digit.copy()
+    first[1:] |= (space[1:] & ~space[:-1]) | (newline[1:] & ~newline[:-1]) | (word[1:] & ~(word[:-1] | space[:-1]))
+    first[:1] = True
+    first[np.array([s for s in text_starts if s < len(data)], dtype=np.int64)] = True
+    return np.flatnonzero(first)
+
+
+class _HashRows:
+    """uint64 key -> row, for whole arrays of keys at once: open addressing with linear probing, in numpy.
+
+    A key's first slot is the top bits of ``key * 2**64 / golden ratio`` (Fibonacci hashing); the table doubles
+    when it is half full, so that probes stay short. Key 0 marks an empty slot, so it is stored as 1: keys 0 and 1
+    share a row, which a caller that cannot tell them apart must check.
+    """
+
+    _FIBONACCI = np.uint64(0x9E3779B97F4A7C15)
+
+    def __init__(self, bits: int = 16) -> None:
+        self._bits, self._held = bits, 0
+        self._keys = np.zeros(1 << bits, dtype=np.uint64)
+        self._rows = np.zeros(1 << bits, dtype=np.int64)
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """The row of each key, -1 where absent."""
+        keys = np.maximum(keys, np.uint64(1))
+        slots = self._slots(keys)
+        held = self._keys[slots]
+        found = np.where(held == keys, self._rows[slots], -1)
+        todo = np.flatnonzero((held != keys) & (held != 0))  # in another key's slot: look on in the next ones
+        while len(todo):
+            slots[todo] = (slots[todo] + 1) & (len(self._keys) - 1)
+            held = self._keys[slots[todo]]
+            hit = held == keys[todo]
+            found[todo[hit]] = self._rows[slots[todo[hit]]]
+            todo = todo[(held != keys[todo]) & (held != 0)]
+        return found
+
+    def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Add distinct keys that are not in the table yet."""
+        self._held += len(keys)
+        if 2 * self._held > len(self._keys):
+            held = self._keys != 0
+            old_keys, old_rows, bits = self._keys[held], self._rows[held], (2 * self._held).bit_length()
+            self._bits, self._keys, self._rows = bits, np.zeros(1 << bits, np.uint64), np.zeros(1 << bits, np.int64)
+            self._place(old_keys, old_rows)
+        self._place(np.maximum(keys, np.uint64(1)), rows)
+
+    def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        slots = self._slots(keys)
+        while len(keys):
+            free = np.flatnonzero(self._keys[slots] == 0)
+            self._keys[slots[free]] = keys[free]  # of the keys wanting one free slot, one gets it; the others move on
+            placed = np.zeros(len(keys), dtype=bool)
+            placed[free] = self._keys[slots[free]] == keys[free]
+            self._rows[slots[placed]] = rows[placed]
+            keys, rows, slots = keys[~placed], rows[~placed], (slots[~placed] + 1) & (len(self._keys) - 1)
+
+    def _slots(self, keys: np.ndarray) -> np.ndarray:
+        return ((keys * self._FIBONACCI) >> np.uint64(64 - self._bits)).astype(np.int64)
+
+
+class _TokenBytes:
+    """Each token's bytes (:meth:`Tokenizer.token_bytes`), worked out once per token from the pipeline's model and
+    decoder.
+
+    Added and special tokens are their strings; with the model's ``byte_fallback``, ``<0xNN>`` is byte NN; with a
+    byte-level decoder each character of a token stands for one byte (GPT-2's table, :func:`_byte_level_bytes`).
+    Any other token is what the decoder makes of it after an anchor token, less the anchor's text: the decoder's
+    own rules (``▁`` as a space, WordPiece's ``##``), without the strip it applies at the start of a text.
+
+    Args:
+        backend: the tokenizer's pipeline.
+    """
+
+    BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+    def __init__(self, backend: Backend) -> None:
+        state = json.loads(backend.to_str())
+        self._backend = backend
+        self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._byte_fallback = bool(state["model"].get("byte_fallback"))
+        self._byte_level = "ByteLevel" in _decoder_types(state["decoder"])
+        self._known = {i: t.content.encode("utf-8") for i, t in backend.get_added_tokens_decoder().items()}
+        anchor_id = next((i for i in backend.encode("a", add_special_tokens=False).ids if i not in self._known), None)
+        self._anchor = None if anchor_id is None else backend.id_to_token(anchor_id)
+
+    def __call__(self, token_id: int) -> bytes:
+        known = self._known.get(token_id)
+        if known is None:
+            known = self._known[token_id] = self._of(token_id)
+        return known
+
+    def _of(self, token_id: int) -> bytes:
+        token = self._backend.id_to_token(token_id) if 0 <= token_id < self._vocab_size else None
+        if token is None:
+            raise ValueError(f"token id {token_id} is outside the vocabulary 0..{self._vocab_size - 1}")
+        byte = self.BYTE.fullmatch(token) if self._byte_fallback else None
+        if byte is not None:
+            return bytes([int(byte.group(1), 16)])
+        if self._byte_level:
+            table = _byte_level_bytes()
+            return bytes(table[c] for c in token) if all(c in table for c in token) else token.encode("utf-8")
+        decoder = self._backend.decoder
+        if decoder is None or self._anchor is None:  # tokens decode as themselves (joined by spaces)
+            return token.encode("utf-8")
+        return decoder.decode([self._anchor, token])[len(decoder.decode([self._anchor])) :].encode("utf-8")
+
+
+def _decoder_types(decoder: dict | None) -> list[str]:
+    """The types of a serialized decoder and of the steps of a ``Sequence`` one."""
+    if decoder is None:
+        return []
+    return [decoder["type"]] + [t for step in decoder.get("decoders", []) for t in _decoder_types(step)]
+
+
+@functools.cache
+def _byte_level_bytes() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the others (control
+    characters, space, 0x7F-0xA0, 0xAD) for U+0100 onward in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
 
 
 def _grown(array: np.ndarray, size: int) -> np.ndarray:

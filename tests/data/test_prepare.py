@@ -15,6 +15,7 @@ from llamita.data import prepare
 from llamita.data.prepare import load_manifest, prepare_source, shard_paths
 from llamita.data.shards import read_shard
 from llamita.data.sources import SourceError
+from llamita.tokenizer import train_tokenizer
 
 WORDS = "the quick brown fox jumps over a lazy dog while small llamas eat green grass near the river".split()
 
@@ -147,6 +148,20 @@ def test_output_is_identical_for_any_worker_count_and_chunking(corpus, tokenizer
     assert one["shards"] == whole_files["shards"] and one["totals"] == whole_files["totals"]
     # Only where a reject was first seen may differ: a part of a file knows byte offsets, not line numbers.
     assert one["rejects"]["by_file"] == whole_files["rejects"]["by_file"]
+
+
+def test_llama_tokenizer_shards_are_each_documents_encode(corpus, tmp_path, monkeypatch):
+    """With a tokenizer from train_tokenizer (which tokenizes through its piece cache), in many batches a file or in
+    two workers, the stream is each accepted document's ``[bos] + encode(text) + [eos]`` in input order."""
+    root, docs, _ = corpus
+    tokenizer = train_tokenizer([root / "c.parquet", root / "sub" / "b.jsonl.zst"], 340, tmp_path / "tok")
+    assert tokenizer._piece_cache is not None
+    expected = [i for doc in docs for i in tokenizer.encode(doc, bos=True, eos=True)]
+    two = _run(root, tmp_path / "tok", tmp_path / "two", workers=2, val_fraction=0)
+    monkeypatch.setattr(prepare, "_ENCODE_CHARS", 200)
+    one = _run(root, tmp_path / "tok", tmp_path / "one", workers=1, val_fraction=0)
+    assert one["shards"] == two["shards"]
+    assert _stream(tmp_path / "one", "train").tolist() == expected
 
 
 def test_validation_split_is_deterministic_and_never_empty(corpus, tokenizer_dir, tmp_path):

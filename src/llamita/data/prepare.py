@@ -55,9 +55,13 @@ SPLITS = ("train", "val")
 # Input bytes per task: bounds a worker's result (~4 bytes of tokens per input byte at worst) and lets one big
 # file use several workers.
 _TASK_BYTES = 64 << 20
-_ENCODE_BATCH = 256
+# Characters of text encoded at a time: bounds the memory of a batch whatever the documents' sizes.
+_ENCODE_CHARS = 1 << 20
 # Seconds between progress records: each rewrites the statistics of every file and the unwritten tails.
 _CHECKPOINT_SECONDS = 30.0
+# The pool already uses one process per core: the tokenizer's threads, and the BLAS thread pool numpy starts for every
+# core as it is imported (a tenth of a CPU second per process; the workers never use it), would oversubscribe them.
+_WORKER_ENVIRONMENT = {"TOKENIZERS_PARALLELISM": "false", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 # What identifies a tokenizer's ids in a manifest or a progress record.
 _TOKENIZER_IDENTITY = ("fingerprint", "vocab_size", "bos_id", "eos_id")
 
@@ -329,6 +333,7 @@ def _tokenize_task(task: _Task, tokenizer: Tokenizer, dtype: np.dtype) -> _Resul
     rejects = Rejects()
     records = 0
     texts: dict[str, list[str]] = {s: [] for s in SPLITS}
+    chars = dict.fromkeys(SPLITS, 0)
     ids: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     lens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
 
@@ -337,6 +342,7 @@ def _tokenize_task(task: _Task, tokenizer: Tokenizer, dtype: np.dtype) -> _Resul
         ids[split].append(batch_ids)
         lens[split].append(batch_lens)
         texts[split].clear()
+        chars[split] = 0
 
     for position, text in iter_records(task.path, task.text_field, rejects, task.span):
         records += 1
@@ -346,7 +352,8 @@ def _tokenize_task(task: _Task, tokenizer: Tokenizer, dtype: np.dtype) -> _Resul
             "val" if task.val_fraction > 0 and _is_val(task.rel, position, task.seed, task.val_fraction) else "train"
         )
         texts[split].append(text)
-        if len(texts[split]) >= _ENCODE_BATCH:
+        chars[split] += len(text)
+        if chars[split] >= _ENCODE_CHARS:
             encode(split)
     for split in SPLITS:
         encode(split)
@@ -361,10 +368,23 @@ _worker_dtype: np.dtype | None = None
 
 def _init_worker(tokenizer_dir: str, dtype: str) -> None:
     global _worker_tokenizer, _worker_dtype
-    # The pool already uses one process per core; the tokenizer's own threads would oversubscribe them.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = Tokenizer.load(tokenizer_dir)
     _worker_dtype = np.dtype(dtype)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the processes started in the block (not thread-safe)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def _worker_task(task: _Task) -> _Result:
@@ -382,7 +402,9 @@ def _run_tasks(
         return
     # spawn, not fork: the parent's tokenizer may already run Rust threads, which fork does not copy safely.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir), dtype.name)) as pool:
+    with _environment(_WORKER_ENVIRONMENT):
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir), dtype.name))
+    with pool:
         todo = iter(tasks)
         # A bounded window of tasks in flight, so finished results cannot pile up behind a slow one.
         pending = collections.deque(pool.apply_async(_worker_task, (t,)) for t in itertools.islice(todo, 2 * workers))
