@@ -208,10 +208,8 @@ def test_logprobs_in_each_endpoints_format(client, llm):
     assert lp.token_logprobs == pytest.approx([e["logprob"] for e in expected.logprobs], abs=1e-5)
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
     for top, e in zip(lp.top_logprobs, expected.logprobs):
-        # {token text: logprob}: tokens with one text (byte tokens shown as U+FFFD) share an entry, as in OpenAI's.
-        values = [v for _, v in e["top"]]
-        assert 1 <= len(top) <= 3 and all(min(abs(v - w) for w in values) < 1e-5 for v in top.values())
-        assert len(top) < 3 or max(top.values()) == pytest.approx(e["logprob"], abs=1e-5)  # greedy: the best
+        assert list(top.values()) == pytest.approx([v for _, v in e["top"]], abs=1e-5)  # most likely first
+        assert max(top.values()) == pytest.approx(e["logprob"], abs=1e-5)  # greedy: the best
 
     prompt = chat_prompt_ids(llm)
     expected = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6, logprobs=2))[0]
@@ -219,13 +217,55 @@ def test_logprobs_in_each_endpoints_format(client, llm):
     content = answer.choices[0].logprobs.content
     assert [c.logprob for c in content] == pytest.approx([e["logprob"] for e in expected.logprobs], abs=1e-5)
     for entry, e in zip(content, expected.logprobs):
-        assert entry.bytes == list(entry.token.encode("utf-8")) and len(entry.top_logprobs) == 2
+        assert len(entry.top_logprobs) == 2
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx([v for _, v in e["top"]], abs=1e-5)
     plain = client.chat.completions.create(messages=MESSAGES, max_tokens=3, logprobs=True, **greedy())
     assert all(c.top_logprobs == [] for c in plain.choices[0].logprobs.content)
     _, _, chunks = streamed_chat(client, messages=MESSAGES, max_tokens=6, logprobs=True, **greedy())
     streamed = [c.logprob for ch in chunks for c in ch.choices if c.logprobs for c in c.logprobs.content]
     assert streamed == pytest.approx([c.logprob for c in content], abs=1e-6)
+
+
+def named_bytes(name: str) -> bytes:
+    """The bytes a token's name in logprobs stands for: its text, or `bytes:\\xNN...` for bytes that are not UTF-8."""
+    if not name.startswith("bytes:"):
+        return name.encode("utf-8")
+    data = bytes(int(h, 16) for h in name.removeprefix("bytes:").split("\\x")[1:])
+    with pytest.raises(UnicodeDecodeError):
+        data.decode("utf-8")  # named by its bytes only when it is not text
+    return data
+
+
+def test_logprobs_name_each_token_by_its_exact_bytes(client, llm):
+    tok = llm.tokenizer
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=20)
+
+    def shared(out) -> int:
+        """Positions where two of the most likely tokens have the same bytes (a byte token and a learned one)."""
+        return sum(len({tok.token_bytes(i) for i, _ in lp["top"]}) < len(lp["top"]) for lp in out.logprobs)
+
+    references = ((p, llm.generate(p, params)[0]) for p in [PROMPT, *(f"{w} or 東京?" for w in ("café", "data", "€"))])
+    prompt, expected = next((p, e) for p, e in references if shared(e))
+    answer = client.completions.create(prompt=prompt, max_tokens=12, logprobs=20, **greedy())
+    lp = answer.choices[0].logprobs
+    assert [named_bytes(t) for t in lp.tokens] == [tok.token_bytes(i) for i in expected.token_ids]
+    names = [name for top in lp.top_logprobs for name in top]
+    for top, e in zip(lp.top_logprobs, expected.logprobs):
+        assert len(top) == 20  # one key per token: none shares a name
+        for name, (token, logprob) in zip(top, e["top"]):
+            assert top[name] == pytest.approx(logprob, abs=1e-5)
+            assert name == f"token_id:{token}" or named_bytes(name) == tok.token_bytes(token)
+    assert any(n.startswith("bytes:") for n in names) and any(n.startswith("token_id:") for n in names)
+
+    prompt = chat_prompt_ids(llm)
+    expected = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, logprobs=5))[0]
+    answer = client.chat.completions.create(messages=MESSAGES, max_tokens=12, logprobs=True, top_logprobs=5, **greedy())
+    content = answer.choices[0].logprobs.content
+    assert [bytes(c.bytes) for c in content] == [tok.token_bytes(i) for i in expected.token_ids]
+    for entry, e in zip(content, expected.logprobs):
+        assert [bytes(t.bytes) for t in entry.top_logprobs] == [tok.token_bytes(i) for i, _ in e["top"]]
+        assert all(named_bytes(t.token) == bytes(t.bytes) for t in [entry, *entry.top_logprobs])
+    assert any(len(c.bytes) == 1 and c.bytes[0] >= 0x80 for c in content)  # a part of a character, byte for byte
 
 
 def test_presence_and_frequency_penalties_reach_the_engine(client, llm):

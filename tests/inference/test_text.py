@@ -1,6 +1,7 @@
 """`TextStream` against the full decoding: random id sequences of two real tokenizers (byte fallback with
 SentencePiece's leading space; GPT-2's byte level), characters split over several ids, stop strings over token
-boundaries, one id or several at a time; and the `LLM`'s streamed text against its batch text."""
+boundaries, one id or several at a time; the `LLM`'s streamed text against its batch text; and each token's own
+bytes (`Tokenizer.token_bytes`, what logprobs show) against the text's UTF-8."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import random
 
 import pytest
 from inference_models import tiny_model
-from text_fixtures import byte_level_tokenizer, llama_tokenizer, random_ids
+from text_fixtures import UNSEEN, WORDS, byte_level_tokenizer, corpus, llama_tokenizer, random_ids
 
 from llamita.inference import LLM, SamplingParams
 from llamita.inference.text import MAX_WINDOW, TextStream, text_pieces
@@ -118,6 +119,34 @@ def test_text_pieces_is_the_stream_with_its_prompt_shown(tokenizer):
     prompt, output = tokenizer.encode("the river", bos=True), random_ids(tokenizer, rng, 20)
     shown = "".join(text_pieces(tokenizer, output, prefix=prompt, show_prefix=True))
     assert shown == tokenizer.decode(prompt) + reference(tokenizer, prompt, output)
+
+
+def test_token_bytes_joined_are_the_texts_utf8(tokenizer, request):
+    # SentencePiece-style vocabularies read a text with a ▁ (a space) before it; GPT-2's byte level reads it as it is.
+    lead = " " if request.node.callspec.params["tokenizer"] == "llama" else ""
+    partial = 0
+    for text in [*corpus(60, seed=5), *WORDS, *UNSEEN, "  two  spaces\n\n\tand a tab", "€🇫🇷 ꙮ"]:
+        ids = tokenizer.encode(text)
+        pieces = [tokenizer.token_bytes(i) for i in ids]
+        assert b"".join(pieces) == (lead + text).encode("utf-8"), text
+        partial += sum(not _is_utf8(p) for p in pieces)
+    assert partial > 20  # characters split over byte(-fallback) tokens: each token holds a part of one
+    rng = random.Random(4)
+    for _ in range(50):
+        ids = [i for i in random_ids(tokenizer, rng, 12) if i not in (tokenizer.bos_id, tokenizer.eos_id)]
+        joined = b"".join(map(tokenizer.token_bytes, ids)).decode("utf-8")
+        assert tokenizer.decode(ids) == (joined.removeprefix(lead) if lead else joined), ids
+    assert [tokenizer.token_bytes(i) for i in (tokenizer.bos_id, tokenizer.eos_id)] == [b"<s>", b"</s>"]
+    with pytest.raises(ValueError, match=f"token id {tokenizer.vocab_size} is outside the vocabulary"):
+        tokenizer.token_bytes(tokenizer.vocab_size)
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def test_generate_and_stream_text_cut_at_the_same_stop_string(tmp_path):

@@ -32,7 +32,7 @@ IDLE_WAIT_S = 1.0
 """How long an idle loop sleeps on the command queue before it looks again (commands wake it at once)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Delta:
     """What one step made for one sequence of a request."""
 
@@ -172,13 +172,17 @@ class EngineThread:
         out = self.engine.step()
         now = time.perf_counter()
         deltas = []
+        tokens = 0
         for seq, new in out:
             job = self._jobs.get(seq.id)
             if job is None:
                 continue
             deltas.append((job.outbox, self._delta(job, seq, new, now)))
+            tokens += len(new)
             if seq.finished:
                 del self._jobs[seq.id]
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc(tokens)  # once a step: the per-token metrics are the histograms'
         self._send(deltas)
 
     def _delta(self, job: Job, seq: Sequence, new: list[int], now: float) -> Delta:
@@ -190,7 +194,6 @@ class EngineThread:
             job.logprobs_sent = len(seq.logprobs)
         if self.metrics is not None:
             m = self.metrics
-            m.generation_tokens.inc(len(new))
             if job.last_token is None:
                 m.time_to_first_token.observe(now - job.arrived)
             else:

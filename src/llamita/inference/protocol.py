@@ -10,6 +10,14 @@ A request becomes one `Choice` per prompt and per `n`: the prompt's token ids an
 sequence (seeds seed + i when a seed is given). The answers' parts are built here too: each endpoint's own logprobs
 format (completions: tokens, token_logprobs, top_logprobs, text_offset; chat: content entries with token, logprob,
 bytes, top_logprobs) and the usage counts.
+
+A token in logprobs is named by its exact bytes (`Tokenizer.token_bytes`: a byte-fallback or byte-level token may
+hold a part of a character): its text where those bytes are valid UTF-8 on their own, else ``bytes:`` and each byte
+as ``\\xNN`` (``"bytes:\\xe2\\x82"``), as vLLM writes it, rather than a U+FFFD that several tokens would share.
+Chat's ``bytes`` are the token's bytes themselves, so joining them rebuilds a character split over tokens. The keys
+of a completion's ``top_logprobs`` are unique: two tokens with the same bytes (a byte token ``<0x41>`` and the
+token ``A``) are told apart by naming the later one (the less likely; never the chosen token) ``token_id:N``, as
+vLLM names tokens with ``return_tokens_as_token_ids``.
 """
 
 from __future__ import annotations
@@ -362,20 +370,25 @@ def choices(
 
 # ---------------------------------------------------------------------------------------------- answers
 class TokenTexts:
-    """Each token's own text (a leading space kept, as a continuation shows it), for logprobs."""
+    """Each token's name in logprobs (`token_string` of its bytes), worked out once per token."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        # Decoding after an anchor keeps the space a SentencePiece decoder drops at the start of a text.
-        self.anchor = tokenizer.encode("a")[-1:]
-        self.anchor_text = tokenizer.decode(self.anchor)
+        self.bytes = tokenizer.token_bytes
         self.known: dict[int, str] = {}
 
     def __call__(self, token: int) -> str:
         text = self.known.get(token)
         if text is None:
-            text = self.known[token] = self.tokenizer.decode(self.anchor + [token])[len(self.anchor_text) :]
+            text = self.known[token] = token_string(self.bytes(token))
         return text
+
+
+def token_string(data: bytes) -> str:
+    """A token's bytes as logprobs name them: their text, or ``bytes:\\xNN...`` when they are not valid UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
 def completion_logprobs(
@@ -385,17 +398,29 @@ def completion_logprobs(
     return {
         "tokens": [token_texts(t) for t in token_ids],
         "token_logprobs": [lp["logprob"] for lp in logprobs],
-        "top_logprobs": [{token_texts(t): v for t, v in lp["top"]} for lp in logprobs],
+        "top_logprobs": [_top_logprobs(token_texts, t, lp["top"]) for t, lp in zip(token_ids, logprobs)],
         "text_offset": offsets,
     }
+
+
+def _top_logprobs(token_texts: TokenTexts, chosen: int, top: list[tuple[int, float]]) -> dict[str, float]:
+    """{token: logprob}, most likely first; a token whose name another one has already is ``token_id:N`` (the chosen
+    token keeps its name, the one ``tokens`` gives it)."""
+    owner = {token_texts(chosen): chosen}
+    out = {}
+    for token, logprob in top:
+        name = token_texts(token)
+        if owner.setdefault(name, token) != token:
+            name = f"token_id:{token}"
+        out[name] = logprob
+    return out
 
 
 def chat_logprobs(token_texts: TokenTexts, token_ids: list[int], logprobs: list[dict[str, Any]]) -> dict[str, Any]:
     """OpenAI's chat logprobs: content, one entry per token with token, logprob, bytes and top_logprobs."""
 
     def entry(token: int, logprob: float) -> dict[str, Any]:
-        text = token_texts(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": token_texts(token), "logprob": logprob, "bytes": list(token_texts.bytes(token))}
 
     return {
         "content": [

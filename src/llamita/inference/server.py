@@ -35,6 +35,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any
 
@@ -353,16 +354,30 @@ async def _events(
         if fmt.req.include_usage:
             yield _sse(fmt.usage_chunk())
     except RequestTimeout:
-        yield _sse(server.timeout_error().body())
+        yield _sse(_json(server.timeout_error().body()))
     except APIError as e:
-        yield _sse(e.body())
+        yield _sse(_json(e.body()))
     finally:
         server.engine.abort(jobs)  # a no-op for sequences that finished
     yield "data: [DONE]\n\n"
 
 
-def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def _sse(data: str) -> str:
+    """One server-sent event of JSON text."""
+    return f"data: {data}\n\n"
+
+
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _json(value: Any) -> str:
+    """Compact JSON text of `value`, UTF-8 kept; a string or null without the encoder, which sets itself up on every
+    call (those are the usual parts of a chunk)."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return encode_basestring(value)
+    return _ENCODE(value)
 
 
 async def _disconnected(request: Request) -> None:
@@ -408,7 +423,12 @@ class _CountRequests:
 
 # ------------------------------------------------------------------------------------------- answers
 class _Format:
-    """One request's answer being put together from its deltas, in its endpoint's OpenAI shape."""
+    """One request's answer being put together from its deltas, in its endpoint's OpenAI shape.
+
+    A stream's chunks are JSON text put together from parts rendered once per request (the head: id, object,
+    created, model; the tail: usage null) and each choice's fields, so a chunk of one token costs a few string joins
+    rather than building and encoding a nested dict; the answer of a plain request is a dict.
+    """
 
     object_whole: str
     object_chunk: str
@@ -418,21 +438,27 @@ class _Format:
         self.server, self.req, self.picks = server, req, picks
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.texts = ["" for _ in picks]
+        self.texts: list[list[str]] = [[] for _ in picks]  # pieces, joined once (not a string grown per token)
         self.token_ids: list[list[int]] = [[] for _ in picks]
         self.logprobs: list[list[dict[str, Any]]] = [[] for _ in picks]
         self.offsets: list[list[int]] = [[] for _ in picks]
         self.finish: list[str | None] = [None for _ in picks]
+        head = _json(self.head(self.object_chunk))
+        self._chunk_head = head[:-1] + ',"choices":['
+        self._chunk_tail = '],"usage":null}' if req.include_usage else "]}"  # OpenAI's: null in all but the last
 
     def add(self, d: Delta) -> None:
         i = d.index
-        self.texts[i] += d.text
+        self.texts[i].append(d.text)
         self.token_ids[i] += d.token_ids
         if d.logprobs is not None:
             self.logprobs[i] += d.logprobs
             self.offsets[i] += d.offsets or []
         if d.finish_reason is not None:
             self.finish[i] = _finish_reason(d.finish_reason)
+
+    def text(self, i: int) -> str:
+        return "".join(self.texts[i])
 
     def usage(self) -> dict[str, int]:
         # The prompt of each distinct prompt counted once, as OpenAI does for n > 1.
@@ -442,38 +468,37 @@ class _Format:
     def head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.server.config.model_name}
 
-    def chunk(self, batch: list[Delta]) -> dict[str, Any] | None:
-        """One chunk of every delta in `batch`: one choice per sequence with something to say (None: none has;
-        a step may end inside a character or a possible stop string, and that text waits)."""
-        by_index: dict[int, list[Delta]] = {}
+    def chunk(self, batch: list[Delta]) -> str | None:
+        """One chunk (JSON text) of every delta in `batch`: one choice per sequence with something to say (None:
+        none has; a step may end inside a character or a possible stop string, and that text waits)."""
+        starts: dict[int, tuple[int, int]] = {}  # per choice: its text pieces and logprobs before the batch
         for d in batch:
-            by_index.setdefault(d.index, []).append(d)
+            if d.index not in starts:
+                starts[d.index] = len(self.texts[d.index]), len(self.logprobs[d.index])
+            self.add(d)
         parts = []
-        for i, ds in sorted(by_index.items()):
-            start_text, start_tokens = len(self.texts[i]), len(self.logprobs[i])
-            for d in ds:
-                self.add(d)
-            text = self.texts[i][start_text:]
+        for i in sorted(starts):
+            start_text, start_tokens = starts[i]
+            text = "".join(self.texts[i][start_text:])
             if text or self.finish[i] or len(self.logprobs[i]) > start_tokens:
                 parts.append(self.choice_chunk(i, text, start_tokens))
         return self.chunk_of(parts) if parts else None
 
-    def chunk_of(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
-        out = {**self.head(self.object_chunk), "choices": parts}
-        if self.req.include_usage:
-            out["usage"] = None  # OpenAI's: null in every chunk but the last
-        return out
+    def chunk_of(self, parts: list[str]) -> str:
+        """A chunk of choices rendered by `choice_chunk`."""
+        return self._chunk_head + ",".join(parts) + self._chunk_tail
 
-    def usage_chunk(self) -> dict[str, Any]:
-        return {**self.head(self.object_chunk), "choices": [], "usage": self.usage()}
+    def usage_chunk(self) -> str:
+        return _json({**self.head(self.object_chunk), "choices": [], "usage": self.usage()})
 
-    def opening(self) -> list[dict[str, Any]]:
+    def opening(self) -> list[str]:
         return []
 
     def whole(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def choice_chunk(self, i: int, text: str, start: int) -> dict[str, Any]:
+    def choice_chunk(self, i: int, text: str, start: int) -> str:
+        """Choice `i` of a chunk, as JSON text: `text` and the logprobs from token `start` on."""
         raise NotImplementedError
 
 
@@ -494,20 +519,21 @@ class _CompletionFormat(_Format):
         ids = self.token_ids[i][start:n]
         return completion_logprobs(self.server.token_texts, ids, self.logprobs[i][start:n], self.offsets[i][start:n])
 
-    def opening(self) -> list[dict[str, Any]]:
+    def opening(self) -> list[str]:
         if not self.req.echo:
             return []
-        parts = [
-            {"index": i, "text": self._echo(i), "logprobs": None, "finish_reason": None} for i in range(len(self.picks))
-        ]
-        return [self.chunk_of(parts)]
+        return [self.chunk_of([self._choice(i, self._echo(i), "null", None) for i in range(len(self.picks))])]
 
-    def choice_chunk(self, i: int, text: str, start: int) -> dict[str, Any]:
-        return {"index": i, "text": text, "logprobs": self._logprobs(i, start), "finish_reason": self.finish[i]}
+    def choice_chunk(self, i: int, text: str, start: int) -> str:
+        return self._choice(i, text, _json(self._logprobs(i, start)), self.finish[i])
+
+    @staticmethod
+    def _choice(i: int, text: str, logprobs: str, finish: str | None) -> str:
+        return f'{{"index":{i},"text":{_json(text)},"logprobs":{logprobs},"finish_reason":{_json(finish)}}}'
 
     def whole(self) -> dict[str, Any]:
         parts = [
-            {"index": i, "text": self._echo(i) + self.texts[i], "logprobs": self._logprobs(i),
+            {"index": i, "text": self._echo(i) + self.text(i), "logprobs": self._logprobs(i),
              "finish_reason": self.finish[i]}
             for i in range(len(self.picks))
         ]  # fmt: skip
@@ -524,20 +550,21 @@ class _ChatFormat(_Format):
         n = len(self.logprobs[i])
         return chat_logprobs(self.server.token_texts, self.token_ids[i][start:n], self.logprobs[i][start:n])
 
-    def opening(self) -> list[dict[str, Any]]:
-        parts = [
-            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            for i in range(len(self.picks))
-        ]
-        return [self.chunk_of(parts)]
+    def opening(self) -> list[str]:
+        delta = '{"role":"assistant","content":""}'
+        return [self.chunk_of([self._choice(i, delta, "null", None) for i in range(len(self.picks))])]
 
-    def choice_chunk(self, i: int, text: str, start: int) -> dict[str, Any]:
-        delta = {"content": text} if text else {}
-        return {"index": i, "delta": delta, "logprobs": self._logprobs(i, start), "finish_reason": self.finish[i]}
+    def choice_chunk(self, i: int, text: str, start: int) -> str:
+        delta = f'{{"content":{_json(text)}}}' if text else "{}"
+        return self._choice(i, delta, _json(self._logprobs(i, start)), self.finish[i])
+
+    @staticmethod
+    def _choice(i: int, delta: str, logprobs: str, finish: str | None) -> str:
+        return f'{{"index":{i},"delta":{delta},"logprobs":{logprobs},"finish_reason":{_json(finish)}}}'
 
     def whole(self) -> dict[str, Any]:
         parts = [
-            {"index": i, "message": {"role": "assistant", "content": self.texts[i]}, "logprobs": self._logprobs(i),
+            {"index": i, "message": {"role": "assistant", "content": self.text(i)}, "logprobs": self._logprobs(i),
              "finish_reason": self.finish[i]}
             for i in range(len(self.picks))
         ]  # fmt: skip
