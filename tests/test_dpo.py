@@ -194,7 +194,6 @@ DRIVER = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    import numpy as np
     import torch, torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     import llamita.chat.reference_logps as reference_logps
