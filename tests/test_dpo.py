@@ -237,7 +237,8 @@ def test_two_ranks_store_one_ranks_reference_log_probs_and_train_with_its_losses
 ):
     """FSDP2 over 2 gloo ranks, the same global batch: the reference pass scores every pair on exactly one rank (rows
     split r, r + 2, ...; a rank short of rows repeats one of its own, a part of one row is scored by both) and gives
-    one process's log-probs, stored as one process stores them; the run's per-step losses are one process's."""
+    one process's log-probs, stored as one process stores them; the run's per-step losses and its held-out metrics
+    (7 pairs, every one scored once) are one process's."""
     from llamita.chat.packing import Pair, pack_pairs
     from llamita.chat.reference_logps import compute_reference_logps
     from llamita.model import Llama, get_preset
@@ -260,6 +261,8 @@ def test_two_ranks_store_one_ranks_reference_log_probs_and_train_with_its_losses
     torch.save({"config": dataclasses.asdict(config), "weights": model.state_dict(), "parts": arrays,
                 "n_pairs": first, "batch_size": 2}, tmp_path / "split.pt")  # fmt: skip
     fewer = {"eval.interval": "0", "checkpoint.interval": "0", "train.threads": "1"}  # the same losses, sooner
+    # 3 held-out rows, one a batch (all of them): rank 1 runs a padding batch (no pair) beside rank 0's second.
+    fewer |= {"eval.batch_size": "1", "eval.batches": "100"}
     cfg = _cfg(tmp_path / "two", base_run, pairs_file, **fewer)
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
@@ -283,3 +286,9 @@ def test_two_ranks_store_one_ranks_reference_log_probs_and_train_with_its_losses
     assert two_meta["pairs"] == one_meta["pairs"] and two_meta["data"] == one_meta["data"]
     np.testing.assert_allclose(np.load(two / REFERENCE_FILE), np.load(out / REFERENCE_FILE), rtol=1e-6, atol=1e-5)
     assert _losses(two) == pytest.approx(_losses(out), abs=1e-5)
+    # The held-out pairs at the last step: every one scored once on 2 ranks too, so the same means.
+    one_val, two_val = ([r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r][-1] for run in (out, two))
+    assert one_val["val_pairs"] == two_val["val_pairs"] == 7
+    assert {k: v for k, v in two_val.items() if k != "time"} == pytest.approx(
+        {k: v for k, v in one_val.items() if k != "time"}, abs=1e-5
+    )

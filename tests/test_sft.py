@@ -4,6 +4,7 @@ and a chat model whose HF export answers in transformers as `llamita chat` does.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ from llamita.cli import main
 from llamita.config import load_config
 from llamita.train import checkpoint as ckpt
 from llamita.train.metrics import read_metrics
+from pretrain_runs import finish, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +184,27 @@ def test_sft_from_a_hugging_face_directory_and_the_terminal_chat(base_run, chat_
         {"role": "user", "content": "what is 3 plus one?"},
         {"role": "assistant", "content": answer},
     ]
+
+
+# ------------------------------------------------------------------------------------- 2 gloo processes on CPU
+def test_two_ranks_score_every_held_out_row_once_and_give_one_ranks_validation(base_run, chat_file, tmp_path, capsys):
+    """FSDP2 over 2 gloo ranks with an odd number of held-out rows, one a batch: rank 0 scores one row more, rank 1
+    runs a padding batch in its place, and the validation losses before and after a step are one process's."""
+    from llamita.sft import sft
+
+    short = {"sft.packing": "false", "train.max_steps": "1", "eval.interval": "1", "eval.batch_size": "1",
+             "eval.batches": "100", "checkpoint.interval": "0", "train.threads": "1"}  # fmt: skip
+    sft(_cfg(tmp_path / "one", base_run, chat_file, **short))
+    held_out = int(re.search(r"(\d+) held out", capsys.readouterr().out).group(1))  # a row each, unpacked
+    assert held_out % 2 == 1
+    script = tmp_path / "driver.py"
+    script.write_text("import sys\nfrom llamita.config import load_config\nfrom llamita.sft import sft\n"
+                      "sft(load_config(sys.argv[1]))\n")  # fmt: skip
+    finish(torchrun(_cfg(tmp_path / "two", base_run, chat_file, **short), script=script))
+
+    one, two = (
+        [r for r in read_metrics(tmp_path / run / "metrics.jsonl") if "val_loss" in r] for run in ("one", "two")
+    )
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1]
+    assert [r["val_tokens"] for r in two] == [r["val_tokens"] for r in one]
+    assert [r["val_loss"] for r in two] == pytest.approx([r["val_loss"] for r in one], abs=1e-5)

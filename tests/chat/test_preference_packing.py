@@ -85,3 +85,7 @@ def test_loader_and_validation_serve_trees_and_count_pairs():
     assert sum(objective.count(next(batches)) for _ in range(len(rows))) == 10  # one epoch: every pair once
     val = PackedValidation(rows)
     assert sum(objective.count(b) for b in val.batches(3, None, 0, 1)) == stats.conversations == 10
+    # On 3 ranks (rows r, r + 3, ...) every pair once; a rank short of a batch runs one that holds no pair.
+    shares = [list(val.batches(1, None, rank, 3)) for rank in range(3)]
+    assert len({len(share) for share in shares}) == 1 and len(rows) % 3
+    assert sorted(p for share in shares for b in share for p in b.pair_ids.tolist()) == list(range(10))

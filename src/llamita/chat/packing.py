@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -445,16 +446,26 @@ class PackedLoader:
 
 @dataclass(frozen=True)
 class PackedValidation:
-    """Held-out packed rows, scored on their trained targets (the assistant tokens); rank r scores rows r, r + world,
-    ... of an equal share, so the result does not depend on the number of ranks beyond the dropped remainder."""
+    """Held-out packed rows, scored on their trained targets (the assistant tokens).
+
+    Rank r scores rows r, r + world, ..., so every row is scored once whatever the number of ranks. Every rank runs
+    the same number of forward passes, as FSDP2's gathers need: a rank a batch short runs a padding batch instead, a
+    row whose targets are all -100, which scores nothing (the objectives sum over targets and pairs, then divide).
+    """
 
     rows: PackedRows | TreeRows
 
     def batches(self, batch_size: int, max_batches: int | None, rank: int, world: int) -> Iterator:
-        per_rank = len(self.rows) // world
-        mine = np.arange(rank, per_rank * world, world)
-        n_batches = -(-per_rank // batch_size)
+        mine = np.arange(rank, len(self.rows), world)
+        n_batches = math.ceil(math.ceil(len(self.rows) / world) / batch_size)
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
         for b in range(n_batches):
-            yield self.rows.batch(mine[b * batch_size : (b + 1) * batch_size])
+            index = mine[b * batch_size : (b + 1) * batch_size]
+            yield self.rows.batch(index) if len(index) else self._padding()
+
+    def _padding(self) -> tuple[torch.Tensor, ...]:
+        """A batch of one row that scores nothing: row 0 with every target -100."""
+        row = {f.name: getattr(self.rows, f.name)[:1] for f in fields(self.rows)}
+        row["targets"] = np.full_like(row["targets"], IGNORE)
+        return type(self.rows)(**row).batch(np.zeros(1, dtype=np.int64))

@@ -97,8 +97,9 @@ class PreferenceObjective:
             with autocast or contextlib.nullcontext():
                 loss, metrics = self.loss(model, tree)
             n = tree.pair_ids.numel()
-            totals[:-1] += torch.stack([loss, *(metrics[k] for k in METRICS)]).double() * n
-            totals[-1] += n
+            if n:  # a padding batch (`PackedValidation`) holds no pair: its means are NaN and weigh nothing
+                totals[:-1] += torch.stack([loss, *(metrics[k] for k in METRICS)]).double() * n
+                totals[-1] += n
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
         *sums, n_pairs = totals.tolist()
