@@ -38,6 +38,8 @@ from llamita.data.sources import Rejects, SourceError, iter_documents
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
+BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+"""A byte-fallback token's name, its byte in group 1 (hex)."""
 SPACE = "▁"
 MIN_VOCAB_SIZE = 3 + len(BYTE_TOKENS) + 64
 """Special tokens, byte tokens, and room for an alphabet and some merges."""
@@ -593,8 +595,6 @@ class _TokenBytes:
         backend: the tokenizer's pipeline.
     """
 
-    BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
     def __init__(self, backend: Backend) -> None:
         state = json.loads(backend.to_str())
         self._backend = backend
@@ -615,7 +615,7 @@ class _TokenBytes:
         token = self._backend.id_to_token(token_id) if 0 <= token_id < self._vocab_size else None
         if token is None:
             raise ValueError(f"token id {token_id} is outside the vocabulary 0..{self._vocab_size - 1}")
-        byte = self.BYTE.fullmatch(token) if self._byte_fallback else None
+        byte = BYTE_TOKEN.fullmatch(token) if self._byte_fallback else None
         if byte is not None:
             return bytes([int(byte.group(1), 16)])
         if self._byte_level:

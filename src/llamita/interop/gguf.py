@@ -30,14 +30,13 @@ from torch import Tensor
 
 from llamita.interop.checkpoint_io import model_shapes, open_checkpoint
 from llamita.model import ModelConfig
-from llamita.tokenizer import Tokenizer
+from llamita.tokenizer import BYTE_TOKEN, Tokenizer
 
 if TYPE_CHECKING:
     import gguf
 
 QUANT_TYPES = ("f16", "q8_0", "q4_0")
 """`--dtype` choices of `export gguf`."""
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _LAYER_TENSORS = {
     "input_layernorm.weight": "attn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight",
@@ -240,7 +239,7 @@ def gguf_vocab(tokenizer: Tokenizer, vocab_size: int) -> GGUFVocab:
             types.append(T.UNKNOWN)
         elif i in control:
             types.append(T.CONTROL)
-        elif _BYTE_TOKEN.fullmatch(token):
+        elif BYTE_TOKEN.fullmatch(token):
             types.append(T.BYTE)
         else:
             types.append(T.NORMAL)
