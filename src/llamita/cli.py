@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -19,7 +20,9 @@ def _type_name(tp: object) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+@functools.cache
 def _config_help() -> str:
+    """The config keys with their types, defaults and docs: the epilog of pretrain, sft and dpo (built once)."""
     defaults = to_dict(RunConfig())
     lines = ["config keys (override any with --KEY VALUE, e.g. --optim.lr 3e-4; defaults before the recipe's):"]
     for key, tp, doc in iter_fields():
