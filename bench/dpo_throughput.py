@@ -15,6 +15,10 @@ Systems (the table's second column says each one's activation checkpointing):
   selective mode): every block recomputed in backward, as TRL's gradient checkpointing recomputes every decoder
   layer. The copies cannot serve a recomputation, so `llamita dpo`'s plan (`plan_parallel`) puts FSDP2 on the one
   GPU instead, casting to bf16.
+- ``llamita-lowmem``: ``llamita-precomputed-ac`` in the low-memory mode: ``train.weights: bf16`` (bf16 parameters
+  and gradients, no fp32 master, updates rounded stochastically) and ``optim.name: adamw8bit`` (torchao's 8-bit
+  moments): about 6 bytes of model state per parameter instead of 16, on one GPU without FSDP2 or copies.
+- ``llamita-lowmem-selective``: the same with ``parallel.activation_checkpoint: selective``.
 - ``llamita-live``: ``llamita-precomputed`` with a frozen copy of the starting model run on every batch
   (`dpo.reference: live`; the frozen copy is never checkpointed: it runs no backward).
 - ``trl-live``: TRL's DPOTrainer with a reference model (its default), bf16, pairs padded per batch, its default
@@ -24,13 +28,14 @@ Systems (the table's second column says each one's activation checkpointing):
 - ``trl-precompute-noac``: the same with ``gradient_checkpointing=False``.
 
 Like for like in memory: ``llamita-precomputed-ac`` against ``trl-precompute``, ``llamita-precomputed`` against
-``trl-precompute-noac``.
+``trl-precompute-noac``; ``llamita-lowmem`` against ``trl-precompute`` (TRL also loads the model in bf16).
 
     PYTHONPATH=src python3 bench/dpo_throughput.py --out out/dpo            # one GPU: llamita and TRL (if installed)
     PYTHONPATH=src python3 bench/dpo_throughput.py --smoke --out /tmp/dpo   # a CPU check of the script
 
-TRL (trl, datasets and their missing dependencies) is carried as wheels; see bench/README.md. The target
-(issue 14): llamita-precomputed >= 2x TRL's best tokens/s at <= 60% of its peak memory.
+TRL (trl, datasets and their missing dependencies) is carried as wheels; see bench/README.md; the low-memory
+systems need torchao (`pip install 'llamita[quant]'`). The target (issue 14): >= 2x TRL's best tokens/s at <= 60% of
+its peak memory.
 """
 
 from __future__ import annotations
@@ -103,14 +108,16 @@ def run_llamita(spec: dict) -> dict:
                              spec["seq_len"], pad_id=EOS)  # fmt: skip
     cfg = RunConfig(
         out_dir=spec["tmp"],
-        optim=OptimConfig(lr=5e-7, weight_decay=0.0),
+        optim=OptimConfig(name=spec.get("optim", "adamw"), lr=5e-7, weight_decay=0.0),
         parallel=ParallelConfig(
             fsdp=spec.get("fsdp", "auto"), compile=spec["compile"], activation_checkpoint=spec["activation_checkpoint"]
         ),
     )
     cfg.train.device = spec["device"]
+    cfg.train.weights = spec.get("weights", "fp32")
     # The plan `llamita dpo` makes on one GPU: bf16 compute copies, or, with activation checkpointing (which the
-    # copies cannot recompute under), FSDP2 on one rank casting to bf16; on a CPU plain fp32.
+    # copies cannot recompute under), FSDP2 on one rank casting to bf16; on a CPU plain fp32; with bf16 weights
+    # neither FSDP2 nor copies, on either.
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=device)
     start = RunStart(env, plan_parallel(cfg, env), Path(spec["tmp"]), resuming=False, branch=None)
     model = build_model(config, device, SEED)
@@ -159,6 +166,8 @@ def run_llamita(spec: dict) -> dict:
         "mean_pair_tokens": _pair_tokens(data) / len(data),
         "activation_checkpoint": spec["activation_checkpoint"],
         "compute": "fsdp2" if start.plan.fsdp else "copies" if start.plan.copies else str(start.plan.compute_dtype),
+        "weights": cfg.train.weights,
+        "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
     }
 
 
@@ -272,11 +281,17 @@ def _timed(step: Any, spec: dict, device: Any, counted: Any) -> dict:
 SYSTEMS = {  # name: (reference, activation checkpointing); TRL's DPOConfig checkpoints by default
     "llamita-precomputed": ("precomputed", "none"),
     "llamita-precomputed-ac": ("precomputed", "full"),
+    "llamita-lowmem": ("precomputed", "full"),
+    "llamita-lowmem-selective": ("precomputed", "selective"),
     "llamita-live": ("live", "none"),
     "trl-live": ("live", "full"),
     "trl-precompute": ("precompute", "full"),
     "trl-precompute-noac": ("precompute", "none"),
 }
+
+
+LOW_MEMORY = {"weights": "bf16", "optim": "adamw8bit"}
+"""What the llamita-lowmem systems set: train.weights and optim.name."""
 
 
 def _runner(name: str) -> Callable[[dict], dict]:
@@ -300,6 +315,8 @@ def main() -> None:
                  "pairs": 24, "scale": 1 / 16, "device": "cpu", "compile": False}  # fmt: skip
     specs = {name: base | {"mode": mode, "activation_checkpoint": ac} for name, (mode, ac) in SYSTEMS.items()}
     specs["llamita-precomputed-ac"]["activation_checkpoint"] = args.ac
+    for name in ("llamita-lowmem", "llamita-lowmem-selective"):
+        specs[name] |= LOW_MEMORY
     if args.smoke:  # the path the GPU run takes: FSDP2 on one rank (a CPU plain process would not shard)
         specs["llamita-precomputed-ac"]["fsdp"] = "on"
     record = run_systems(args.systems.split(","), specs, _runner, base, args.out / "dpo_throughput.json")

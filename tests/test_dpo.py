@@ -124,6 +124,23 @@ def test_activation_checkpointing_trains_with_the_same_losses(dpo_run, base_run,
     assert _losses(tmp_path / "ac") == pytest.approx(_losses(out), abs=1e-6)
 
 
+def test_bf16_weights_and_8bit_moments_train(dpo_run, base_run, pairs_file, tmp_path):
+    """The low-memory mode (bf16 weights, stochastic rounding, torchao's AdamW8bit) with full activation
+    checkpointing: the reference log-probs are the bf16 model's, so step 1's loss is log 2; the loss falls, the
+    chosen answers gain on the rejected ones, and every step's loss is the fp32 run's to within 5e-3."""
+    pytest.importorskip("torchao")
+    from llamita.dpo import dpo
+
+    out = tmp_path / "lowmem"
+    low = {"train.weights": "bf16", "optim.name": "adamw8bit", "parallel.activation_checkpoint": "full"}
+    dpo(_cfg(out, base_run, pairs_file, **low))
+    train = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert train[-1]["loss"] < train[0]["loss"] and train[-1]["rewards/margins"] > 0
+    # Within the rounding of bf16 weights and 8-bit moments of the fp32 run, step by step (they differ by < 1e-3).
+    assert _losses(out) == pytest.approx(_losses(dpo_run[0]), abs=5e-3)
+
+
 def test_resume_is_exact_and_reuses_the_stored_reference_log_probs(dpo_run, base_run, pairs_file, tmp_path, capsys):
     from llamita.dpo import dpo
 
@@ -290,5 +307,5 @@ def test_two_ranks_store_one_ranks_reference_log_probs_and_train_with_its_losses
     one_val, two_val = ([r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r][-1] for run in (out, two))
     assert one_val["val_pairs"] == two_val["val_pairs"] == 7
     assert {k: v for k, v in two_val.items() if k != "time"} == pytest.approx(
-        {k: v for k, v in one_val.items() if k != "time"}, abs=1e-5
-    )
+        {k: v for k, v in one_val.items() if k != "time"}, rel=1e-6, abs=1e-5
+    )  # rel: summed log-probs of ~100 tokens (-111) differ by fp32 rounding of another reduction order

@@ -70,6 +70,9 @@ class ModelSection:
 
 @dataclass
 class OptimConfig:
+    name: Literal["adamw", "adamw8bit"] = "adamw"
+    """adamw (8 bytes of fp32 moments per parameter), or adamw8bit: torchao's AdamW8bit, moments quantized
+    block-wise to 8 bits (2 bytes per parameter; needs `pip install 'llamita[quant]'`)."""
     lr: float = 4e-4
     """Peak learning rate after warmup."""
     min_lr: float = 4e-5
@@ -116,8 +119,11 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda, or auto (cuda when available)."""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    """Compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32; weights and optimizer state stay fp32. bf16 on
-    a CPU is autocast and pays only with AVX512-BF16 or AMX (the demo recipe uses it)."""
+    """Compute dtype: auto (bf16 on GPU, fp32 on CPU; bf16 with `weights` bf16), bf16, fp32. bf16 on a CPU is
+    autocast over fp32 weights and pays only with AVX512-BF16 or AMX (the demo recipe uses it)."""
+    weights: Literal["fp32", "bf16"] = "fp32"
+    """fp32 master weights (compute in `dtype`), or bf16: the parameters themselves, and so their gradients, in bf16
+    (no fp32 master, no compute copies, no autocast), updated with stochastic rounding by torchao's optimizers."""
     threads: int = 0
     """CPU threads for torch (0 keeps torch's default)."""
     max_bad_steps: int = 5
@@ -514,6 +520,27 @@ def check_config(cfg: RunConfig) -> None:
                 "init.branch_from)"
             )
     _check_batch_stages(cfg.train)
+    _check_low_memory(cfg)
+
+
+def _check_low_memory(cfg: RunConfig) -> None:
+    """Refuse `train.weights` bf16 and `optim.name` adamw8bit where they cannot work, and either without torchao."""
+    import importlib.util
+
+    bf16, eight = cfg.train.weights == "bf16", cfg.optim.name == "adamw8bit"
+    if bf16 and cfg.train.dtype == "fp32":
+        raise ConfigError(
+            "train.weights=bf16 computes in bf16 (the weights are bf16); set train.dtype bf16 or auto, or "
+            "train.weights fp32 for fp32 compute"
+        )
+    if (bf16 or eight) and cfg.parallel.copies == "on":
+        what = "train.weights=bf16 has no fp32 masters to copy" if bf16 else "optim.name=adamw8bit has no copies"
+        raise ConfigError(
+            f"parallel.copies=on: {what} (the copies' optimizer is fp32 AdamW); set parallel.copies auto or off"
+        )
+    if (bf16 or eight) and importlib.util.find_spec("torchao") is None:
+        key = "optim.name=adamw8bit" if eight else "train.weights=bf16"
+        raise ConfigError(f"{key} steps with torchao's optimizers: pip install 'llamita[quant]'")
 
 
 def _check_batch_stages(train: TrainConfig) -> None:

@@ -134,7 +134,7 @@ def frozen_reference(cfg: RunConfig, start: RunStart, model: nn.Module) -> nn.Mo
         model.to(plan.compute_dtype)
     mesh = build_mesh(env.world_size, cfg.parallel.dp_replicate, env.device.type) if plan.fsdp else None
     par = dataclasses.replace(cfg.parallel, activation_checkpoint="none")
-    return parallelize(model, par, mesh, env.device, param_dtype=plan.compute_dtype)
+    return parallelize(model, par, mesh, env.device, param_dtype=plan.compute_dtype, weights_dtype=plan.weights_dtype)
 
 
 def dpo(cfg: RunConfig) -> dict[str, Any]:

@@ -357,7 +357,7 @@ def _pretrain(cfg: RunConfig) -> dict[str, Any]:
 
         load_init_weights(model, cfg.init.from_)
     mesh = build_mesh(env.world_size, cfg.parallel.dp_replicate, env.device.type) if plan.fsdp else None
-    parallelize(model, cfg.parallel, mesh, env.device, param_dtype=plan.compute_dtype)
+    parallelize(model, cfg.parallel, mesh, env.device, param_dtype=plan.compute_dtype, weights_dtype=plan.weights_dtype)
     copies = ComputeCopies(model, plan.compute_dtype) if plan.copies else None
     optimizer = build_optimizer(model, cfg.optim, env.device, copies)
     if env.rank == 0 and not (resuming and (out_dir / "config.yaml").is_file()):

@@ -238,7 +238,7 @@ def prepare_training(cfg: RunConfig, start: RunStart, model: Llama) -> torch.opt
     """Parallelize `model` as the run's plan says (mesh, compile, FSDP2, compute copies) and build its optimizer."""
     env, plan = start.env, start.plan
     mesh = build_mesh(env.world_size, cfg.parallel.dp_replicate, env.device.type) if plan.fsdp else None
-    parallelize(model, cfg.parallel, mesh, env.device, param_dtype=plan.compute_dtype)
+    parallelize(model, cfg.parallel, mesh, env.device, param_dtype=plan.compute_dtype, weights_dtype=plan.weights_dtype)
     copies = ComputeCopies(model, plan.compute_dtype) if plan.copies else None
     return build_optimizer(model, cfg.optim, env.device, copies)
 

@@ -1,6 +1,6 @@
-"""AdamW with decoupled weight decay on matrices only, the optimizer step with clipping folded in, and the
-schedules: the learning rate (warmup, then cosine, warmup-stable-decay or constant) and the batch size, both
-functions of the tokens seen."""
+"""AdamW (torch's fused one, or torchao's for bf16 weights or 8-bit moments) with decoupled weight decay on
+matrices only, the optimizer step with clipping folded in, and the schedules: the learning rate (warmup, then
+cosine, warmup-stable-decay or constant) and the batch size, both functions of the tokens seen."""
 
 from __future__ import annotations
 
@@ -19,13 +19,19 @@ from llamita.train.copies import ComputeCopies
 
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, device: torch.device, copies: ComputeCopies | None = None
-) -> torch.optim.AdamW:
+) -> torch.optim.Optimizer:
     """AdamW over the model's parameters: weight decay on matrices (ndim >= 2), none on norm weights.
 
-    The fused kernel (CUDA and CPU) is used: besides being the fastest, it accepts the trainer's skip decision as
-    a device tensor (`found_inf`), so skipping a bad step needs no host sync. Build it after FSDP2 has sharded the
-    model, so that it holds (and keeps state for) this rank's shards. With compute copies (`parallel.copies`)
-    it is `CopiesAdamW`, which also writes the bf16 copies.
+    For fp32 weights and `optim.name` adamw the fused kernel (CUDA and CPU) is used: besides being the fastest, it
+    accepts the trainer's skip decision as a device tensor (`found_inf`), so skipping a bad step needs no host
+    sync. With compute copies (`parallel.copies`) it is `CopiesAdamW`, which also writes the bf16 copies. With
+    `optim.name` adamw8bit it is torchao's AdamW8bit, and with bf16 weights (`train.weights`, which
+    `parallel.parallelize` has cast) and adamw torchao's AdamW (`torchao_adamw`); both round the update of a bf16
+    parameter stochastically and take no skip tensor (`clipped_step` reads it on the host). Build it after FSDP2
+    has sharded the model, so that it holds (and keeps state for) this rank's shards.
+
+    Raises:
+        ValueError: compute copies with an optimizer other than fp32 AdamW (`config.check_config` refuses it).
     """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -33,6 +39,13 @@ def build_optimizer(
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if cfg.name == "adamw8bit" or any(p.dtype == torch.bfloat16 for p in decay + no_decay):
+        if copies is not None:
+            raise ValueError("compute copies are written by the fp32 AdamW; build torchao's optimizers without them")
+        from llamita.train import torchao_adamw
+
+        ao = torchao_adamw.AdamW8bit if cfg.name == "adamw8bit" else torchao_adamw.AdamW
+        return ao(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, bf16_stochastic_round=True)
     kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": True}
     if copies is not None:
         return CopiesAdamW(groups, copies, **kwargs)
@@ -160,7 +173,10 @@ def clipped_step(optimizer: torch.optim.Optimizer, grad_norm: Tensor, max_norm: 
     """Step with gradients scaled to at most `max_norm` in L2 norm (as `clip_grad_norm_` does), unless `skip` is 1.
 
     Fused AdamW and `CopiesAdamW` take the clipping factor and the skip decision as device tensors, inside the
-    update (no pass over the gradients of its own, no host sync); another optimizer clips in place and reads `skip`.
+    update (no pass over the gradients of its own, no host sync). Another optimizer (torchao's, `build_optimizer`)
+    takes neither: `skip` is read on the host, one device sync per step, and a skipped step does not call `step()`,
+    which leaves weights, moments and torchao's host-side step counts unchanged; otherwise the gradients are
+    clipped in place (when `max_norm` is finite) and it steps.
     """
     coef = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
     if isinstance(optimizer, CopiesAdamW):
@@ -170,10 +186,13 @@ def clipped_step(optimizer: torch.optim.Optimizer, grad_norm: Tensor, max_norm: 
         optimizer.grad_scale, optimizer.found_inf = 1.0 / coef, skip  # the fused kernel divides by grad_scale
         optimizer.step()
     else:
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
-        if not skip.item():
-            optimizer.step()
+        # The host sync: torchao's optimizers take no found_inf and count their steps on the host.
+        if skip.item():
+            return
+        if math.isfinite(max_norm):
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
+        optimizer.step()
 
 
 def lr_at(step: float, cfg: OptimConfig, max_steps: float) -> float:
@@ -297,6 +316,10 @@ class LRSchedule:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
+    """Set the learning rate of every parameter group; in place where it is a tensor (torchao's optimizers keep a
+    CPU one and refuse a float)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

@@ -55,13 +55,16 @@ class ParallelPlan:
     """The decisions that follow from the config and the launch; made once, in `plan_parallel`."""
 
     fsdp: bool
-    """Wrap the model with FSDP2 (it then holds fp32 shards and casts them to `compute_dtype` for compute)."""
+    """Wrap the model with FSDP2 (it then holds `weights_dtype` shards and casts them to `compute_dtype`)."""
     copies: bool
     """Keep `compute_dtype` copies of the fp32 weights for compute (`copies.ComputeCopies`; one process only)."""
     compute_dtype: torch.dtype
     """Dtype of forward and backward matmuls."""
     autocast_dtype: torch.dtype | None
     """Autocast to this dtype in the trainer; None when FSDP2 already casts the weights, or in fp32."""
+    weights_dtype: torch.dtype = torch.float32
+    """Dtype the parameters are stored and updated in (`train.weights`): fp32 masters, or bf16 ones that are also
+    the compute weights (no copies, no autocast, no cast in FSDP2)."""
 
 
 def pick_device(name: str, local_rank: int | None = None, option: str = "train.device") -> torch.device:
@@ -149,7 +152,9 @@ def plan_parallel(cfg: RunConfig, env: DistEnv) -> ParallelPlan:
 
     With FSDP2 its mixed-precision policy casts the fp32 shards to bf16 when it gathers them, so the trainer must
     not autocast as well; with compute copies the model computes with bf16 copies the optimizer keeps up to date;
-    otherwise bf16 comes from autocast over fp32 weights.
+    otherwise bf16 comes from autocast over fp32 weights. With `train.weights` bf16 the weights are the compute
+    weights: one process needs neither FSDP2 nor copies, several shard the bf16 parameters with FSDP2. Compute
+    copies belong to the fp32 AdamW (`optim.CopiesAdamW`), so `optim.name` adamw8bit leaves them off.
 
     Raises:
         ConfigError: A value that cannot work with this launch; the message names the field.
@@ -167,10 +172,19 @@ def plan_parallel(cfg: RunConfig, env: DistEnv) -> ParallelPlan:
         )
     if par.float8:
         _check_float8(env.device)
+    bf16_weights = cfg.train.weights == "bf16"
+    if cfg.optim.name == "adamw8bit" and env.world_size > 1:
+        # torch 2.13's compile of torchao's update fails on the sharded 8-bit moments (OptimState8bit has no
+        # aten.view.dtype), at the first step; refused here, at the start, instead.
+        raise ConfigError(
+            f"optim.name=adamw8bit runs in one process; this launch has {env.world_size}: torchao's 8-bit moments "
+            "do not compile as FSDP2 shards. Use optim.name adamw with train.weights bf16 on several ranks"
+        )
     name = cfg.train.dtype
     if name == "auto":
-        name = "bf16" if env.device.type == "cuda" else "fp32"
-    compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+        name = "bf16" if env.device.type == "cuda" or bf16_weights else "fp32"
+    compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]  # bf16 weights: `check_config` saw to it
+    fp32_adamw = cfg.optim.name == "adamw" and not bf16_weights  # what compute copies step with (`check_config`)
     if par.copies == "on" and (env.world_size > 1 or par.fsdp == "on" or compute_dtype == torch.float32):
         raise ConfigError(
             "parallel.copies=on needs one process, parallel.fsdp auto or off, and train.dtype bf16 "
@@ -190,10 +204,10 @@ def plan_parallel(cfg: RunConfig, env: DistEnv) -> ParallelPlan:
         and env.world_size == 1
         and env.device.type == "cuda"
         and compute_dtype == torch.bfloat16
+        and fp32_adamw
     )
-    fsdp = par.fsdp == "on" or (
-        par.fsdp == "auto" and (env.world_size > 1 or (env.device.type == "cuda" and not copies))
-    )
+    one_gpu_cast = env.device.type == "cuda" and not copies and not bf16_weights  # FSDP2 as the bf16 cast
+    fsdp = par.fsdp == "on" or (par.fsdp == "auto" and (env.world_size > 1 or one_gpu_cast))
     if par.dp_replicate > 1 and not fsdp:
         raise ConfigError("parallel.dp_replicate > 1 needs FSDP2; set parallel.fsdp on")
     if compute_dtype == torch.bfloat16 and env.device.type == "cpu" and not cpu_has_native_bf16():
@@ -202,8 +216,11 @@ def plan_parallel(cfg: RunConfig, env: DistEnv) -> ParallelPlan:
             "slower than fp32; set train.dtype fp32",
             stacklevel=2,
         )
-    autocast = None if fsdp or copies or compute_dtype == torch.float32 else compute_dtype
-    return ParallelPlan(fsdp=fsdp, copies=copies, compute_dtype=compute_dtype, autocast_dtype=autocast)
+    autocast = None if fsdp or copies or bf16_weights or compute_dtype == torch.float32 else compute_dtype
+    weights = torch.bfloat16 if bf16_weights else torch.float32
+    return ParallelPlan(
+        fsdp=fsdp, copies=copies, compute_dtype=compute_dtype, autocast_dtype=autocast, weights_dtype=weights
+    )
 
 
 def cpu_has_native_bf16() -> bool:
@@ -312,9 +329,11 @@ def apply_fsdp(
 ) -> None:
     """FSDP2 `fully_shard` on each block, then on the root (embeddings, final norm, lm_head), in place.
 
-    Parameters become DTensor shards over `mesh` (HSDP when it is 2-D) kept in fp32 for the optimizer; each
-    block's are gathered and cast to `param_dtype` around its forward and backward, and gradients are reduced in
-    `reduce_dtype`. A tied lm_head is the same parameter as the embedding, and the root group holds it once.
+    Parameters become DTensor shards over `mesh` (HSDP when it is 2-D) kept in their dtype for the optimizer (fp32,
+    or bf16 with `train.weights` bf16, which `param_dtype` bf16 then leaves uncast); each block's are gathered and
+    cast to `param_dtype` around its forward and backward, and gradients are reduced in `reduce_dtype`: fp32 also
+    for bf16 weights, where FSDP2 then sums the micro-batches' unsharded gradients in fp32 and casts the reduced
+    shard to bf16. A tied lm_head is the same parameter as the embedding, and the root group holds it once.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -334,8 +353,10 @@ def parallelize(
     device: torch.device,
     *,
     param_dtype: torch.dtype = torch.float32,
+    weights_dtype: torch.dtype = torch.float32,
 ) -> Llama:
-    """Apply float8 -> activation checkpointing -> compile -> FSDP2 to an initialised model, in place.
+    """Cast to `weights_dtype`, then apply float8 -> activation checkpointing -> compile -> FSDP2 to an initialised
+    model, in place.
 
     Args:
         model: Built and initialised on `device` (the same weights on every rank).
@@ -343,10 +364,14 @@ def parallelize(
         mesh: From `build_mesh`; None leaves the model unsharded (no FSDP2).
         device: This rank's device.
         param_dtype: FSDP2's compute dtype (`ParallelPlan.compute_dtype`).
+        weights_dtype: The parameters' own dtype (`ParallelPlan.weights_dtype`): bf16 casts them (and the RoPE
+            tables, which the model casts to the activations' dtype anyway) before anything wraps them.
 
     Returns:
         The same model object.
     """
+    if weights_dtype != torch.float32:
+        model.to(weights_dtype)
     if cfg.float8:
         apply_float8(model, device)
     apply_activation_checkpointing(model, cfg.activation_checkpoint)

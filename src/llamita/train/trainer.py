@@ -4,11 +4,12 @@ The trainer receives a model that is already built, initialised and (for multi-G
 never constructs parallelism itself. Per-step losses stay on the device until a log interval flushes them. Whether
 a step may change the weights (NaN/Inf, loss spikes) is decided on the device by `guard.StepGuard` and handed to
 the fused AdamW kernel; the host reads each step's outcome one step late, so it keeps running up to one step
-ahead of the device. SIGTERM/SIGINT make every rank save a checkpoint at the same step boundary and return. A
-resume refuses a config that changes the run's math since the checkpoint unless `checkpoint.allow_config_change`
-(`find_resume`). A branch (`init.branch_from`, `find_branch`) starts a new run from another run's checkpoint with
-its weights, optimizer, step and tokens, and a new data order. The global batch follows `train.batch_stages` and
-the learning rate the tokens seen (`optim.BatchSchedule`, `optim.LRSchedule`).
+ahead of the device (torchao's optimizers, for bf16 weights or 8-bit moments, take no device flag: each step's
+skip decision is read on the host, `optim.clipped_step`). SIGTERM/SIGINT make every rank save a checkpoint at
+the same step boundary and return. A resume refuses a config that changes the run's math since the checkpoint
+unless `checkpoint.allow_config_change` (`find_resume`). A branch (`init.branch_from`, `find_branch`) starts a new
+run from another run's checkpoint with its weights, optimizer, step and tokens, and a new data order. The global
+batch follows `train.batch_stages` and the learning rate the tokens seen (`optim.BatchSchedule`, `optim.LRSchedule`).
 """
 
 from __future__ import annotations
@@ -570,7 +571,8 @@ class Trainer:
             f"{mc.flops_per_token(self.cfg.data.seq_len) / 1e6:.1f} MFLOPs/token | "
             f"{self.tokens_per_step:,} tokens/step = {self.cfg.train.micro_batch} seq x {self.accum} accum x "
             f"{self.world_size} ranks x {self.cfg.data.seq_len} tokens | {self.max_steps:,} steps on "
-            f"{self.device.type}{f' ({self.autocast_dtype} autocast)' if self.autocast_dtype else ''}"
+            f"{self.device.type}{f' ({self.autocast_dtype} autocast)' if self.autocast_dtype else ''} | "
+            f"{self.cfg.train.weights} weights, {self.cfg.optim.name}"
         )
         if len(self.batch.stages) > 1:
             stages = ", ".join(f"{batch:,} from {start:,}" for start, batch in self.batch.stages[1:])
@@ -629,7 +631,7 @@ class Trainer:
                     f"{self.tokens_per_step:,} tokens | accumulation {before[1]} -> {self.accum}"
                 )
             loss, grad_norm, summary = self.train_step()
-            lr = self.optimizer.param_groups[0]["lr"]
+            lr = float(self.optimizer.param_groups[0]["lr"])  # a CPU tensor in torchao's optimizers: no sync
             row = (self.state.step, loss, grad_norm, lr, self.state.tokens, summary, self.tokens_per_step)
             pending.append((*row, self.step_metrics))
             step, done = self.state.step, self.state.step == self.max_steps
