@@ -56,6 +56,7 @@ def main() -> None:
     engine = Engine(model, EngineConfig(max_batch=max(args.batches), max_seq_len=args.seq_len,
                                         compile=not args.no_compile))  # fmt: skip
     startup = time.perf_counter() - t0
+    print(f"engine started in {startup:.1f} s: {engine.startup_s}", flush=True)
     params = SamplingParams(temperature=0.0, max_tokens=args.seq_len - 130, ignore_eos=True)
     for _ in range(max(args.batches)):
         engine.add(torch.randint(0, model.config.vocab_size, (128,)).tolist(), params)
@@ -64,11 +65,13 @@ def main() -> None:
 
     rows, kernels = [], {}
     for batch in args.batches:
-        cache, tokens, positions, t, seen, counts = engine._decode_inputs(batch)
+        positions = engine.positions[:batch]
+        attend = engine.attend(int(positions.max()) + 1)  # the read length the engine's step takes
+        cache, tokens, positions, t, seen, counts = engine._decode_inputs(batch, attend)
         positions_copy = positions.clone()
 
-        def graph(batch=batch, positions=positions, positions_copy=positions_copy):
-            engine._decode(batch, False)
+        def graph(batch=batch, positions=positions, positions_copy=positions_copy, attend=attend):
+            engine._decode(batch, attend, False)
             positions.copy_(positions_copy)  # stay at the same length: every step costs the same
 
         def forward(cache=cache, tokens=tokens, positions=positions):
@@ -85,7 +88,10 @@ def main() -> None:
         with torch.no_grad():
             row = {
                 "batch": batch,
+                "attend": attend,
                 "graph_step_ms": _events_ms(graph, args.steps),
+                # The same step reading every position of the slots (what it did before read lengths).
+                "graph_step_full_ms": _events_ms(lambda g=graph: g(attend=args.seq_len), args.steps),
                 "forward_eager_ms": _events_ms(forward, args.steps // 5),
                 "forward_compiled_ms": _events_ms(forward_compiled, args.steps // 5),
                 "sample_eager_ms": _events_ms(plain, args.steps),
@@ -104,15 +110,17 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"preset": args.preset, "seq_len": args.seq_len, "compile": not args.no_compile,
-              "startup_s": startup, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "startup_s": startup, "startup_phases_s": engine.startup_s, "buckets": engine.buckets,
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "rows": rows}  # fmt: skip
     (out / "profile_decode.json").write_text(json.dumps(record, indent=2))
-    print(f"engine start-up (graphs{'' if args.no_compile else ' + compile'}): {startup:.1f} s")
-    print(f"{'batch':>5} {'graph step ms':>13} {'tok/s':>9} {'fwd eager ms':>12} {'fwd comp ms':>11} "
-          f"{'sample eager':>12} {'sample comp':>11}")  # fmt: skip
+    print(f"engine start-up (graphs{'' if args.no_compile else ' + compile'}): {startup:.1f} s {engine.startup_s}")
+    print(f"{'batch':>5} {'reads':>5} {'graph step ms':>13} {'all reads ms':>12} {'tok/s':>9} {'fwd eager ms':>12} "
+          f"{'fwd comp ms':>11} {'sample eager':>12} {'sample comp':>11}")  # fmt: skip
     for r in rows:
         print(
-            f"{r['batch']:>5} {r['graph_step_ms']:>13.3f} {r['tok_s_graph']:>9.0f} {r['forward_eager_ms']:>12.3f} "
+            f"{r['batch']:>5} {r['attend']:>5} {r['graph_step_ms']:>13.3f} {r['graph_step_full_ms']:>12.3f} "
+            f"{r['tok_s_graph']:>9.0f} {r['forward_eager_ms']:>12.3f} "
             f"{r['forward_compiled_ms']:>11.3f} {r['sample_eager_ms']:>12.3f} {r['sample_compiled_ms']:>11.3f}"
         )
 

@@ -209,6 +209,53 @@ def test_stream_yields_what_generate_returns(model):
     assert not llm.engine.has_work()
 
 
+def test_a_decode_step_reads_only_the_bucket_of_its_longest_sequence(model):
+    """Attention reads the smallest read length that holds the batch's longest sequence (24 of the 48 positions
+    while every sequence is shorter than 24), and the outputs stay those of the reference decoder."""
+    engine = Engine(model, EngineConfig(max_batch=4))
+    assert engine.buckets == [24, 48]
+    reads, logits = [], engine._logits
+
+    def recording(m, cache, tokens, positions):
+        reads.append((cache.attend, int(positions.max()) + 1))
+        return logits(m, cache, tokens, positions)
+
+    engine._logits = recording
+    ps = [[5, 6, 7], [8] * 15]
+    seqs, _ = run(engine, {0: [(p, SamplingParams(temperature=0.0, max_tokens=20)) for p in ps]})
+    for seq in seqs:
+        assert seq.output == greedy_by_recomputation(model, seq.prompt, seq.max_new)
+    longest = [max(len(p) + i for p in ps) for i in range(1, 20)]  # the decode steps' longest sequence
+    assert [attend for attend, _ in reads] == [24 if n <= 24 else 48 for n in longest]
+
+
+def test_prompts_of_scattered_slots_are_prefilled_in_one_forward(model):
+    """Prompts that land in slots 0, 2 and 5 (the others decoding) go through one prefill forward, by index."""
+    engine = Engine(model, EngineConfig(max_batch=6))
+    keep = [engine.add(p, SamplingParams(temperature=0.0, max_tokens=30)) for p in prompts(6, seed=7)]
+    engine.step()
+    for seq in (keep[0], keep[2], keep[5]):
+        engine.abort(seq)
+    forwards, hidden = [], engine.model.hidden_states
+
+    def recording(tokens, cache=None, start_pos=0, **kw):
+        forwards.append(tuple(tokens.shape))
+        return hidden(tokens, cache, start_pos, **kw)
+
+    engine.model.hidden_states = recording
+    try:
+        new = [engine.add(p, SamplingParams(temperature=0.0, max_tokens=4)) for p in ([3, 1, 4, 1, 5],) * 3]
+        engine.step()
+    finally:
+        del engine.model.hidden_states
+    assert sorted(s.slot for s in new) == [0, 2, 5]
+    assert forwards.count((3, 5)) == 1  # one forward of the three prompts; the decode step feeds 1 token a row
+    while engine.has_work():
+        engine.step()
+    for seq in new + [keep[1], keep[3], keep[4]]:
+        assert seq.output == greedy_by_recomputation(model, seq.prompt, seq.max_new)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_decode_as_the_eager_step(model):
     import warnings

@@ -172,6 +172,33 @@ def test_kv_cache_prefill_chunk_and_decode_match_full_forward():
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-10, rtol=1e-10)
 
 
+def test_kv_cache_rows_by_index_and_bounded_reads_match_the_full_forward():
+    """Rows 3 and 1 of a 4-row cache, written through an index and read as a gathered copy of their first 16
+    positions (what the engine's prefill does), then decoded reading 16 positions of a slice: the full forward's
+    logits; the rows not named are untouched."""
+    model = Llama(TINY).double()
+    tokens = torch.randint(0, TINY.vocab_size, (2, 14))
+    cache = KVCache(TINY, batch_size=4, max_len=32, dtype=torch.float64)
+    rows = torch.tensor([3, 1])
+    positions = torch.arange(10).expand(2, 10)
+    with torch.no_grad():
+        full = model(tokens)  # [2, 14, V]
+        first = model.lm_head(model.hidden_states(tokens[:, :10], cache.view(rows, attend=16), positions=positions))
+        later = []
+        for i in range(10, 14):
+            at = torch.full((4, 1), 31)  # rows 0 and 2 idle: they write their scratch position, the last one
+            at[rows] = i
+            step = torch.zeros(4, 1, dtype=torch.long)
+            step[rows] = tokens[:, i : i + 1]
+            later.append(model.lm_head(model.hidden_states(step, cache.view(slice(0, 4), attend=16), positions=at)))
+    torch.testing.assert_close(first, full[:, :10], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(torch.cat(later, dim=1)[rows], full[:, 10:], atol=1e-10, rtol=1e-10)
+    for k in cache.k:
+        assert not k[[0, 2], :, :31].any()  # the idle rows wrote only position 31
+    with pytest.raises(ValueError, match="narrow reads with attend"):
+        cache.view(rows, 8)
+
+
 def test_attention_is_causal():
     model = Llama(TINY)
     tokens = torch.randint(0, TINY.vocab_size, (1, 12))

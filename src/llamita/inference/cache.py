@@ -1,7 +1,9 @@
 """The engine's KV cache: one slot per sequence, each holding `seq_len` positions, sized from free memory.
 
 Slots rather than paged blocks: a decode step then reads each sequence's keys as one contiguous [KV, S, hd] run,
-through plain SDPA with a mask, and the rows of a batch are a slice of the cache (a view, no gather). The last
+through plain SDPA with a mask, and the rows of a batch are a slice of the cache (a view, no gather). A step reads
+only the first S positions of the slots, S a bucket (`attend_buckets`) at or past its longest sequence, so its
+attention costs what the sequences hold rather than what the slots could. The last
 position of every slot is never fed a real token (a sequence ends at seq_len tokens, and its last token is never
 fed back), so it is the slot's scratch position: where an idle row of a padded batch writes.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import Tensor
 
 from llamita.config import ConfigError
 from llamita.model.config import ModelConfig
@@ -80,12 +83,27 @@ class SlotCache:
         self.seq_len = seq_len
         self.kv = KVCache(config, n_slots, seq_len, device=device, dtype=dtype)
 
-    def rows(self, start: int, stop: int, length: int | None = None) -> KVCache:
-        """Slots start .. stop - 1 (and their first `length` positions) as the model's cache: a view."""
-        return self.kv.view(slice(start, stop), length)
+    def rows(self, start: int, stop: int, attend: int | None = None) -> KVCache:
+        """Slots start .. stop - 1 as the model's cache, a view; attention reads their first `attend` positions
+        (default all), while a row may write anywhere in its slot (an idle row: its scratch position)."""
+        return self.kv.view(slice(start, stop), attend=attend)
+
+    def gather(self, slots: Tensor, attend: int) -> KVCache:
+        """Any slots (a [B] index) as the model's cache: written in place, their first `attend` positions read as
+        one gathered copy per layer (what a prefill of scattered slots reads: a few MB)."""
+        return self.kv.view(slots, attend=attend)
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Give slot `dst` the keys and values of slot `src`'s first `n` positions (a shared prompt prefix)."""
         for k, v in zip(self.kv.k, self.kv.v):
             k[dst, :, :n] = k[src, :, :n]
             v[dst, :, :n] = v[src, :, :n]
+
+
+def attend_buckets(seq_len: int, smallest: int = 256) -> list[int]:
+    """The read lengths a decode step is captured for: seq_len, halved while at least `smallest` (2048: 256, 512,
+    1024, 2048). A step reads the smallest one that holds its longest sequence, at most twice what it needs."""
+    buckets = [seq_len]
+    while buckets[0] // 2 >= smallest:
+        buckets.insert(0, buckets[0] // 2)
+    return buckets

@@ -14,6 +14,7 @@ frequency and presence penalties), so a decode step needs nothing from the host.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from llamita.config import ConfigError
 from llamita.inference import sampling
-from llamita.inference.cache import SlotCache, count_slots, slot_bytes
+from llamita.inference.cache import SlotCache, attend_buckets, count_slots, slot_bytes
 from llamita.inference.graphs import CapturedSteps, capture_sizes
 from llamita.inference.sampling import SamplingParams, SamplingTensors
 from llamita.inference.scheduler import Chunk, Scheduler, Sequence
@@ -44,22 +45,24 @@ class EngineConfig:
     """Share of the free memory (GPU, or the host's for a CPU; after the weights) the KV cache may take."""
     prefill_tokens: int | None = None
     """Prompt tokens prefilled per step, over all sequences; longer prompts are prefilled in chunks. None: 8192 on
-    a GPU (vLLM's chunk budget: a prefill forward runs eagerly and costs about its kernel launches below that, so
-    fewer larger chunks start a batch of prompts sooner), 512 on a CPU."""
+    a GPU (vLLM's chunk budget: a prefill forward costs about its kernel launches below that, so fewer larger
+    chunks start a batch of prompts sooner), 512 on a CPU."""
     prefill_interval: int = 1
     """While sequences decode, new prompt chunks are prefilled every this many steps at most (a prompt waits at
     most interval - 1 steps, and prompts that arrive meanwhile join its prefill), or at once when the prompt tokens
-    waiting fill `prefill_tokens`; with nothing decoding, at once. A prefill forward runs eagerly, so on a GPU it
-    costs about its kernel launches whatever its size: waiting a few steps spreads that cost over more prompts
+    waiting fill `prefill_tokens`; with nothing decoding, at once. A prefill forward (compiled, not graphed) costs
+    on a GPU about its kernel launches whatever its size: waiting a few steps spreads that cost over more prompts
     (TGI's `max_waiting_tokens` does the same), for a longer time to first token. 1: every step."""
     prefix_cache: bool = False
     """Reuse the keys and values of a prompt prefix (whole blocks) that another sequence's slot still holds."""
     prefix_block: int = 16
     """Block size of the prefix cache, in tokens."""
     cuda_graphs: bool = True
-    """On CUDA, replay the decode step from CUDA graphs (one per batch size the scheduler can reach)."""
+    """On CUDA, replay the decode step from CUDA graphs (one per batch size the scheduler can reach and read
+    length, `cache.attend_buckets`)."""
     compile: bool = True
-    """On CUDA, compile the decode step (the model's forward and the sampling) before capturing it."""
+    """On CUDA, compile the decode step (the model's forward and the sampling) before capturing it, and the
+    prefill forward; each is compiled once, with dynamic shapes, when the engine starts."""
     speculate: str | None = None
     """Speculative decoding: "draft" (a draft model, given to the engine) or "ngram" (prompt lookup); None: off."""
     gamma: int = 4
@@ -134,6 +137,11 @@ def model_logits(model: Llama, cache: KVCache, tokens: Tensor, positions: Tensor
     return model.lm_head(model.hidden_states(tokens, cache, positions=positions)).float()  # [B, T, V]
 
 
+def prefill_hidden(model: Llama, cache: KVCache, tokens: Tensor, positions: Tensor) -> Tensor:
+    """The prefill forward: [B, T, D] hidden states of prompt chunks, written into the cache rows they go to."""
+    return model.hidden_states(tokens, cache, positions=positions)
+
+
 class Engine:
     """A model, its cache slots, the slot state on the device and the scheduler; `step` advances everything."""
 
@@ -204,6 +212,10 @@ class Engine:
         self.sampling = SamplingTensors.empty(n_slots, self.device)
         self.seen = torch.zeros(n_slots, self.vocab_size, dtype=torch.bool, device=self.device)
         self.counts = torch.zeros(n_slots, self.vocab_size, dtype=torch.float32, device=self.device)
+        # Where every decode step leaves its logits: one buffer that all the captured graphs write, rather than
+        # [batch, vocab] outputs of their own that each graph would keep alive (with read lengths: 8 variants of
+        # every batch size, some 2 GB at a 32000-token vocabulary and 256 slots).
+        self.step_logits = torch.empty(n_slots, self.vocab_size, dtype=torch.float32, device=self.device)
         self.stats = EngineStats()
         self._ids = itertools.count()
         self.speculator = Speculator(self, draft) if config.speculate else None
@@ -212,16 +224,43 @@ class Engine:
         # them stays eager (inside the same CUDA graph): Inductor (torch 2.11) fails to generate the split scan of
         # top-p's cumsum over the vocabulary once the batch size is dynamic.
         compiled = self.device.type == "cuda" and config.compile
-        self._logits = torch.compile(model_logits, fullgraph=True) if compiled else model_logits
-        self._sample_plain = torch.compile(sampling.sample, fullgraph=True) if compiled else sampling.sample
+        # Dynamic shapes from the start: one compilation covers every batch size and read length (a static first
+        # one would be compiled again, dynamic, at the second size).
+        t0 = time.perf_counter()
+        self.startup_s: dict[str, float] = {}
+        self._logits = torch.compile(model_logits, fullgraph=True, dynamic=True) if compiled else model_logits
+        self._sample_plain = (
+            torch.compile(sampling.sample, fullgraph=True, dynamic=True) if compiled else sampling.sample
+        )
+        # The prefill forward, compiled once for every batch and chunk length (dynamic shapes; a batch or chunk is
+        # padded to at least 2, so that the compiled code is never specialised to a size of 1): an eager forward
+        # of this model costs about its ~500 operator launches on the host whatever its size (some 14 ms), the
+        # compiled one about its fused kernels.
+        self._hidden = torch.compile(prefill_hidden, dynamic=True) if compiled else prefill_hidden
+        # Read lengths of the decode step: each is a set of captured graphs on CUDA, so fewer there.
+        self.buckets = attend_buckets(self.seq_len, 256 if weight.is_cuda and config.cuda_graphs else 16)
         self.graphs: CapturedSteps | None = None
+        if compiled and n_slots > 2:
+            # The first call compiles, so it is not at the full batch: the cache rows are then the whole cache,
+            # whose size dynamo keeps static, and the next batch size would compile the step again. Every row is
+            # idle here (it writes its scratch position).
+            with torch.no_grad():
+                self._decode_rows(*self._decode_inputs(n_slots - 1, self.seq_len), False)
         if self.device.type == "cuda" and config.cuda_graphs:
             with torch.no_grad():
                 self.graphs = CapturedSteps(
-                    lambda batch, filters: self._decode_rows(*self._decode_inputs(batch), filters),
+                    lambda batch, v: self._decode_rows(*self._decode_inputs(batch, v[0]), v[1]),
                     capture_sizes(n_slots),
-                    variants=(False, True),
+                    variants=tuple((attend, filters) for attend in self.buckets for filters in (False, True)),
                 )
+            self.startup_s["decode_graphs"] = time.perf_counter() - t0  # compilation included
+        if compiled:  # compile the prefill now, not at the first request: no sequence holds a slot yet
+            with torch.no_grad():
+                slots = torch.arange(min(2, n_slots), device=self.device)
+                tokens = torch.zeros(2, 16, dtype=torch.long, device=self.device)
+                positions = torch.arange(16, device=self.device).expand(2, 16)
+                self._hidden(self.model, self.cache.gather(slots[[0, -1]], 16), tokens, positions)
+            self.startup_s["prefill_compile"] = time.perf_counter() - t0 - self.startup_s.get("decode_graphs", 0.0)
 
     # ------------------------------------------------------------------------------------------ requests
     def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
@@ -279,7 +318,7 @@ class Engine:
         elif decoders:
             batch = decoders[-1].slot + 1
             filters = any(s.params.filters for s in decoders)
-            new, logits = self._decode(batch, filters)
+            new, logits = self._decode(batch, self.attend(max(s.length for s in decoders)), filters)
             pieces.append(new)
             logprob_rows += [(s, logits[s.slot], new[s.slot]) for s in decoders if s.params.logprobs is not None]
             self.stats.decode_steps += 1
@@ -344,10 +383,15 @@ class Engine:
             self.speculator.release(seq)
         self.scheduler.release(seq)
 
-    def _decode_inputs(self, batch: int) -> tuple:
-        """Views of rows 0 .. batch - 1 of the cache and the slot state: the decode step's inputs."""
+    def attend(self, length: int) -> int:
+        """The positions a step reads for sequences of at most `length` tokens: the bucket that holds them."""
+        return next(b for b in self.buckets if b >= length)
+
+    def _decode_inputs(self, batch: int, attend: int) -> tuple:
+        """Views of rows 0 .. batch - 1 of the cache (their first `attend` positions read) and the slot state: the
+        decode step's inputs."""
         return (
-            self.cache.rows(0, batch), self.tokens[:batch], self.positions[:batch], self.sampling.rows(batch),
+            self.cache.rows(0, batch, attend), self.tokens[:batch], self.positions[:batch], self.sampling.rows(batch),
             self.seen[:batch], self.counts[:batch],
         )  # fmt: skip
 
@@ -373,45 +417,49 @@ class Engine:
         positions.copy_((positions + 1).clamp_(max=self.seq_len - 1))  # an idle row stays at its scratch position
         seen.scatter_(1, new[:, None], True)
         counts.scatter_add_(1, new[:, None], torch.ones_like(counts[:, :1]))
-        return new, logits
+        out = self.step_logits[: logits.shape[0]]
+        out.copy_(logits)
+        return new, out
 
-    def _decode(self, batch: int, filters: bool) -> tuple[Tensor, Tensor]:
+    def _decode(self, batch: int, attend: int, filters: bool) -> tuple[Tensor, Tensor]:
         if self.graphs is not None:
-            return self.graphs(batch, filters)  # type: ignore[return-value]
-        return self._decode_rows(*self._decode_inputs(batch), filters)
+            return self.graphs(batch, (attend, filters))  # type: ignore[return-value]
+        return self._decode_rows(*self._decode_inputs(batch, attend), filters)
 
     def _prefill(self, chunks: list[Chunk]) -> tuple[list[Sequence], Tensor | None, Tensor | None]:
         """Run the chunks through the model (and the draft); draw the first token of each prompt completed.
 
-        Chunks of nearby slots go through one forward over their slot range, right-padded to the longest: padding
-        writes only positions past its sequence's length (written again before anything reads them), and the rows
-        of the range that have no chunk write only their scratch position.
+        Chunks of similar lengths go through one forward wherever their slots are (`_batches`): their slots are
+        written through an index and read as a gathered copy of the positions the chunks reach. The rows are
+        right-padded to the longest; padding writes only positions past its sequence's chunk (written again before
+        anything reads them).
 
         Returns:
             The K sequences whose prompts this completes (by slot), [K] their first tokens and [K, V] the logits
             those were drawn from; (no sequences, None, None) when none completes.
         """
         done, logits = [], []
-        for group in _groups(sorted(chunks, key=lambda c: c.seq.slot), self.seq_len):
-            first, stop = group[0].seq.slot, group[-1].seq.slot + 1
-            width = max(c.n for c in group)
-            # Rows of the slot range that are not in the group feed padding at their scratch position.
-            tokens = torch.zeros(stop - first, width, dtype=torch.long)
-            positions = torch.full((stop - first, width), self.seq_len - 1, dtype=torch.long)
-            for c in group:
-                tokens[c.seq.slot - first, : c.n] = torch.tensor(c.seq.prompt[c.start : c.start + c.n])
-                positions[c.seq.slot - first] = c.start + torch.arange(width)
-            filled = len(group) == stop - first
-            length = int(positions.max()) + 1 if filled else self.seq_len  # a shorter cache view costs less
+        for group in _batches(chunks, self.seq_len):
+            # At least 2 rows (the first repeated: it writes the same values to the same places) and 2 columns.
+            rows = group + group[:1] if len(group) == 1 else group
+            width = max(2, max(c.n for c in group))
+            tokens = torch.zeros(len(rows), width, dtype=torch.long)
+            positions = torch.empty(len(rows), width, dtype=torch.long)
+            for row, c in enumerate(rows):
+                tokens[row, : c.n] = torch.tensor(c.seq.prompt[c.start : c.start + c.n])
+                positions[row] = c.start + torch.arange(width)
+            attend = max(2, max(c.start + c.n for c in group))  # the padding reads nothing it needs
+            slots = self.upload([c.seq.slot for c in rows])
             tokens, positions = self.upload(tokens), self.upload(positions)
             if self.speculator is not None:
-                self.speculator.prefill(first, stop, length, tokens, positions)
-            hidden = self.model.hidden_states(tokens, self.cache.rows(first, stop, length), positions=positions)
-            rows = [(c.seq.slot - first, c) for c in group if c.completes]
-            if rows:
-                index, last = self.upload([row for row, _ in rows]), self.upload([c.n - 1 for _, c in rows])
+                self.speculator.prefill(slots, attend, tokens, positions)
+            hidden = self._hidden(self.model, self.cache.gather(slots, attend), tokens, positions)
+            completing = [(row, c) for row, c in enumerate(group) if c.completes]
+            if completing:
+                index = self.upload([row for row, _ in completing])
+                last = self.upload([c.n - 1 for _, c in completing])
                 logits.append(self.model.lm_head(hidden[index, last]).float())  # [k, V]
-                done += [c.seq for _, c in rows]
+                done += [c.seq for _, c in completing]
         if not done:
             return [], None, None
         logits = torch.cat(logits)  # [K, V]
@@ -440,17 +488,16 @@ class Engine:
         }
 
 
-def _groups(chunks: list[Chunk], seq_len: int) -> list[list[Chunk]]:
-    """Chunks (by slot) that go through one forward: a slot range where at most half the rows are not in the group,
-    and whose right padding stays inside every slot."""
-    groups: list[list[Chunk]] = []
-    for c in chunks:
-        if groups:
-            group = [*groups[-1], c]
-            width = max(g.n for g in group)
-            rows = group[-1].seq.slot - group[0].seq.slot + 1
-            if rows <= 2 * len(group) and all(g.start + width <= seq_len for g in group):
-                groups[-1] = group
+def _batches(chunks: list[Chunk], seq_len: int, waste: float = 0.25) -> list[list[Chunk]]:
+    """Chunks that go through one forward, padded to the longest: longest first, a chunk joins the current batch
+    while the padding stays within `waste` of the real tokens and inside every slot."""
+    batches: list[list[Chunk]] = []
+    for c in sorted(chunks, key=lambda c: -c.n):
+        if batches:
+            batch = batches[-1]
+            width, real = batch[0].n, sum(b.n for b in batch) + c.n
+            if (len(batch) + 1) * width <= (1 + waste) * real and c.start + width <= seq_len:
+                batch.append(c)
                 continue
-        groups.append([c])
-    return groups
+        batches.append([c])
+    return batches

@@ -108,10 +108,10 @@ class Speculator:
         if self.cache is not None:
             self.cache.copy_prefix(src, dst, n)
 
-    def prefill(self, first: int, stop: int, length: int, tokens: Tensor, positions: Tensor) -> None:
-        """The draft model prefills the same prompt chunk as the target, into its own slots."""
+    def prefill(self, slots: Tensor, attend: int, tokens: Tensor, positions: Tensor) -> None:
+        """The draft model prefills the same prompt chunks as the target, into its own slots."""
         if self.draft is not None:
-            self.draft.hidden_states(tokens, self.cache.rows(first, stop, length), positions=positions)
+            self.draft.hidden_states(tokens, self.cache.gather(slots, attend), positions=positions)
 
     # ------------------------------------------------------------------------------------------ the step
     def step(self, decoders: list[Sequence]) -> list[Tensor]:
@@ -131,7 +131,8 @@ class Speculator:
             drafts, q = self._draft(decoders, b, t, filters)
         verify = torch.cat([e.tokens[:b, None], drafts], dim=1)  # [b, G + 1]
         at = (positions[:, None] + torch.arange(G + 1, device=e.device)).clamp_(max=e.seq_len - 1)  # [b, G + 1]
-        logits = e.model.lm_head(e.model.hidden_states(verify, e.cache.rows(0, b), positions=at)).float()
+        cache = e.cache.rows(0, b, e.attend(min(max(s.length for s in decoders) + G, e.seq_len)))
+        logits = e.model.lm_head(e.model.hidden_states(verify, cache, positions=at)).float()
         rows = torch.arange(b, device=e.device).repeat_interleave(G + 1)
         p = sampling.processed_logits(logits.flatten(0, 1), t.take(rows), None, filters).softmax(-1)  # [b(G+1), V]
         tokens, n = accept(p.view(b, G + 1, -1), q, drafts, t, positions + 1)
@@ -189,7 +190,8 @@ class Speculator:
             positions[seq.slot] = (start + torch.arange(width)).clamp_(max=e.seq_len - 1)
             last[seq.slot] = len(feed) - 1
         tokens, positions, last = e.upload(tokens), e.upload(positions), e.upload(last)
-        cache = self.cache.rows(0, b)
+        # Reads reach the last draft's position, length - 1 + G - 1 at most.
+        cache = self.cache.rows(0, b, e.attend(min(max(s.length for s in decoders) + G, e.seq_len)))
         rows = torch.arange(b, device=e.device)
         logits = self.draft.lm_head(self.draft.hidden_states(tokens, cache, positions=positions)[rows, last]).float()
         at = positions[rows, last]  # [b]: position of the token just fed

@@ -116,6 +116,11 @@ class KVCache:
     to everything before them; `Llama.hidden_states(tokens, cache, positions=...)` does the same at each
     sequence's own positions. Entries past a sequence's length are never read: every forward writes its
     positions before attending, and a query sees only keys at or before its own position.
+
+    A view (`view`) can narrow what a forward reads without narrowing where it writes: its `attend` first
+    positions are all attention reads (so it costs what they hold, not what the buffers hold), while writes may go
+    to any of the max_len positions; and its rows can be a slice (a view of the buffers) or an index tensor of
+    any rows, written in place and read as one gathered copy of their first `attend` positions.
     """
 
     def __init__(
@@ -141,26 +146,63 @@ class KVCache:
             raise ValueError(f"KVCache max_len must be in 1..max_seq_len ({config.max_seq_len}), got {max_len}")
         self.batch_size = batch_size
         self.max_len = max_len
+        self.attend = max_len
+        self.index: Tensor | None = None
         shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
 
-    def view(self, rows: slice, length: int | None = None) -> KVCache:
-        """The same buffers for sequences `rows` and positions 0 .. length - 1 (default all): no copy.
+    def view(self, rows: slice | Tensor, length: int | None = None, *, attend: int | None = None) -> KVCache:
+        """The same buffers for sequences `rows`: no copy.
 
         Args:
-            rows: Which sequences (a slice of the batch, so that the result is a view).
-            length: Positions to keep; attention then costs only what it reads.
+            rows: Which sequences: a slice of the batch (the buffers' view), or a [B] index tensor of rows
+                (written in place through the index; each layer's reads gather its rows).
+            length: Positions to keep (writes included), with a slice; attention then costs only what it reads.
+            attend: Positions attention reads (default: all that are kept); writes may still go to any kept
+                position past them, where a row that must not disturb the others (an idle one) writes.
 
         Returns:
             A KVCache whose batch is the rows selected.
         """
-        length = self.max_len if length is None else length
         out = copy.copy(self)
-        out.k = [k[rows, :, :length] for k in self.k]
-        out.v = [v[rows, :, :length] for v in self.v]
-        out.batch_size, out.max_len = out.k[0].shape[0], length
+        if isinstance(rows, Tensor):
+            if length is not None:
+                raise ValueError("KVCache.view: an index of rows keeps every position; narrow reads with attend")
+            out.index, out.batch_size = rows, rows.shape[0]
+        else:
+            length = self.max_len if length is None else length
+            out.k = [k[rows, :, :length] for k in self.k]
+            out.v = [v[rows, :, :length] for v in self.v]
+            out.batch_size, out.max_len = out.k[0].shape[0], length
+        out.attend = min(out.max_len if attend is None else attend, out.max_len)
         return out
+
+    def update(self, layer: int, k: Tensor, v: Tensor, write_at: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one layer's new keys and values at their positions; return what attention reads.
+
+        Args:
+            layer: The layer.
+            k: [B, KV, T, hd] new keys.
+            v: [B, KV, T, hd] new values.
+            write_at: [B, T] cache position of each of them.
+
+        Returns:
+            The layer's keys and values at positions 0 .. attend - 1 of the rows, [B, KV, attend, hd] each.
+        """
+        k_buf, v_buf = self.k[layer], self.v[layer]  # [B or all rows, KV, max_len, hd]
+        if self.index is None:
+            B, KV, T, hd = k.shape
+            where = write_at[:, None, :, None].expand(B, KV, T, hd)  # [B, KV, T, hd]
+            k_buf.scatter_(2, where, k)  # in place, each sequence at its own positions
+            v_buf.scatter_(2, where, v)
+            return k_buf[:, :, : self.attend], v_buf[:, :, : self.attend]
+        rows = self.index[:, None]  # [B, 1], broadcast against write_at's [B, T]
+        k_buf[rows, :, write_at] = k.transpose(1, 2)  # [B, T, KV, hd] into (row, position) pairs
+        v_buf[rows, :, write_at] = v.transpose(1, 2)
+        return k_buf[:, :, : self.attend].index_select(0, self.index), v_buf[:, :, : self.attend].index_select(
+            0, self.index
+        )
 
 
 class Attention(nn.Module):
@@ -181,7 +223,7 @@ class Attention(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        kv: tuple[Tensor, Tensor] | None = None,
+        kv: tuple[KVCache, int] | None = None,
         write_at: Tensor | None = None,
         mask: Tensor | BlockMask | None = None,
     ) -> Tensor:
@@ -191,11 +233,11 @@ class Attention(nn.Module):
             x: [B, T, D] normed hidden states.
             cos: [T, hd] RoPE table rows for x's positions, or [B, 1, T, hd] when each sequence has its own.
             sin: likewise.
-            kv: This layer's (keys, values) cache buffers, each [B, KV, S, hd], updated in place.
+            kv: The cache and this layer's index in it (`KVCache.update` writes and reads it).
             write_at: [B, T] cache position of each of x's tokens, where its key and value go (with `kv`).
             mask: [B, 1, T, T] boolean, True where query i may see key j, replacing the causal mask (packed
-                sequences), or the same as a FlexAttention `BlockMask`; with `kv`, [B, 1, T, S]: which cached
-                positions each query sees.
+                sequences), or the same as a FlexAttention `BlockMask`; with `kv`, [B, 1, T, S]: which of the
+                S = `attend` cached positions each query sees.
 
         Returns:
             [B, T, D].
@@ -208,10 +250,8 @@ class Attention(nn.Module):
 
         gqa = self.n_kv_heads != self.n_heads
         if kv is not None:
-            k_cache, v_cache = kv  # [B, KV, S, hd] each
-            where = write_at[:, None, :, None].expand(B, self.n_kv_heads, T, self.head_dim)  # [B, KV, T, hd]
-            k_cache.scatter_(2, where, k)  # written in place, each sequence at its own positions
-            v_cache.scatter_(2, where, v)
+            cache, layer = kv
+            k_cache, v_cache = cache.update(layer, k, v, write_at)  # [B, KV, S, hd] each
             # The G query heads that share a key/value head attend as G * T queries of that head, so SDPA's fused
             # kernels take the mask; its grouped-query path would repeat the whole cache for every query head.
             G, S = self.n_heads // self.n_kv_heads, k_cache.shape[2]
@@ -256,7 +296,7 @@ class Block(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        kv: tuple[Tensor, Tensor] | None = None,
+        kv: tuple[KVCache, int] | None = None,
         write_at: Tensor | None = None,
         mask: Tensor | BlockMask | None = None,
     ) -> Tensor:
@@ -349,7 +389,7 @@ class Llama(nn.Module):
         end = start_pos + T
         if positions is not None:
             # Checked on the host only where that costs no device sync; on a GPU an index out of the tables raises.
-            if not positions.is_cuda:
+            if not positions.is_cuda and not torch.compiler.is_compiling():
                 limit = self.config.max_seq_len if cache is None else min(cache.max_len, self.config.max_seq_len)
                 if int(positions.max()) >= limit:
                     raise ValueError(f"a position exceeds the model's max_seq_len or the cache ({limit} positions)")
@@ -373,11 +413,11 @@ class Llama(nn.Module):
             if positions is None:
                 positions = torch.arange(start_pos, end, device=tokens.device).expand(B, T)  # [B, T]
             write_at = positions
-            keys = torch.arange(cache.max_len, device=tokens.device)  # [S]
+            keys = torch.arange(cache.attend, device=tokens.device)  # [S]: the positions attention reads
             mask = (keys <= positions[:, :, None])[:, None]  # [B, 1, T, S]: each query sees its own past
         x = self.model.embed_tokens(tokens)  # [B, T, D]
         for i, layer in enumerate(self.model.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
+            kv = None if cache is None else (cache, i)
             x = layer(x, cos, sin, kv, write_at, mask)  # [B, T, D]
         return self.model.norm(x)  # [B, T, D]
 
