@@ -271,3 +271,41 @@ def test_cuda_graphs_decode_as_the_eager_step(model):
     compiled, _ = run(Engine(cuda, EngineConfig(max_batch=5)), arrivals)
     assert [s.output for s in compiled] == [s.output for s in eager]
     model.to("cpu")
+
+
+@pytest.fixture
+def dynamo_counters():
+    """Dynamo's compile counters, from a clean cache (no graph of another test is reused or counted)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+def test_the_compiled_block_decodes_as_the_eager_engine_from_few_compilations(model, dynamo_counters):
+    """The engine's compiled path (on a CPU through dynamo's eager backend) gives the eager engine's outputs. The
+    block compiles at startup, once for decoding and once for prefill, for every layer, batch size and read length
+    (and the sampling once); a decode batch of one, which the CUDA graphs pad to two, compiles both once more."""
+    ps, lengths = prompts(9), [3, 12, 7, 1, 9, 12, 5, 10, 2]
+    arrivals: dict[int, list] = {0: [], 2: [], 5: []}
+    for i, (p, n) in enumerate(zip(ps, lengths)):
+        arrivals[[0, 2, 5][i % 3]].append((p, SamplingParams(temperature=0.0, max_tokens=n)))
+    arrivals[6] = [(list(range(30)), SamplingParams(temperature=0.0, max_tokens=17))]  # reads all 48 positions
+    eager, _ = run(Engine(model, EngineConfig(max_batch=4)), arrivals)
+    engine = Engine(model, EngineConfig(max_batch=4, compile_backend="eager"))
+    assert engine.buckets == [24, 48]
+    assert dynamo_counters["stats"]["unique_graphs"] == 3
+    reads, logits = [], engine._logits
+
+    def recording(m, cache, tokens, positions):
+        reads.append((cache.attend, tokens.shape[0]))
+        return logits(m, cache, tokens, positions)
+
+    engine._logits = recording
+    compiled, most = run(engine, arrivals)
+    assert most == 4 and {a for a, _ in reads} == {24, 48} and {b for _, b in reads} == {1, 3, 4}
+    assert [s.output for s in compiled] == [s.output for s in eager]
+    assert compiled[-1].output == greedy_by_recomputation(model, compiled[-1].prompt, 17)
+    assert dynamo_counters["stats"]["unique_graphs"] == 5

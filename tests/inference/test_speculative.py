@@ -104,9 +104,46 @@ def test_speculation_steps_aside_at_large_batches(model):
         assert seq.output == greedy_by_recomputation(model, seq.prompt, 6)
 
 
+def test_a_draft_catches_up_after_steps_without_speculation(model):
+    """Four requests decode without speculation (more rows than speculate_max_batch); as the longer ones are left
+    in slots 0 and 1, the draft model feeds what it missed and speculation resumes, with plain greedy's output."""
+    draft = tiny_model(ModelConfig(**{**TINY.__dict__, "n_layers": 1, "dim": 24, "n_heads": 2, "n_kv_heads": 1}))
+    engine = Engine(model, EngineConfig(speculate="draft", gamma=3, speculate_max_batch=2, max_batch=4), draft=draft)
+    lengths = [16, 14, 3, 2]  # slots 0 .. 3; the two short ones end first
+    seqs, _ = run(engine, {0: [(p, SamplingParams(temperature=0.0, max_tokens=n))
+                               for p, n in zip(prompts(4, seed=11), lengths)]})  # fmt: skip
+    assert engine.stats.decode_steps > 0 and engine.stats.target_steps > 0
+    for seq in seqs:
+        assert seq.output == greedy_by_recomputation(model, seq.prompt, seq.max_new)
+
+
 def test_a_draft_must_match_the_target(model):
     with pytest.raises(ConfigError, match="needs a draft model"):
         Engine(model, EngineConfig(speculate="draft"))
     other = tiny_model(ModelConfig(**{**TINY.__dict__, "vocab_size": 50}))
     with pytest.raises(ConfigError, match="share the target's tokenizer"):
         Engine(model, EngineConfig(speculate="draft"), draft=other)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["draft", "ngram"])
+def test_captured_speculative_steps_decode_as_the_eager_ones(model, kind):
+    import warnings
+
+    cuda = model.to("cuda")
+    draft = None
+    if kind == "draft":
+        config = ModelConfig(**{**TINY.__dict__, "n_layers": 1, "dim": 24, "n_heads": 2, "n_kv_heads": 1})
+        draft = tiny_model(config, seed=1).to("cuda")
+    config = {"speculate": kind, "gamma": 3, "max_batch": 3, "compile": False}
+    ps = prompts(4, seed=5) + [[5, 6, 7, 5, 6, 7, 5, 6]]
+    arrivals = {0: [(p, SamplingParams(temperature=0.0, max_tokens=14)) for p in ps[:3]],
+                4: [(p, SamplingParams(temperature=0.0, max_tokens=14)) for p in ps[3:]]}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no step may run uncaptured
+        engine = Engine(cuda, EngineConfig(**config), draft=draft)
+        graphed, _ = run(engine, arrivals)
+    assert engine.speculator.graphs is not None and engine.stats.target_steps > 0
+    eager, _ = run(Engine(cuda, EngineConfig(**config, cuda_graphs=False), draft=draft), arrivals)
+    assert [s.output for s in graphed] == [s.output for s in eager]  # eager: against the reference, on the CPU
+    model.to("cpu")

@@ -4,7 +4,9 @@ Every generation in llamita runs through `Engine.step`: the `LLM` API, `llamita 
 adapter's generate_until and speculative decoding. A step decodes one token for every sequence past its prompt
 (rows 0 .. b - 1 of the slots: a slice of the cache, padded rows idle), prefills the next prompt chunks, and copies
 the new token ids to the host once; that copy is the step's only sync. On CUDA the decode step is compiled and
-replayed from CUDA graphs; on a CPU the same function runs eagerly.
+replayed from CUDA graphs; on a CPU the same function runs eagerly. What is compiled is one transformer block
+(`block_step`), which every layer of the model's own forward calls: one compilation serves all the layers, where a
+compilation of the whole forward would trace each of them again.
 
 Per-slot state lives on the device between steps: the token each slot feeds next, its position, its sampling
 settings, the tokens it has seen (for the repetition penalty) and how often its output holds each token (for the
@@ -13,12 +15,17 @@ frequency and presence penalties), so a decode step needs nothing from the host.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.fx.experimental._config
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
 
 from llamita.config import ConfigError
 from llamita.inference import sampling
@@ -27,7 +34,7 @@ from llamita.inference.graphs import CapturedSteps, capture_sizes
 from llamita.inference.sampling import SamplingParams, SamplingTensors
 from llamita.inference.scheduler import Chunk, Scheduler, Sequence
 from llamita.inference.speculative import Speculator
-from llamita.model.llama import KVCache, Llama
+from llamita.model.llama import Block, KVCache, LayerKV, Llama
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,12 @@ class EngineConfig:
     """On CUDA, replay the decode step from CUDA graphs (one per batch size the scheduler can reach and read
     length, `cache.attend_buckets`)."""
     compile: bool = True
-    """On CUDA, compile the decode step (the model's forward and the sampling) before capturing it, and the
-    prefill forward; each is compiled once, with dynamic shapes, when the engine starts."""
+    """On CUDA, compile the model's transformer block (`block_step`, which the decode step and the prefill forward
+    run for every layer) and the decode step's sampling, with dynamic shapes, when the engine starts."""
+    compile_backend: str | None = None
+    """torch.compile backend of `compile`; None: Inductor, on CUDA only (a CPU runs the steps eagerly). A backend
+    named here compiles on any device too: "eager" runs the compiled path on a CPU (dynamo's graphs, no code
+    generation), which is how the tests check it."""
     speculate: str | None = None
     """Speculative decoding: "draft" (a draft model, given to the engine) or "ngram" (prompt lookup); None: off."""
     gamma: int = 4
@@ -122,7 +133,26 @@ class EngineStats:
         return self.speculative_tokens / self.target_steps if self.target_steps else None
 
 
-def model_logits(model: Llama, cache: KVCache, tokens: Tensor, positions: Tensor) -> Tensor:
+def _no_duck_sizing():
+    """Dynamo's shape symbols without duck sizing (sizes equal at the first call are not taken for one symbol);
+    torch.fx.experimental._config.use_duck_shape: private, but long-standing (diffusers sets it too)."""
+    config = torch.fx.experimental._config
+    if not hasattr(config, "use_duck_shape"):  # a later torch without it: at worst a recompilation more
+        return contextlib.nullcontext()
+    return config.patch(use_duck_shape=False)
+
+
+def block_step(
+    block: Block, x: Tensor, cos: Tensor, sin: Tensor, kv: LayerKV, write_at: Tensor, mask: Tensor | BlockMask
+) -> Tensor:
+    """One transformer block through its layer's cache: what the engine compiles, once for every layer (the
+    blocks are alike and each layer passes its own buffers, `LayerKV`), batch size and read length."""
+    return block(x, cos, sin, kv, write_at, mask)  # [B, T, D]
+
+
+def model_logits(
+    model: Llama, cache: KVCache, tokens: Tensor, positions: Tensor, layer_fn: Callable[..., Tensor] | None = None
+) -> Tensor:
     """Every position's fp32 next-token logits, each sequence at its own positions, through the cache.
 
     Args:
@@ -130,16 +160,19 @@ def model_logits(model: Llama, cache: KVCache, tokens: Tensor, positions: Tensor
         cache: Its cache rows, one per sequence.
         tokens: [B, T] ids.
         positions: [B, T] their positions.
+        layer_fn: What runs each block (`Llama.hidden_states`): the compiled `block_step`; None: the block.
 
     Returns:
         [B, T, V] float32.
     """
-    return model.lm_head(model.hidden_states(tokens, cache, positions=positions)).float()  # [B, T, V]
+    return model.lm_head(prefill_hidden(model, cache, tokens, positions, layer_fn)).float()  # [B, T, V]
 
 
-def prefill_hidden(model: Llama, cache: KVCache, tokens: Tensor, positions: Tensor) -> Tensor:
+def prefill_hidden(
+    model: Llama, cache: KVCache, tokens: Tensor, positions: Tensor, layer_fn: Callable[..., Tensor] | None = None
+) -> Tensor:
     """The prefill forward: [B, T, D] hidden states of prompt chunks, written into the cache rows they go to."""
-    return model.hidden_states(tokens, cache, positions=positions)
+    return model.hidden_states(tokens, cache, positions=positions, layer_fn=layer_fn)
 
 
 class Engine:
@@ -220,47 +253,58 @@ class Engine:
         self._ids = itertools.count()
         self.speculator = Speculator(self, draft) if config.speculate else None
 
-        # Compiled on CUDA: the model's decode forward, and the sampling without top-k/top-p. The sampling with
+        # Compiled on CUDA: the model's transformer block, and the sampling without top-k/top-p. The sampling with
         # them stays eager (inside the same CUDA graph): Inductor (torch 2.11) fails to generate the split scan of
-        # top-p's cumsum over the vocabulary once the batch size is dynamic.
-        compiled = self.device.type == "cuda" and config.compile
-        # Dynamic shapes from the start: one compilation covers every batch size and read length (a static first
-        # one would be compiled again, dynamic, at the second size).
+        # top-p's cumsum over the vocabulary once the batch size is dynamic. Around the compiled blocks, the
+        # forward's few other operators (embedding, RoPE rows, mask, final norm, lm_head) run eagerly: inside a
+        # CUDA graph they cost nothing more, and a prefill forward pays their launches only.
+        compiled = config.compile and (self.device.type == "cuda" or config.compile_backend is not None)
+        backend = config.compile_backend or "inductor"
         t0 = time.perf_counter()
         self.startup_s: dict[str, float] = {}
-        self._logits = torch.compile(model_logits, fullgraph=True, dynamic=True) if compiled else model_logits
+        # Dynamic shapes from the start: one compilation covers every batch size and read length (a static first
+        # one would be compiled again, dynamic, at the second size).
+        block = torch.compile(block_step, fullgraph=True, dynamic=True, backend=backend) if compiled else None
+        self._logits = functools.partial(model_logits, layer_fn=block)
+        self._hidden = functools.partial(prefill_hidden, layer_fn=block)
         self._sample_plain = (
-            torch.compile(sampling.sample, fullgraph=True, dynamic=True) if compiled else sampling.sample
+            torch.compile(sampling.sample, fullgraph=True, dynamic=True, backend=backend)
+            if compiled
+            else sampling.sample
         )
-        # The prefill forward, compiled once for every batch and chunk length (dynamic shapes; a batch or chunk is
-        # padded to at least 2, so that the compiled code is never specialised to a size of 1): an eager forward
-        # of this model costs about its ~500 operator launches on the host whatever its size (some 14 ms), the
-        # compiled one about its fused kernels.
-        self._hidden = torch.compile(prefill_hidden, dynamic=True) if compiled else prefill_hidden
         # Read lengths of the decode step: each is a set of captured graphs on CUDA, so fewer there.
         self.buckets = attend_buckets(self.seq_len, 256 if weight.is_cuda and config.cuda_graphs else 16)
         self.graphs: CapturedSteps | None = None
-        if compiled and n_slots > 2:
-            # The first call compiles, so it is not at the full batch: the cache rows are then the whole cache,
-            # whose size dynamo keeps static, and the next batch size would compile the step again. Every row is
-            # idle here (it writes its scratch position).
-            with torch.no_grad():
-                self._decode_rows(*self._decode_inputs(n_slots - 1, self.seq_len), False)
-        if self.device.type == "cuda" and config.cuda_graphs:
-            with torch.no_grad():
+        # Everything compiles now, before any sequence holds a slot (every row touched is idle: it writes its
+        # scratch position), and without duck sizing: dynamo would otherwise give sizes that happen to be equal
+        # at the first call (a batch of 256 and a read length of 256, a read length and the model's dim) one
+        # symbol, and compile again at the first batch where they differ. A block compiles once for the prefill
+        # (its rows are an index) and for the decode step once, or with Inductor twice (its caches guard reading
+        # all of the slots' positions apart from reading a prefix, which is all a prefill ever reads).
+        with torch.no_grad(), _no_duck_sizing():
+            if compiled and n_slots > 2:
+                # Not at the full batch: the cache rows would then be the whole cache, whose size dynamo keeps
+                # static, and the next batch size would compile the step again.
+                for attend in dict.fromkeys((self.buckets[0], self.seq_len)):
+                    self._decode_rows(*self._decode_inputs(n_slots - 1, attend), False)
+            if self.device.type == "cuda" and config.cuda_graphs:
                 self.graphs = CapturedSteps(
                     lambda batch, v: self._decode_rows(*self._decode_inputs(batch, v[0]), v[1]),
                     capture_sizes(n_slots),
                     variants=tuple((attend, filters) for attend in self.buckets for filters in (False, True)),
                 )
-            self.startup_s["decode_graphs"] = time.perf_counter() - t0  # compilation included
-        if compiled:  # compile the prefill now, not at the first request: no sequence holds a slot yet
-            with torch.no_grad():
+                self.startup_s["decode_graphs"] = time.perf_counter() - t0  # compilation included
+                if self.speculator is not None:
+                    t1 = time.perf_counter()
+                    self.speculator.capture()
+                    self.startup_s["speculative_graphs"] = time.perf_counter() - t1
+            if compiled:  # a batch or chunk is padded to at least 2 (see `_prefill`): never specialised to 1
                 slots = torch.arange(min(2, n_slots), device=self.device)
                 tokens = torch.zeros(2, 16, dtype=torch.long, device=self.device)
-                positions = torch.arange(16, device=self.device).expand(2, 16)
+                # Not expanded: a stride of 0 would be compiled apart from the prefill's real positions.
+                positions = torch.arange(16, device=self.device).repeat(2, 1)
                 self._hidden(self.model, self.cache.gather(slots[[0, -1]], 16), tokens, positions)
-            self.startup_s["prefill_compile"] = time.perf_counter() - t0 - self.startup_s.get("decode_graphs", 0.0)
+                self.startup_s["prefill_compile"] = time.perf_counter() - t0 - self.startup_s.get("decode_graphs", 0.0)
 
     # ------------------------------------------------------------------------------------------ requests
     def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
@@ -413,10 +457,13 @@ class Engine:
         logits = self._logits(self.model, cache, tokens[:, None], positions[:, None])[:, 0]  # [B, V]
         sample = sampling.sample if filters else self._sample_plain
         new = sample(logits, t, seen, positions + 1, filters, counts)  # [B]
+        # A padded row (idle, or admitted and still prefilling) sits at its scratch position: its draw is junk, and
+        # must not mark what its sequence has seen or said.
+        live = (positions < self.seq_len - 1)[:, None]  # [B, 1]
         tokens.copy_(new)
         positions.copy_((positions + 1).clamp_(max=self.seq_len - 1))  # an idle row stays at its scratch position
-        seen.scatter_(1, new[:, None], True)
-        counts.scatter_add_(1, new[:, None], torch.ones_like(counts[:, :1]))
+        seen.scatter_(1, new[:, None], seen.gather(1, new[:, None]) | live)
+        counts.scatter_add_(1, new[:, None], live.float())
         out = self.step_logits[: logits.shape[0]]
         out.copy_(logits)
         return new, out

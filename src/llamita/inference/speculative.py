@@ -20,6 +20,7 @@ from torch import Tensor
 
 from llamita.inference import sampling
 from llamita.inference.cache import SlotCache
+from llamita.inference.graphs import CapturedSteps, capture_sizes
 from llamita.inference.scheduler import Sequence
 from llamita.model.llama import Llama
 
@@ -82,7 +83,17 @@ def accept(
 
 
 class Speculator:
-    """Runs the engine's speculative steps: drafting, one verifying forward of the target, acceptance."""
+    """Runs the engine's speculative steps: drafting, one verifying forward of the target, acceptance.
+
+    The step's device part (`_device_step`: the draft model's forwards and draws, or the prompt-lookup drafts'
+    one-hot distributions; the verifying forward; acceptance; the slot state's update) has fixed shapes for a batch
+    size, read length and sampling variant, so on CUDA it is captured in CUDA graphs like the plain decode step
+    (`capture`) and replayed: eager, its ~gamma + 2 forwards would cost their operator launches, several times what
+    speculation saves. The host fills its inputs first: the prompt-lookup drafts, and for the draft model the token
+    before each row's current one (the draft re-feeds it: after a step that kept every draft it has not seen it,
+    otherwise it rewrites the same keys), after feeding eagerly whatever else it has fallen behind on (the steps
+    in which speculation stood aside).
+    """
 
     def __init__(self, engine: Engine, draft: Llama | None) -> None:
         self.engine = engine
@@ -94,11 +105,28 @@ class Speculator:
             else SlotCache(draft.config, engine.n_slots, engine.seq_len, device=engine.device, dtype=engine.dtype)
         )
         self.draft_cached: dict[int, int] = {}  # sequence id -> positions of it the draft's cache holds
+        # The device step's host-filled inputs: lookup drafts, and the token before each row's current one.
+        self.lookup = torch.zeros(engine.n_slots, self.gamma, dtype=torch.long, device=engine.device)
+        self.previous = torch.zeros(engine.n_slots, dtype=torch.long, device=engine.device)
+        self.graphs: CapturedSteps | None = None
+
+    def capture(self) -> None:
+        """Capture the device step in CUDA graphs for every batch size speculation takes, read length and sampling
+        variant; the engine calls it once it has its own graphs, while no sequence holds a slot."""
+        e = self.engine
+        sizes = capture_sizes(min(e.config.speculate_max_batch, e.n_slots))
+        variants = tuple((attend, filters) for attend in e.buckets for filters in (False, True))
+        with torch.no_grad():
+            self.graphs = CapturedSteps(lambda b, v: self._device_step(b, *v), sizes, variants)
 
     def applies(self, decoders: list[Sequence]) -> bool:
-        """Speculate at small batches only, and for requests that need no per-token state it does not keep."""
-        return len(decoders) <= self.engine.config.speculate_max_batch and all(
-            not s.params.penalizes and s.params.logprobs is None for s in decoders
+        """Speculate at small batches only (the rows a step runs, slots 0 .. the last decoder's, at most
+        `speculate_max_batch`: the sizes captured), and for requests that need no per-token state it does not
+        keep."""
+        return (
+            bool(decoders)
+            and decoders[-1].slot < self.engine.config.speculate_max_batch
+            and all(not s.params.penalizes and s.params.logprobs is None for s in decoders)
         )
 
     def release(self, seq: Sequence) -> None:
@@ -122,22 +150,20 @@ class Speculator:
         """
         e, G = self.engine, self.gamma
         b = decoders[-1].slot + 1
-        t = e.sampling.rows(b)
         filters = any(s.params.filters for s in decoders)
-        positions = e.positions[:b]  # [b]: where each row's current token goes
+        # Reads reach the last verified position, length - 1 + G.
+        attend = e.attend(min(max(s.length for s in decoders) + G, e.seq_len))
         if self.draft is None:
-            drafts, q = self._lookup(decoders, b)
+            drafts = torch.zeros(b, G, dtype=torch.long)
+            for seq in decoders:
+                drafts[seq.slot] = torch.tensor(ngram_draft(seq.prompt + seq.output, G, e.config.ngram))
+            self.lookup[:b].copy_(e.upload(drafts), non_blocking=True)
         else:
-            drafts, q = self._draft(decoders, b, t, filters)
-        verify = torch.cat([e.tokens[:b, None], drafts], dim=1)  # [b, G + 1]
-        at = (positions[:, None] + torch.arange(G + 1, device=e.device)).clamp_(max=e.seq_len - 1)  # [b, G + 1]
-        cache = e.cache.rows(0, b, e.attend(min(max(s.length for s in decoders) + G, e.seq_len)))
-        logits = e.model.lm_head(e.model.hidden_states(verify, cache, positions=at)).float()
-        rows = torch.arange(b, device=e.device).repeat_interleave(G + 1)
-        p = sampling.processed_logits(logits.flatten(0, 1), t.take(rows), None, filters).softmax(-1)  # [b(G+1), V]
-        tokens, n = accept(p.view(b, G + 1, -1), q, drafts, t, positions + 1)
-        e.tokens[:b] = tokens[torch.arange(b, device=e.device), n]
-        e.positions[:b] = (positions + n + 1).clamp_(max=e.seq_len - 1)
+            self._catch_up(decoders, b)
+        if self.graphs is not None:
+            tokens, n = self.graphs(b, (attend, filters))
+        else:
+            tokens, n = self._device_step(b, attend, filters)
         return [tokens.flatten(), n]
 
     def host_len(self, decoders: list[Sequence]) -> int:
@@ -162,39 +188,71 @@ class Speculator:
         stats.target_steps += 1
         return out
 
-    def _lookup(self, decoders: list[Sequence], b: int) -> tuple[Tensor, Tensor]:
-        """Prompt-lookup drafts [b, G] (idle rows: zeros) and their one-hot distributions [b, G, V]."""
-        e, G = self.engine, self.gamma
-        drafts = torch.zeros(b, G, dtype=torch.long)
+    def _catch_up(self, decoders: list[Sequence], b: int) -> None:
+        """Feed the draft, eagerly, the tokens it has not seen but the last two (which the device step feeds), and
+        set `previous`: each row's second-to-last token."""
+        e = self.engine
+        previous = torch.zeros(b, dtype=torch.long)
+        behind: dict[int, tuple[int, list[int]]] = {}
         for seq in decoders:
-            drafts[seq.slot] = torch.tensor(ngram_draft(seq.prompt + seq.output, G, e.config.ngram))
-        drafts = e.upload(drafts)
-        return drafts, torch.nn.functional.one_hot(drafts, e.vocab_size).float()
-
-    def _draft(
-        self, decoders: list[Sequence], b: int, t: sampling.SamplingTensors, filters: bool
-    ) -> tuple[Tensor, Tensor]:
-        """G tokens of the draft model per row, drawn with each row's settings, and their distributions."""
-        e, G = self.engine, self.gamma
-        # First the tokens the draft has not seen yet (one, or two after a step that kept every draft, or more
-        # after steps without speculation), right-padded; padding and idle rows write the scratch position.
-        behind = {s.slot: (s.prompt + s.output)[self.draft_cached.get(s.id, len(s.prompt)) :] for s in decoders}
-        width = max(len(v) for v in behind.values())
+            tokens = seq.prompt + seq.output
+            previous[seq.slot] = tokens[-2]
+            start = self.draft_cached.get(seq.id, len(seq.prompt))
+            if start < len(tokens) - 2:
+                behind[seq.slot] = (start, tokens[start:-2])
+        self.previous[:b].copy_(e.upload(previous), non_blocking=True)
+        if not behind:
+            return
+        # Right-padded; padding and the rows not behind write their scratch position.
+        width = max(len(feed) for _, feed in behind.values())
         tokens = torch.zeros(b, width, dtype=torch.long)
         positions = torch.full((b, width), e.seq_len - 1, dtype=torch.long)
-        last = torch.zeros(b, dtype=torch.long)
-        for seq in decoders:
-            feed = behind[seq.slot]
-            tokens[seq.slot, : len(feed)] = torch.tensor(feed)
-            start = seq.length - len(feed)
-            positions[seq.slot] = (start + torch.arange(width)).clamp_(max=e.seq_len - 1)
-            last[seq.slot] = len(feed) - 1
-        tokens, positions, last = e.upload(tokens), e.upload(positions), e.upload(last)
-        # Reads reach the last draft's position, length - 1 + G - 1 at most.
-        cache = self.cache.rows(0, b, e.attend(min(max(s.length for s in decoders) + G, e.seq_len)))
-        rows = torch.arange(b, device=e.device)
-        logits = self.draft.lm_head(self.draft.hidden_states(tokens, cache, positions=positions)[rows, last]).float()
-        at = positions[rows, last]  # [b]: position of the token just fed
+        for slot, (start, feed) in behind.items():
+            tokens[slot, : len(feed)] = torch.tensor(feed)
+            positions[slot, : len(feed)] = start + torch.arange(len(feed))
+        reach = max(start + len(feed) for start, feed in behind.values())
+        cache = self.cache.rows(0, b, e.attend(reach))
+        self.draft.hidden_states(e.upload(tokens), cache, positions=e.upload(positions))
+
+    def _device_step(self, b: int, attend: int, filters: bool) -> tuple[Tensor, Tensor]:
+        """Draft (from the host-filled inputs), verify and accept for rows 0 .. b - 1, all on the device, in place
+        on the slot state; the whole step has fixed shapes for (b, attend, filters).
+
+        Returns:
+            ([b, G + 1] tokens: the kept drafts, then the drawn token, then filler; [b] how many were kept).
+        """
+        e, G = self.engine, self.gamma
+        t = e.sampling.rows(b)
+        positions = e.positions[:b]  # [b]: where each row's current token goes
+        if self.draft is None:
+            drafts = self.lookup[:b]
+            q = torch.zeros(b, G, e.vocab_size, device=e.device).scatter_(2, drafts[..., None], 1.0)  # one-hot
+        else:
+            drafts, q = self._draft(b, t, filters, attend)
+        verify = torch.cat([e.tokens[:b, None], drafts], dim=1)  # [b, G + 1]
+        at = (positions[:, None] + torch.arange(G + 1, device=e.device)).clamp_(max=e.seq_len - 1)  # [b, G + 1]
+        cache = e.cache.rows(0, b, attend)
+        logits = e.model.lm_head(e.model.hidden_states(verify, cache, positions=at)).float()
+        rows = torch.arange(b, device=e.device).repeat_interleave(G + 1)
+        p = sampling.processed_logits(logits.flatten(0, 1), t.take(rows), None, filters).softmax(-1)  # [b(G+1), V]
+        tokens, n = accept(p.view(b, G + 1, -1), q, drafts, t, positions + 1)
+        e.tokens[:b] = tokens[torch.arange(b, device=e.device), n]
+        e.positions[:b] = (positions + n + 1).clamp_(max=e.seq_len - 1)
+        return tokens, n
+
+    def _draft(self, b: int, t: sampling.SamplingTensors, filters: bool, attend: int) -> tuple[Tensor, Tensor]:
+        """G tokens of the draft model per row, drawn with each row's settings, and their distributions.
+
+        The draft first reads each row's previous and current token (positions length - 2 and length - 1; an idle
+        row feeds its scratch position twice), then each draft in turn.
+        """
+        e, G = self.engine, self.gamma
+        scratch = e.seq_len - 1
+        at = e.positions[:b]  # [b]: the current token's position
+        tokens = torch.stack([self.previous[:b], e.tokens[:b]], dim=1)  # [b, 2]
+        positions = torch.stack([torch.where(at == scratch, at, at - 1), at], dim=1)  # [b, 2]
+        cache = self.cache.rows(0, b, attend)
+        logits = self.draft.lm_head(self.draft.hidden_states(tokens, cache, positions=positions)[:, 1]).float()
         drafts, q = [], []
         for i in range(G):
             processed = sampling.processed_logits(logits, t, None, filters)  # [b, V]
@@ -202,7 +260,7 @@ class Speculator:
             drafts.append(token)
             q.append(processed.softmax(-1))
             if i + 1 < G:
-                at = (at + 1).clamp_(max=e.seq_len - 1)
+                at = (at + 1).clamp(max=scratch)
                 logits = self.draft.lm_head(
                     self.draft.hidden_states(token[:, None], cache, positions=at[:, None])[:, 0]
                 ).float()

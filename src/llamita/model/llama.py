@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -178,31 +180,47 @@ class KVCache:
         out.attend = min(out.max_len if attend is None else attend, out.max_len)
         return out
 
-    def update(self, layer: int, k: Tensor, v: Tensor, write_at: Tensor) -> tuple[Tensor, Tensor]:
-        """Write one layer's new keys and values at their positions; return what attention reads.
+    def layer(self, i: int) -> LayerKV:
+        """Layer i's buffers and rows: what its attention writes and reads (`LayerKV.update`)."""
+        return LayerKV(self.k[i], self.v[i], self.index)
+
+
+@dataclass
+class LayerKV:
+    """One layer's part of a `KVCache` view. A layer gets its own buffers rather than (cache, layer index), and its
+    read length comes from its mask's shape rather than an int attribute, so that a compiled block sees the same
+    kind of input at every layer and read length: one compilation (dynamic shapes) serves them all."""
+
+    k: Tensor
+    """[B or all rows, KV, max_len, hd] keys."""
+    v: Tensor
+    """[B or all rows, KV, max_len, hd] values."""
+    index: Tensor | None
+    """[B] rows of the buffers that the batch's sequences are; None: all of them, in order."""
+
+    def update(self, k: Tensor, v: Tensor, write_at: Tensor, attend: int) -> tuple[Tensor, Tensor]:
+        """Write the layer's new keys and values at their positions; return what attention reads.
 
         Args:
-            layer: The layer.
             k: [B, KV, T, hd] new keys.
             v: [B, KV, T, hd] new values.
             write_at: [B, T] cache position of each of them.
+            attend: Positions attention reads (the cache view's `attend`, its mask's last size).
 
         Returns:
             The layer's keys and values at positions 0 .. attend - 1 of the rows, [B, KV, attend, hd] each.
         """
-        k_buf, v_buf = self.k[layer], self.v[layer]  # [B or all rows, KV, max_len, hd]
+        k_buf, v_buf = self.k, self.v  # [B or all rows, KV, max_len, hd]
         if self.index is None:
             B, KV, T, hd = k.shape
             where = write_at[:, None, :, None].expand(B, KV, T, hd)  # [B, KV, T, hd]
             k_buf.scatter_(2, where, k)  # in place, each sequence at its own positions
             v_buf.scatter_(2, where, v)
-            return k_buf[:, :, : self.attend], v_buf[:, :, : self.attend]
+            return k_buf[:, :, :attend], v_buf[:, :, :attend]
         rows = self.index[:, None]  # [B, 1], broadcast against write_at's [B, T]
         k_buf[rows, :, write_at] = k.transpose(1, 2)  # [B, T, KV, hd] into (row, position) pairs
         v_buf[rows, :, write_at] = v.transpose(1, 2)
-        return k_buf[:, :, : self.attend].index_select(0, self.index), v_buf[:, :, : self.attend].index_select(
-            0, self.index
-        )
+        return k_buf[:, :, :attend].index_select(0, self.index), v_buf[:, :, :attend].index_select(0, self.index)
 
 
 class Attention(nn.Module):
@@ -223,7 +241,7 @@ class Attention(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        kv: tuple[KVCache, int] | None = None,
+        kv: LayerKV | None = None,
         write_at: Tensor | None = None,
         mask: Tensor | BlockMask | None = None,
     ) -> Tensor:
@@ -233,7 +251,7 @@ class Attention(nn.Module):
             x: [B, T, D] normed hidden states.
             cos: [T, hd] RoPE table rows for x's positions, or [B, 1, T, hd] when each sequence has its own.
             sin: likewise.
-            kv: The cache and this layer's index in it (`KVCache.update` writes and reads it).
+            kv: This layer's part of the cache (`LayerKV.update` writes and reads it).
             write_at: [B, T] cache position of each of x's tokens, where its key and value go (with `kv`).
             mask: [B, 1, T, T] boolean, True where query i may see key j, replacing the causal mask (packed
                 sequences), or the same as a FlexAttention `BlockMask`; with `kv`, [B, 1, T, S]: which of the
@@ -250,8 +268,7 @@ class Attention(nn.Module):
 
         gqa = self.n_kv_heads != self.n_heads
         if kv is not None:
-            cache, layer = kv
-            k_cache, v_cache = cache.update(layer, k, v, write_at)  # [B, KV, S, hd] each
+            k_cache, v_cache = kv.update(k, v, write_at, mask.shape[-1])  # [B, KV, S, hd] each
             # The G query heads that share a key/value head attend as G * T queries of that head, so SDPA's fused
             # kernels take the mask; its grouped-query path would repeat the whole cache for every query head.
             G, S = self.n_heads // self.n_kv_heads, k_cache.shape[2]
@@ -296,7 +313,7 @@ class Block(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        kv: tuple[KVCache, int] | None = None,
+        kv: LayerKV | None = None,
         write_at: Tensor | None = None,
         mask: Tensor | BlockMask | None = None,
     ) -> Tensor:
@@ -363,6 +380,7 @@ class Llama(nn.Module):
         *,
         positions: Tensor | None = None,
         mask: Tensor | BlockMask | None = None,
+        layer_fn: Callable[..., Tensor] | None = None,
     ) -> Tensor:
         """Final-normed hidden states (the lm_head's input).
 
@@ -375,6 +393,8 @@ class Llama(nn.Module):
                 are decoded together (no start_pos then).
             mask: [B, 1, T, T] boolean attention mask, True where query i may see key j (packed sequences: with
                 `positions`, no cache).
+            layer_fn: Runs each block as `layer_fn(block, x, cos, sin, kv, write_at, mask)` (default: the block
+                itself): the inference engine's compiled `block_step`, one compilation for every layer.
 
         Returns:
             [B, T, D].
@@ -416,9 +436,12 @@ class Llama(nn.Module):
             keys = torch.arange(cache.attend, device=tokens.device)  # [S]: the positions attention reads
             mask = (keys <= positions[:, :, None])[:, None]  # [B, 1, T, S]: each query sees its own past
         x = self.model.embed_tokens(tokens)  # [B, T, D]
-        for i, layer in enumerate(self.model.layers):
-            kv = None if cache is None else (cache, i)
-            x = layer(x, cos, sin, kv, write_at, mask)  # [B, T, D]
+        for i, block in enumerate(self.model.layers):
+            kv = None if cache is None else cache.layer(i)
+            if layer_fn is None:
+                x = block(x, cos, sin, kv, write_at, mask)  # [B, T, D]
+            else:
+                x = layer_fn(block, x, cos, sin, kv, write_at, mask)  # [B, T, D]
         return self.model.norm(x)  # [B, T, D]
 
     def forward(
