@@ -22,6 +22,7 @@ from llamita.train import checkpoint as ckpt
 from llamita.train.metrics import read_metrics
 from llamita.train.optim import build_optimizer, clipped_step, gradient_norm, set_lr
 from llamita.train.parallel import DistEnv, parallelize, plan_parallel
+from pretrain_runs import finish, torchrun, train_rows
 
 torchao_optim = pytest.importorskip("torchao.optim")
 from torchao.optim.subclass_8bit import OptimState8bit  # noqa: E402
@@ -235,3 +236,16 @@ def test_bf16_weights_resume_equals_the_uninterrupted_run(debug_config, tmp_path
     again = load_pretrained(run).model.state_dict()
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     assert_same_checkpoint(kept, ckpt.checkpoint_path(run, 8))
+
+
+def test_bf16_weights_on_two_ranks_have_fp32_gradient_norms(debug_config, tmp_path):
+    """FSDP2 shards of bf16 gradients: the norm is still computed in fp32 (a bf16 norm would be a bf16 value, and
+    clipping and the spike guard would see its rounding), and it is the one process's norm to bf16 precision."""
+    settings = {"train.weights": "bf16", "train.max_steps": "3", "train.threads": "1", "eval.interval": "0"}
+    pretrain(debug_config(tmp_path / "one", **settings))
+    finish(torchrun(debug_config(tmp_path / "two", **settings)))
+    one, two = train_rows(tmp_path / "one"), train_rows(tmp_path / "two")
+    assert [r[0] for r in two] == [1, 2, 3]
+    for (_, _, norm_one, _), (_, _, norm_two, _) in zip(one, two):
+        assert float(torch.tensor(norm_two).bfloat16()) != norm_two  # not a bf16 number: computed in fp32
+        assert norm_two == pytest.approx(norm_one, rel=2e-2)

@@ -163,10 +163,10 @@ def gradient_norm(optimizer: torch.optim.Optimizer) -> Tensor:
     grads = [g for group in optimizer.param_groups for p in group["params"] if (g := get(p)) is not None]
     if not grads:
         return torch.zeros((), device=optimizer.param_groups[0]["params"][0].device)
-    if isinstance(grads[0], DTensor):
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
+    # In fp32 whatever the gradients' dtype (bf16 with `train.weights` bf16); FSDP2 shards' norms are DTensors
+    # whose placements sum them over the ranks that hold different shards.
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def clipped_step(optimizer: torch.optim.Optimizer, grad_norm: Tensor, max_norm: float, skip: Tensor) -> None:
