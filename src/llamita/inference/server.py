@@ -433,6 +433,8 @@ class _Format:
     object_whole: str
     object_chunk: str
     prefix: str
+    content_key: str
+    """The key of a chunk choice's new text: "text" (completions) or "delta" (chat)."""
 
     def __init__(self, server: Server, req: Any, picks: list[Choice]) -> None:
         self.server, self.req, self.picks = server, req, picks
@@ -499,12 +501,24 @@ class _Format:
 
     def choice_chunk(self, i: int, text: str, start: int) -> str:
         """Choice `i` of a chunk, as JSON text: `text` and the logprobs from token `start` on."""
+        return self._choice(i, self.content(text), _json(self._logprobs(i, start)), self.finish[i])
+
+    def content(self, text: str) -> str:
+        """A chunk's new text as the JSON value of `content_key`."""
         raise NotImplementedError
+
+    def _logprobs(self, i: int, start: int = 0) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def _choice(self, i: int, content: str, logprobs: str, finish: str | None) -> str:
+        """A chunk choice from JSON texts of its content and logprobs."""
+        return f'{{"index":{i},"{self.content_key}":{content},"logprobs":{logprobs},"finish_reason":{_json(finish)}}}'
 
 
 class _CompletionFormat(_Format):
     object_whole = object_chunk = "text_completion"
     prefix = "cmpl"
+    content_key = "text"
 
     def _echo(self, i: int) -> str:
         prompt = self.picks[i].prompt
@@ -522,14 +536,12 @@ class _CompletionFormat(_Format):
     def opening(self) -> list[str]:
         if not self.req.echo:
             return []
-        return [self.chunk_of([self._choice(i, self._echo(i), "null", None) for i in range(len(self.picks))])]
+        return [
+            self.chunk_of([self._choice(i, self.content(self._echo(i)), "null", None) for i in range(len(self.picks))])
+        ]
 
-    def choice_chunk(self, i: int, text: str, start: int) -> str:
-        return self._choice(i, text, _json(self._logprobs(i, start)), self.finish[i])
-
-    @staticmethod
-    def _choice(i: int, text: str, logprobs: str, finish: str | None) -> str:
-        return f'{{"index":{i},"text":{_json(text)},"logprobs":{logprobs},"finish_reason":{_json(finish)}}}'
+    def content(self, text: str) -> str:
+        return _json(text)
 
     def whole(self) -> dict[str, Any]:
         parts = [
@@ -543,6 +555,7 @@ class _CompletionFormat(_Format):
 class _ChatFormat(_Format):
     object_whole, object_chunk = "chat.completion", "chat.completion.chunk"
     prefix = "chatcmpl"
+    content_key = "delta"
 
     def _logprobs(self, i: int, start: int = 0) -> dict[str, Any] | None:
         if not self.req.logprobs:
@@ -554,13 +567,8 @@ class _ChatFormat(_Format):
         delta = '{"role":"assistant","content":""}'
         return [self.chunk_of([self._choice(i, delta, "null", None) for i in range(len(self.picks))])]
 
-    def choice_chunk(self, i: int, text: str, start: int) -> str:
-        delta = f'{{"content":{_json(text)}}}' if text else "{}"
-        return self._choice(i, delta, _json(self._logprobs(i, start)), self.finish[i])
-
-    @staticmethod
-    def _choice(i: int, delta: str, logprobs: str, finish: str | None) -> str:
-        return f'{{"index":{i},"delta":{delta},"logprobs":{logprobs},"finish_reason":{_json(finish)}}}'
+    def content(self, text: str) -> str:
+        return f'{{"content":{_json(text)}}}' if text else "{}"
 
     def whole(self) -> dict[str, Any]:
         parts = [
