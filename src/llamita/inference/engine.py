@@ -165,13 +165,14 @@ def model_logits(
     Returns:
         [B, T, V] float32.
     """
-    return model.lm_head(prefill_hidden(model, cache, tokens, positions, layer_fn)).float()  # [B, T, V]
+    return model.lm_head(cached_hidden(model, cache, tokens, positions, layer_fn)).float()  # [B, T, V]
 
 
-def prefill_hidden(
+def cached_hidden(
     model: Llama, cache: KVCache, tokens: Tensor, positions: Tensor, layer_fn: Callable[..., Tensor] | None = None
 ) -> Tensor:
-    """The prefill forward: [B, T, D] hidden states of prompt chunks, written into the cache rows they go to."""
+    """[B, T, D] hidden states of tokens fed through the cache rows they go to (written there): the prefill
+    forward, and the decode step's before its output head."""
     return model.hidden_states(tokens, cache, positions=positions, layer_fn=layer_fn)
 
 
@@ -266,7 +267,7 @@ class Engine:
         # one would be compiled again, dynamic, at the second size).
         block = torch.compile(block_step, fullgraph=True, dynamic=True, backend=backend) if compiled else None
         self._logits = functools.partial(model_logits, layer_fn=block)
-        self._hidden = functools.partial(prefill_hidden, layer_fn=block)
+        self._hidden = functools.partial(cached_hidden, layer_fn=block)
         self._sample_plain = (
             torch.compile(sampling.sample, fullgraph=True, dynamic=True, backend=backend)
             if compiled
