@@ -452,14 +452,20 @@ def main() -> None:
                 continue
             spec = {"system": system, "shape": shape, "gpt_fast": args.gpt_fast, "bandwidth": args.bandwidth}
             results["throughput"][system] = _run_isolated(system, spec, log, args.timeout)
+            _write(out, results)  # after every system: a call stopped from outside keeps what finished
     if "speculative" in groups:
         if not args.data and not args.smoke:
             parser.error("the speculative group trains on the prepared corpus: pass --data (see --help)")
         results["speculative"] = run_speculative(args, shape, out)
+    print(_write(out, results))
+
+
+def _write(out: Path, results: dict) -> str:
+    """The results so far as JSON and as the markdown tables; returns the tables."""
     (out / "infer_throughput.json").write_text(json.dumps(results, indent=1))
     text = tables(results)
     (out / "infer_throughput.md").write_text(text + "\n")
-    print(text)
+    return text
 
 
 if __name__ == "__main__":

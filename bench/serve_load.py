@@ -653,8 +653,11 @@ def main() -> None:
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a server to answer /health")
     parser.add_argument("--deadline", type=float, default=470.0, help="seconds for the call: later levels are skipped")
     parser.add_argument("--prefill-interval", type=int, default=1, help="llamita's EngineConfig.prefill_interval")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="the levels (default: the shape's)")
     args = parser.parse_args()
-    shape = SMOKE if args.smoke else SHAPE
+    shape = dict(SMOKE if args.smoke else SHAPE)
+    if args.concurrency:
+        shape["concurrency"] = sorted(args.concurrency)
     names = args.systems.split(",") if args.systems else SYSTEMS[: 3 if args.peers or not args.smoke else 2]
     unknown = sorted(set(names) - set(SYSTEMS))
     if unknown:

@@ -199,6 +199,29 @@ def test_kv_cache_rows_by_index_and_bounded_reads_match_the_full_forward():
         cache.view(rows, 8)
 
 
+def test_cached_attention_of_several_tokens_keeps_off_cudnn(monkeypatch):
+    """Through a cache, a forward of several tokens a row (a prefill) runs SDPA with cuDNN's backend off (it builds
+    an execution plan for every new shape, 55-400 ms, and prefill shapes change with every batch); one token a row
+    (decoding) leaves the backends as they are."""
+    import torch.nn.functional as F
+
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append((args[0].shape[2], torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = Llama(TINY).double()
+    cache = KVCache(TINY, batch_size=1, max_len=16, dtype=torch.float64)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache, 0)
+        model(torch.tensor([[4]]), cache, 3)
+    G = TINY.n_heads // TINY.n_kv_heads
+    assert seen == [(3 * G, False)] * TINY.n_layers + [(G, True)] * TINY.n_layers
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_attention_is_causal():
     model = Llama(TINY)
     tokens = torch.randint(0, TINY.vocab_size, (1, 12))

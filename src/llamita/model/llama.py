@@ -9,6 +9,7 @@ I intermediate size, V vocab.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from llamita.model.config import ModelConfig
@@ -211,16 +213,20 @@ class LayerKV:
             The layer's keys and values at positions 0 .. attend - 1 of the rows, [B, KV, attend, hd] each.
         """
         k_buf, v_buf = self.k, self.v  # [B or all rows, KV, max_len, hd]
-        if self.index is None:
-            B, KV, T, hd = k.shape
-            where = write_at[:, None, :, None].expand(B, KV, T, hd)  # [B, KV, T, hd]
-            k_buf.scatter_(2, where, k)  # in place, each sequence at its own positions
-            v_buf.scatter_(2, where, v)
-            return k_buf[:, :, :attend], v_buf[:, :, :attend]
-        rows = self.index[:, None]  # [B, 1], broadcast against write_at's [B, T]
+        # An index_put_, not a scatter_: Inductor writes an index_put_ into a compiled graph's input in place,
+        # while a scatter_ into one becomes a copy of the whole buffer, scattered, then copied back (torch 2.11-2.13:
+        # at 256 slots of 2048 positions that made a decode step 4x slower).
+        index = torch.arange(k.shape[0], device=k.device) if self.index is None else self.index
+        rows = index[:, None]  # [B, 1], broadcast against write_at's [B, T]
         k_buf[rows, :, write_at] = k.transpose(1, 2)  # [B, T, KV, hd] into (row, position) pairs
         v_buf[rows, :, write_at] = v.transpose(1, 2)
+        if self.index is None:
+            return k_buf[:, :, :attend], v_buf[:, :, :attend]
         return k_buf[:, :, :attend].index_select(0, self.index), v_buf[:, :, :attend].index_select(0, self.index)
+
+
+_NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+"""SDPA's backends without per-shape plans (with a mask on CUDA: the memory-efficient kernel; on a CPU: its flash)."""
 
 
 class Attention(nn.Module):
@@ -274,7 +280,11 @@ class Attention(nn.Module):
             G, S = self.n_heads // self.n_kv_heads, k_cache.shape[2]
             grouped = q.reshape(B, self.n_kv_heads, G * T, self.head_dim)  # [B, KV, G * T, hd]
             mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)  # [B, 1, G * T, S]
-            y = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=mask)  # [B, KV, G * T, hd]
+            # Several tokens a row (a prefill, a speculative verification): not cuDNN's kernel, which builds an
+            # execution plan for every new shape (55-400 ms each), and prefill shapes change with every batch of
+            # prompts. One token a row (decoding) keeps it: the engine's shapes there are few and captured.
+            with sdpa_kernel(_NOT_CUDNN) if T > 1 else contextlib.nullcontext():
+                y = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=mask)  # [B, KV, G * T, hd]
             y = y.reshape(B, self.n_heads, T, self.head_dim)  # [B, H, T, hd]
         elif isinstance(mask, BlockMask):  # packed documents on a GPU (`document_mask`)
             y = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)  # [B, H, T, hd]
