@@ -249,3 +249,48 @@ def test_bf16_weights_on_two_ranks_have_fp32_gradient_norms(debug_config, tmp_pa
     for (_, _, norm_one, _), (_, _, norm_two, _) in zip(one, two):
         assert float(torch.tensor(norm_two).bfloat16()) != norm_two  # not a bf16 number: computed in fp32
         assert norm_two == pytest.approx(norm_one, rel=2e-2)
+
+
+REPLICA_DRIVER = """
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from llamita.config import load_config
+from llamita.pretrain import pretrain
+from llamita.train import checkpoint as ckpt
+
+save = ckpt.save_checkpoint
+
+
+def saving_the_local_weights(path, model, optimizer, trainer_state):
+    rank = torch.distributed.get_rank()
+    local = {n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+    torch.save(local, Path(path).parents[1] / f"replica{rank}.step{trainer_state['step']}.pt")  # the run folder
+    return save(path, model, optimizer, trainer_state)
+
+
+ckpt.save_checkpoint = saving_the_local_weights
+pretrain(load_config(sys.argv[1]))
+"""
+
+
+def test_bf16_weights_stay_identical_on_hsdp_replicas(debug_config, tmp_path):
+    """Two HSDP replicas (mesh 2 x 1) of bf16 weights step with stochastic rounding: each draws its random bits
+    from its own generator, so they stay one model only if both draw the same. At steps 2 and 4 the weights are
+    bit-identical on both ranks, and they moved in between."""
+    settings = {"train.weights": "bf16", "train.max_steps": "4", "train.threads": "1", "eval.interval": "0",
+                "parallel.dp_replicate": "2", "parallel.fsdp": "on", "checkpoint.interval": "2"}  # fmt: skip
+    script = tmp_path / "driver.py"
+    script.write_text(REPLICA_DRIVER)
+    run = tmp_path / "two"
+    finish(torchrun(debug_config(run, **settings), script=script))
+    weights = {(rank, step): torch.load(run / f"replica{rank}.step{step}.pt") for rank in (0, 1) for step in (2, 4)}
+    names = list(weights[0, 4])
+    assert names and all(weights[0, 4][n].dtype == torch.bfloat16 for n in names)
+    for step in (2, 4):
+        for n in names:
+            assert torch.equal(weights[0, step][n], weights[1, step][n]), f"{n} differs between the replicas"
+    assert all(not torch.equal(weights[0, 2][n], weights[0, 4][n]) for n in names if "weight" in n and "norm" not in n)
