@@ -6,11 +6,14 @@ times `Engine.step` (the prefill forward and the first token, nothing decoding; 
 prompts exceed the prefill budget) between syncs, for a shape seen for the first time and for the same shape again
 (a per-shape cost: recompilation, an attention plan, autotuning), and counts Dynamo's compilations before and after
 (a recompilation, or the compile limit and a fall-back to eager, shows there). Then one prefill under
-torch.profiler: host time against GPU time, and the kernels.
+torch.profiler: host time against GPU time, and the kernels. A prefill forward is compiled but not graphed: if its
+host time is the launches of 22 blocks' kernels through Inductor's Python wrapper, `--cpp-wrapper` shows what
+launching them from C++ saves, and `--no-compile` what the eager path costs.
 
     python bench/profile_prefill.py --out $OUT
     python bench/profile_prefill.py --preset debug --seq-len 128 --max-batch 8 --shapes 3 --out /tmp/p  # CPU smoke
     TORCH_LOGS=recompiles python bench/profile_prefill.py --out $OUT     # with the reasons of any recompilation
+    python bench/profile_prefill.py --cpp-wrapper --out $OUT             # kernels launched from C++
 """
 
 from __future__ import annotations
@@ -31,8 +34,14 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048, help="slot length (the serving benchmark's)")
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--shapes", type=int, default=24, help="prefill batches of new (K, n) each")
+    parser.add_argument("--no-compile", action="store_true", help="the engine's eager path (launch-bound)")
+    parser.add_argument("--cpp-wrapper", action="store_true", help="Inductor's compiled code launching from C++")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
+    if args.cpp_wrapper:
+        import torch._inductor.config as inductor
+
+        inductor.cpp_wrapper = True
 
     from torch._dynamo.utils import counters
 
@@ -48,7 +57,8 @@ def main() -> None:
     model.init_weights()
     model = model.to(torch.bfloat16 if cuda else torch.float32).eval()
     t0 = time.perf_counter()
-    engine = Engine(model, EngineConfig(max_batch=args.max_batch, max_seq_len=args.seq_len))
+    config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.seq_len, compile=not args.no_compile)
+    engine = Engine(model, config)
     print(f"engine started in {time.perf_counter() - t0:.1f} s: {engine.startup_s}", flush=True)
     vocab = model.config.vocab_size
     rng = random.Random(0)
@@ -91,6 +101,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"preset": args.preset, "seq_len": args.seq_len, "max_batch": args.max_batch,
+              "compile": not args.no_compile, "cpp_wrapper": args.cpp_wrapper,
               "startup_phases_s": engine.startup_s, "device": torch.cuda.get_device_name() if cuda else "cpu",
               "torch": torch.__version__, "rows": rows, "profiled": {"wall_ms": wall, "kernel_ms": gpu_ms,
               "launches": launches, "table": table}, "dynamo": {k: dict(v) for k, v in counters.items()}}  # fmt: skip
