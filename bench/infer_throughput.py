@@ -9,9 +9,11 @@ dynamic cache and with its static cache + torch.compile, and gpt-fast's own `gen
 `--gpt-fast PATH` (its public source; never committed here: without the path it is reported as missing). Each
 system runs in its own subprocess. The bandwidth limit is the weights read once per decode step at `--bandwidth`
 (for llamita-int8 its int8 weights and scales, the embedding in bf16: `llamita.inference.quantize.weight_bytes`).
-`--systems llamita-int8-tuned` adds llamita-int8 built under Inductor's coordinate-descent tuning, with which
-Inductor turns a matrix-vector product (batch 1) into a reduction that reads the int8 weights directly instead of
-casting them to bf16 in a kernel of their own (`torch/_inductor/decomposition.py`, `mm`); it compiles longer.
+`--systems llamita-unfused` adds llamita without `LLM`'s fused q/k/v and gate/up projections (`fuse=False`), the
+A/B of that fusion. `--systems llamita-int8-tuned` adds llamita-int8 built under Inductor's coordinate-descent
+tuning, with which Inductor turns a matrix-vector product (batch 1) into a reduction that reads the int8 weights
+directly instead of casting them to bf16 in a kernel of their own (`torch/_inductor/decomposition.py`, `mm`); it
+compiles longer.
 
 Group `speculative`: trains, within the same call, a target of the tinyllama-1.1b shape and a much smaller draft
 (two narrow layers: at this scale a step costs about its kernel count, not its parameter count) on the prepared
@@ -45,7 +47,7 @@ SMOKE = {"preset": "debug", "prompt": 12, "new": 8, "batches": [1, 4], "device":
          "spec_prompts": 2, "spec_new": 8, "draft": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
          "intermediate_size": 64}}  # fmt: skip
 SYSTEMS = ["llamita", "llamita-int8", "hf-eager", "hf-static-compile", "gpt-fast"]
-EXTRA_SYSTEMS = ["llamita-int8-tuned"]
+EXTRA_SYSTEMS = ["llamita-int8-tuned", "llamita-unfused"]
 """Run only when `--systems` names them."""
 REPEAT = "\n\n# The same code again, unchanged:\n"
 
@@ -82,7 +84,9 @@ def _timed(fn: Any, device: str) -> tuple[float, float, Any]:
     return seconds, peak, result
 
 
-def _llamita(shape: dict, model: Any, prompts: Any, out: _Progress, quantize: str | None, tuned: bool) -> dict:
+def _llamita(
+    shape: dict, model: Any, prompts: Any, out: _Progress, quantize: str | None, tuned: bool, fuse: bool
+) -> dict:
     import contextlib
 
     import torch._inductor.config as inductor
@@ -93,7 +97,7 @@ def _llamita(shape: dict, model: Any, prompts: Any, out: _Progress, quantize: st
     cuda = shape["device"] == "cuda"
     with inductor.patch(coordinate_descent_tuning=True) if tuned else contextlib.nullcontext():
         llm = LLM(model, max_batch=max(shape["batches"]), max_seq_len=shape["prompt"] + shape["new"], compile=cuda,
-                  quantize=quantize)  # fmt: skip
+                  quantize=quantize, fuse=fuse)  # fmt: skip
         out.weight_bytes = weight_bytes(llm.model)  # what a decode step reads
         params = SamplingParams(temperature=0.0, max_tokens=shape["new"], ignore_eos=True)
         for batch in shape["batches"]:
@@ -203,7 +207,8 @@ def run_worker(spec: dict, result_path: str = "") -> dict:
     progress = _Progress(result_path, spec, weight_bytes)
     if system.startswith("llamita"):
         quantize = "int8" if system.startswith("llamita-int8") else None
-        result = _llamita(shape, model, prompts.cpu(), progress, quantize, tuned=system.endswith("-tuned"))
+        tuned, fuse = system.endswith("-tuned"), system != "llamita-unfused"
+        result = _llamita(shape, model, prompts.cpu(), progress, quantize, tuned=tuned, fuse=fuse)
     elif system in ("hf-eager", "hf-static-compile"):
         result = _hf(shape, model, prompts, system == "hf-static-compile", progress)
     else:

@@ -273,10 +273,12 @@ def test_cuda_graphs_decode_as_the_eager_step(model):
     model.to("cpu")
 
 
-def test_the_compiled_block_writes_the_cache_in_place():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_the_compiled_block_writes_the_cache_in_place(fuse):
     """Inductor's code for the decode step's block writes the new keys into the cache buffers and reads their
     first positions: it never copies a whole buffer (a scatter_ there was compiled as copy, scatter, copy back:
-    two passes over every slot's keys and values per layer and step, 4x slower at 256 slots of 2048 positions)."""
+    two passes over every slot's keys and values per layer and step, 4x slower at 256 slots of 2048 positions);
+    with the projections fused or not."""
     import re
 
     from torch._inductor.utils import run_and_get_code
@@ -284,6 +286,8 @@ def test_the_compiled_block_writes_the_cache_in_place():
     from llamita.model import ModelConfig
 
     model = tiny_model(ModelConfig(**{**TINY.__dict__, "n_layers": 1})).float()
+    if fuse:  # as `LLM` serves on a GPU: q/k/v and gate/up as one matmul each
+        model.fuse_projections()
     cache = SlotCache(model.config, 4, 48, device=torch.device("cpu"), dtype=torch.float32)
     view = cache.rows(0, 3, attend=24)  # a decode batch of 3 reading 24 of 48 positions
     tokens, positions = torch.tensor([[5], [7], [9]]), torch.tensor([[3], [10], [47]])

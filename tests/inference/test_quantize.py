@@ -138,6 +138,24 @@ def test_greedy_decoding_through_the_engine(trained):
     assert torch.stack(agree).mean() >= 0.95
 
 
+def test_fused_projections_quantize_and_decode_as_the_separate_ones(trained):
+    """`LLM(fuse=True)` stacks q/k/v and gate/up before quantizing: per-row int8 scales of a stacked weight are the
+    separate weights' scales, so the fused int8 model decodes the unfused int8 model's tokens; in float, the
+    fused model decodes the model's own."""
+    prompts = language(3, 8, seed=1003).tolist()
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    for quantize in (None, "int8"):
+        ids = [
+            [c.token_ids for c in LLM(copy.deepcopy(trained), quantize=quantize, fuse=fuse, max_batch=3).generate(
+                prompts, greedy)]
+            for fuse in (False, True)
+        ]  # fmt: skip
+        assert ids[0] == ids[1], quantize
+    fused = LLM(copy.deepcopy(trained), fuse=True, max_batch=1).model
+    assert hasattr(fused.model.layers[0].self_attn, "qkv_proj") and hasattr(fused.model.layers[0].mlp, "gate_up_proj")
+    assert not hasattr(LLM(copy.deepcopy(trained), max_batch=1).model.model.layers[0].self_attn, "qkv_proj")  # CPU
+
+
 def test_the_engine_keeps_the_activation_dtype_for_its_cache_and_the_weights_shrink(trained):
     llm = LLM(copy.deepcopy(trained), quantize="int8", max_batch=2)
     assert llm.engine.dtype == torch.float32 and llm.engine.cache.kv.k[0].dtype == torch.float32

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import math
 
@@ -220,6 +221,35 @@ def test_cached_attention_of_several_tokens_keeps_off_cudnn(monkeypatch):
     G = TINY.n_heads // TINY.n_kv_heads
     assert seen == [(3 * G, False)] * TINY.n_layers + [(G, True)] * TINY.n_layers
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_fused_projections_give_the_same_logits_with_and_without_a_cache():
+    """`fuse_projections` stacks q/k/v and gate/up into one matmul each: the training forward and a cached
+    prefill + decode give the unfused model's logits (float64), under the fused names only."""
+    model = Llama(TINY).double()
+    _randomize_norms(model)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(tokens)
+        fused = copy.deepcopy(model).fuse_projections()
+        torch.testing.assert_close(fused(tokens), full, atol=1e-12, rtol=0)
+        cache = KVCache(TINY, batch_size=2, max_len=12, dtype=torch.float64)
+        pieces = [fused(tokens[:, :8], cache, 0)] + [fused(tokens[:, i : i + 1], cache, i) for i in range(8, 12)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-10, rtol=0)
+    names = set(fused.state_dict())
+    assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.1.mlp.gate_up_proj.weight" in names
+    assert not any(
+        n.endswith((".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".gate_proj.weight", ".up_proj.weight"))
+        for n in names
+    )
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in model.parameters())
+    assert fused.fuse_projections() is fused  # a second call changes nothing
+    from llamita.chat.lora import LoRAConfig, apply_lora
+
+    adapted = copy.deepcopy(model)
+    apply_lora(adapted, LoRAConfig(rank=2))
+    with pytest.raises(ValueError, match="merge LoRA adapters first"):
+        adapted.fuse_projections()  # its adapters' updates would be lost
 
 
 def test_attention_is_causal():

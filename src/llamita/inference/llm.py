@@ -80,6 +80,7 @@ class LLM:
         dtype: str | torch.dtype = "auto",
         draft: str | Path | Llama | None = None,
         quantize: str | None = None,
+        fuse: bool | None = None,
         config: EngineConfig | None = None,
         **engine: Any,
     ) -> None:
@@ -95,6 +96,9 @@ class LLM:
             quantize: "int8": the model's Linear layers as weight-only int8 (torchao, `pip install 'llamita[quant]'`;
                 `llamita.inference.quantize`), before the engine sizes its cache from the memory left; a `Llama`
                 given is quantized in place. None: the weights as they are. The draft model stays as it is.
+            fuse: Fuse each block's q/k/v and gate/up projections into one matmul each (`Llama.fuse_projections`),
+                in place, the draft's too: fewer, larger matmuls per decode step. None: on a GPU (where a decode
+                step costs about its kernel count), not on a CPU.
             config: The engine's settings; or give them as keywords (max_batch=..., prefix_cache=True, ...).
             **engine: `EngineConfig` fields, when `config` is not given.
         """
@@ -108,6 +112,9 @@ class LLM:
             self.model, self.tokenizer = model, tokenizer
         else:
             self.model, self.tokenizer, self.source = load(model, pick_device(str(device), option="device"), dtype)
+        fuse = self.model.lm_head.weight.is_cuda if fuse is None else fuse
+        if fuse:
+            self.model.fuse_projections()  # before quantizing: the fused weights get their own per-row scales
         if quantize is not None:
             quantize_weights(self.model, quantize)
         weight = self.model.lm_head.weight  # a quantized weight keeps its device and (activation) dtype
@@ -115,6 +122,8 @@ class LLM:
             draft, draft_tokenizer, _ = load(draft, weight.device, weight.dtype)
             if self.tokenizer is not None and draft_tokenizer.fingerprint() != self.tokenizer.fingerprint():
                 raise ConfigError("the draft model's tokenizer differs from the target's; a draft must share it")
+        if fuse and draft is not None:
+            draft.fuse_projections()
         if draft is not None and "speculate" not in engine and config is None:
             engine["speculate"] = "draft"
         config = config or EngineConfig(**engine)

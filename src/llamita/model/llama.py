@@ -267,9 +267,13 @@ class Attention(nn.Module):
             [B, T, D].
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        if hasattr(self, "qkv_proj"):  # fused for inference (`fuse_projections`)
+            q, k, v = self.qkv_proj(x).split(self._qkv_sizes, dim=-1)  # [B, T, H * hd], [B, T, KV * hd] x 2
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, T, hd], [B, KV, T, hd]
 
         gqa = self.n_kv_heads != self.n_heads
@@ -293,6 +297,13 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H * hd]
         return self.o_proj(y)  # [B, T, D]
 
+    def fuse_projections(self) -> None:
+        """Replace q_proj, k_proj and v_proj by one `qkv_proj` whose weight stacks theirs (inference: one matmul
+        reading the three weights instead of three; see `Llama.fuse_projections`)."""
+        self._qkv_sizes = [self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
+        self.qkv_proj = _stacked(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
@@ -304,8 +315,24 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # [B, T, I]
-        return self.down_proj(h)  # [B, T, D]
+        if hasattr(self, "gate_up_proj"):  # fused for inference (`fuse_projections`)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, T, I] each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)  # [B, T, D]
+
+    def fuse_projections(self) -> None:
+        """Replace gate_proj and up_proj by one `gate_up_proj` whose weight stacks theirs (`Llama.fuse_projections`)."""
+        self.gate_up_proj = _stacked(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
+
+def _stacked(*linears: nn.Linear) -> nn.Linear:
+    """One bias-free Linear whose output is the outputs of `linears` side by side (their weights stacked)."""
+    weight = torch.cat([m.weight.detach() for m in linears])  # [sum of out, in]
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    return out
 
 
 class Block(nn.Module):
@@ -355,6 +382,33 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", torch.empty(config.max_seq_len, config.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(config.max_seq_len, config.head_dim), persistent=False)
         self.init_weights()
+
+    @torch.no_grad()
+    def fuse_projections(self) -> Llama:
+        """For inference: every block's q/k/v projections as one matmul (`qkv_proj`), and gate/up as one
+        (`gate_up_proj`), each weight the stack of the ones it replaces (the same outputs; the old weights are
+        freed). A decode step then reads the same bytes in 4 matmuls a block instead of 7 (vLLM's QKVParallelLinear
+        and MergedColumnParallelLinear; gpt-fast's wqkv).
+
+        The model then trains no more and saves under other names than Hugging Face's: fuse a model to serve it,
+        not one to save. Done in place; returns the model.
+        """
+        blocks = [b for b in self.model.layers if not hasattr(b.self_attn, "qkv_proj")]
+        for block in blocks:  # all checked before any is changed
+            a, m = block.self_attn, block.mlp
+            for linear in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                # What a stacked weight cannot carry: a LoRA adapter's update, a bias, a quantized weight.
+                weight = type(linear.weight.detach())
+                if type(linear) is not nn.Linear or linear.bias is not None or weight is not torch.Tensor:
+                    raise ValueError(
+                        f"fuse_projections stacks plain bias-free Linear weights, not a {type(linear).__name__} "
+                        f"with a {weight.__name__} weight: merge LoRA adapters first (`merge_lora`), and quantize "
+                        "after fusing"
+                    )
+        for block in blocks:
+            block.self_attn.fuse_projections()
+            block.mlp.fuse_projections()
+        return self
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
