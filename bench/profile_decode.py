@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=384, help="slot length (prompt 128 + 256 new, as the benchmark)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--no-fuse", action="store_true", help="q/k/v and gate/up unfused (LLM fuses them on a GPU)")
+    parser.add_argument("--fuse", action="store_true", help="q/k/v and gate/up fused (`LLM(fuse=True)`)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
 
@@ -54,7 +54,7 @@ def main() -> None:
     model.to_empty(device="cuda")
     model.init_weights()
     model = model.to(torch.bfloat16).eval()
-    if not args.no_fuse:
+    if args.fuse:
         model.fuse_projections()
     t0 = time.perf_counter()
     engine = Engine(model, EngineConfig(max_batch=max(args.batches), max_seq_len=args.seq_len,
@@ -121,7 +121,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"fused": not args.no_fuse, "preset": args.preset, "seq_len": args.seq_len, "compile": not args.no_compile,
+    record = {"fused": args.fuse, "preset": args.preset, "seq_len": args.seq_len, "compile": not args.no_compile,
               "startup_s": startup, "startup_phases_s": engine.startup_s, "buckets": engine.buckets,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "rows": rows, "kernels": kernels}  # fmt: skip

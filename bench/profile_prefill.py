@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--shapes", type=int, default=24, help="prefill batches of new (K, n) each")
     parser.add_argument("--no-compile", action="store_true", help="the engine's eager path (launch-bound)")
     parser.add_argument("--cpp-wrapper", action="store_true", help="Inductor's compiled code launching from C++")
-    parser.add_argument("--no-fuse", action="store_true", help="q/k/v and gate/up unfused (LLM fuses them on a GPU)")
+    parser.add_argument("--fuse", action="store_true", help="q/k/v and gate/up fused (`LLM(fuse=True)`)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
     if args.cpp_wrapper:
@@ -57,7 +57,7 @@ def main() -> None:
     model.to_empty(device="cuda" if cuda else "cpu")
     model.init_weights()
     model = model.to(torch.bfloat16 if cuda else torch.float32).eval()
-    if not args.no_fuse:
+    if args.fuse:
         model.fuse_projections()
     t0 = time.perf_counter()
     config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.seq_len, compile=not args.no_compile)
@@ -103,7 +103,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"fused": not args.no_fuse, "preset": args.preset, "seq_len": args.seq_len, "max_batch": args.max_batch,
+    record = {"fused": args.fuse, "preset": args.preset, "seq_len": args.seq_len, "max_batch": args.max_batch,
               "compile": not args.no_compile, "cpp_wrapper": args.cpp_wrapper,
               "startup_phases_s": engine.startup_s, "device": torch.cuda.get_device_name() if cuda else "cpu",
               "torch": torch.__version__, "rows": rows, "profiled": {"wall_ms": wall, "kernel_ms": gpu_ms,

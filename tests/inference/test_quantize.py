@@ -153,7 +153,7 @@ def test_fused_projections_quantize_and_decode_as_the_separate_ones(trained):
         assert ids[0] == ids[1], quantize
     fused = LLM(copy.deepcopy(trained), fuse=True, max_batch=1).model
     assert hasattr(fused.model.layers[0].self_attn, "qkv_proj") and hasattr(fused.model.layers[0].mlp, "gate_up_proj")
-    assert not hasattr(LLM(copy.deepcopy(trained), max_batch=1).model.model.layers[0].self_attn, "qkv_proj")  # CPU
+    assert not hasattr(LLM(copy.deepcopy(trained), max_batch=1).model.model.layers[0].self_attn, "qkv_proj")  # default
 
 
 def test_the_engine_keeps_the_activation_dtype_for_its_cache_and_the_weights_shrink(trained):

@@ -80,7 +80,7 @@ class LLM:
         dtype: str | torch.dtype = "auto",
         draft: str | Path | Llama | None = None,
         quantize: str | None = None,
-        fuse: bool | None = None,
+        fuse: bool = False,
         config: EngineConfig | None = None,
         **engine: Any,
     ) -> None:
@@ -97,8 +97,8 @@ class LLM:
                 `llamita.inference.quantize`), before the engine sizes its cache from the memory left; a `Llama`
                 given is quantized in place. None: the weights as they are. The draft model stays as it is.
             fuse: Fuse each block's q/k/v and gate/up projections into one matmul each (`Llama.fuse_projections`),
-                in place, the draft's too: fewer, larger matmuls per decode step. None: on a GPU (where a decode
-                step costs about its kernel count), not on a CPU.
+                in place, the draft's too: fewer, larger matmuls per decode step. Off until its speed is measured
+                on a GPU (`bench/infer_throughput.py --systems llamita,llamita-fused`).
             config: The engine's settings; or give them as keywords (max_batch=..., prefix_cache=True, ...).
             **engine: `EngineConfig` fields, when `config` is not given.
         """
@@ -112,7 +112,6 @@ class LLM:
             self.model, self.tokenizer = model, tokenizer
         else:
             self.model, self.tokenizer, self.source = load(model, pick_device(str(device), option="device"), dtype)
-        fuse = self.model.lm_head.weight.is_cuda if fuse is None else fuse
         if fuse:
             self.model.fuse_projections()  # before quantizing: the fused weights get their own per-row scales
         if quantize is not None:
