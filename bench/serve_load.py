@@ -21,12 +21,12 @@ Systems, each in its own process (`sft_throughput.run_systems`), one after the o
   added as one finishes (`Engine.add` / `Engine.step`), the closed loop the clients make; same `max_batch`.
   The cost of HTTP is the gap between this row and the next.
 - ``llamita-serve``: ``llamita serve --checkpoint DIR --max-batch 256`` (a subprocess, stopped with SIGTERM at the
-  end). Clients: the official ``openai`` AsyncOpenAI, streaming `/v1/completions` with token-id prompts and
-  ``stream_options.include_usage``, no retries, a connection pool as large as the concurrency; c workers each send
-  one request at a time until the level's requests are done or `--level-seconds` have passed (the requests in flight
-  then finish; any still running `--grace-seconds` later are cancelled, and count with the chunks they had streamed,
-  a lower bound of their tokens). Past 16 streams the workers are spread over client processes (16 each, started
-  together), so that parsing chunks in Python does not limit what is measured.
+  end; ``--stream-interval N`` passes on). Clients: the official ``openai`` AsyncOpenAI, streaming `/v1/completions`
+  with token-id prompts and ``stream_options.include_usage``, no retries, a connection pool as large as the
+  concurrency; c workers each send one request at a time until the level's requests are done or `--level-seconds` have
+  passed (the requests in flight then finish; any still running `--grace-seconds` later are cancelled, and count with
+  the chunks they had streamed, a lower bound of their tokens). Past 16 streams the workers are spread over client
+  processes (16 each, started together), so that parsing chunks in Python does not limit what is measured.
 - ``transformers-serve``: ``transformers serve DIR --continuous-batching`` (its paged-attention continuous batching;
   without it, requests run one `generate` after another on one thread), its defaults otherwise, the same clients.
   Its `/v1/completions` takes text prompts only, so it gets each prompt's text (the same ids with the word-level
@@ -505,7 +505,8 @@ def _server_command(spec: dict, port: int) -> tuple[list[str], str | None, dict 
         cmd = [sys.executable, "-m", "llamita.cli", "serve", "--checkpoint", spec["model"], "--host", "127.0.0.1",
                "--port", str(port), "--max-batch", str(max(shape["concurrency"])), "--max-queue", str(spec["n"]),
                "--device", shape["device"], "--dtype", shape["dtype"], "--log-level", "warning",
-               "--prefill-interval", str(spec["prefill_interval"])]  # fmt: skip
+               "--prefill-interval", str(spec["prefill_interval"]),
+               "--stream-interval", str(spec["stream_interval"])]  # fmt: skip
         return cmd, None, None
     # transformers' CLI; offline, so huggingface_hub looks for no update and no remote files.
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -654,6 +655,7 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=470.0, help="seconds for the call: later levels are skipped")
     parser.add_argument("--prefill-interval", type=int, default=1, help="llamita's EngineConfig.prefill_interval")
     parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="the levels (default: the shape's)")
+    parser.add_argument("--stream-interval", type=int, default=1, help="llamita serve's tokens per streamed chunk")
     args = parser.parse_args()
     shape = dict(SMOKE if args.smoke else SHAPE)
     if args.concurrency:
@@ -673,7 +675,8 @@ def main() -> None:
         n = max(requests_at(c, shape) for c in shape["concurrency"])
         base = {"shape": shape, "model": str(model), "hf_model": str(hf_model), "n": n, "deadline_at": deadline_at,
                 "level_s": args.level_seconds, "grace_s": args.grace_seconds,
-                "start_timeout": args.start_timeout, "prefill_interval": args.prefill_interval}  # fmt: skip
+                "start_timeout": args.start_timeout, "prefill_interval": args.prefill_interval,
+                "stream_interval": args.stream_interval}  # fmt: skip
         specs = {name: base | {"system": name, "log": str(args.out / f"{name}.log")} for name in names}
         record = run_systems(names, specs, _runner, shape, args.out / "serve_load.json")
     finally:

@@ -256,7 +256,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = ServerConfig(
         host=args.host, port=args.port, model_name=args.served_model_name or args.checkpoint, api_key=args.api_key,
         max_queue=args.max_queue, request_timeout=args.request_timeout, shutdown_grace=args.shutdown_grace,
-        log_level=args.log_level,
+        stream_interval=args.stream_interval, log_level=args.log_level,
     )  # fmt: skip
     engine = _speculation(args)
     for flag, value in [("--max-batch", args.max_batch), ("--max-seq-len", args.max_seq_len)]:
@@ -621,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout", type=float, default=None, help="seconds a request may take, queueing included (408)"
     )
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument(
+        "--stream-interval", type=int, default=1, help="new tokens per streamed chunk (first and last at once)"
+    )
     p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default: 256 GPU, 16 CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="positions per sequence (default: the model's)")
     p.add_argument("--prefix-cache", action="store_true", help="reuse the KV of shared prompt prefixes (system prompt)")

@@ -184,6 +184,26 @@ def test_streams_in_openais_chunk_format_with_usage_last(client, server, llm):
     assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]) == text
 
 
+def test_a_stream_interval_sends_its_tokens_in_fewer_chunks_with_the_same_text(checkpoint, tmp_path, llm):
+    """`--stream-interval 3`: the first token at once, then chunks of 3 tokens (the last with what is left); the
+    text, tokens and logprobs are those of the per-token stream."""
+    live = start_server(checkpoint, tmp_path / "server.log", "--stream-interval", "3")
+    try:
+        spaced = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        args = greedy(prompt=PROMPT, max_tokens=10, logprobs=1)
+        text, finish, chunks = streamed_completion(spaced, **args)
+        sizes = [len(c.logprobs.tokens) for ch in chunks for c in ch.choices if c.logprobs and c.logprobs.tokens]
+        assert sizes == [1, 3, 3, 3] and finish == "length"
+        expected = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=10, logprobs=1))[0]
+        assert text == expected.text
+        streamed = [v for ch in chunks for c in ch.choices if c.logprobs for v in c.logprobs.token_logprobs]
+        assert streamed == pytest.approx([e["logprob"] for e in expected.logprobs], abs=1e-5)
+        chat, _, _ = streamed_chat(spaced, **greedy(messages=MESSAGES, max_tokens=7))
+        assert chat == llm.generate(chat_prompt_ids(llm), SamplingParams(temperature=0.0, max_tokens=7))[0].text
+    finally:
+        assert live.stop() == 0, live.output()
+
+
 def test_n_choices_take_seeds_seed_plus_i_and_repeat(client):
     args = {"model": MODEL, "prompt": PROMPT, "max_tokens": 10, "temperature": 1.0, "seed": 1234}
     answer = client.completions.create(n=3, **args)
@@ -332,6 +352,7 @@ def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
         (["--request-timeout", "0"], "--request-timeout must be > 0"),
         (["--draft", "d", "--speculate", "ngram"], "choose one"),
         (["--max-batch", "0"], "--max-batch must be >= 1"),
+        (["--stream-interval", "0"], "--stream-interval must be >= 1"),
     ],
 )
 def test_serve_checks_its_flags_before_loading_the_model(capsys, tmp_path, flags, needle):

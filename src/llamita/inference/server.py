@@ -89,6 +89,8 @@ class ServerConfig:
     """Seconds a request may take from its arrival (queueing included) before it is aborted; None: no limit."""
     shutdown_grace: float = 30.0
     """Seconds requests in flight have to finish after SIGTERM before they are cancelled."""
+    stream_interval: int = 1
+    """A stream's chunk carries this many new tokens (its first and its last at once): fewer chunks under load."""
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -97,6 +99,7 @@ class ServerConfig:
             (self.max_queue >= 1, f"--max-queue must be >= 1, got {self.max_queue}"),
             (self.request_timeout is None or self.request_timeout > 0, "--request-timeout must be > 0 seconds"),
             (self.shutdown_grace >= 0, f"--shutdown-grace must be >= 0 seconds, got {self.shutdown_grace}"),
+            (self.stream_interval >= 1, f"--stream-interval must be >= 1, got {self.stream_interval}"),
             (self.api_key is None or bool(self.api_key.strip()), "--api-key must not be empty"),
             (bool(self.model_name), "the served model name must not be empty"),
         ]
@@ -117,7 +120,7 @@ class Server:
             raise ConfigError("the server needs the model's tokenizer")
         self.llm, self.config, self.tokenizer = llm, config, llm.tokenizer
         self.context = llm.engine.seq_len
-        self.engine = EngineThread(llm.engine)
+        self.engine = EngineThread(llm.engine, stream_interval=config.stream_interval)
         self.metrics = ServerMetrics(self.engine.waiting, self.engine.running, llm.engine.n_slots)
         self.engine.metrics = self.metrics
         self.token_texts = TokenTexts(self.tokenizer)
