@@ -14,6 +14,7 @@ launching them from C++ saves, and `--no-compile` what the eager path costs.
     python bench/profile_prefill.py --preset debug --seq-len 128 --max-batch 8 --shapes 3 --out /tmp/p  # CPU smoke
     TORCH_LOGS=recompiles python bench/profile_prefill.py --out $OUT     # with the reasons of any recompilation
     python bench/profile_prefill.py --cpp-wrapper --out $OUT             # kernels launched from C++
+    python bench/profile_prefill.py --prefill-graphs --out $OUT          # replayed from CUDA graphs (by bucket)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="the engine's eager path (launch-bound)")
     parser.add_argument("--cpp-wrapper", action="store_true", help="Inductor's compiled code launching from C++")
     parser.add_argument("--fuse", action="store_true", help="q/k/v and gate/up fused (`LLM(fuse=True)`)")
+    parser.add_argument("--prefill-graphs", action="store_true", help="EngineConfig.prefill_graphs: padded buckets")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
     if args.cpp_wrapper:
@@ -60,7 +62,8 @@ def main() -> None:
     if args.fuse:
         model.fuse_projections()
     t0 = time.perf_counter()
-    config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.seq_len, compile=not args.no_compile)
+    config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.seq_len, compile=not args.no_compile,
+                          prefill_graphs=args.prefill_graphs)  # fmt: skip
     engine = Engine(model, config)
     print(f"engine started in {time.perf_counter() - t0:.1f} s: {engine.startup_s}", flush=True)
     vocab = model.config.vocab_size
@@ -104,7 +107,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"fused": args.fuse, "preset": args.preset, "seq_len": args.seq_len, "max_batch": args.max_batch,
-              "compile": not args.no_compile, "cpp_wrapper": args.cpp_wrapper,
+              "compile": not args.no_compile, "cpp_wrapper": args.cpp_wrapper, "prefill_graphs": args.prefill_graphs,
               "startup_phases_s": engine.startup_s, "device": torch.cuda.get_device_name() if cuda else "cpu",
               "torch": torch.__version__, "rows": rows, "profiled": {"wall_ms": wall, "kernel_ms": gpu_ms,
               "launches": launches, "table": table}, "dynamo": {k: dict(v) for k, v in counters.items()}}  # fmt: skip

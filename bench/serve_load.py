@@ -375,7 +375,8 @@ def run_offline(spec: dict) -> dict:
     shape = spec["shape"]
     t = time.perf_counter()
     llm = LLM(spec["model"], device=shape["device"], dtype=shape["dtype"], max_batch=max(shape["concurrency"]),
-              compile=shape["device"] == "cuda", prefill_interval=spec["prefill_interval"])  # fmt: skip
+              compile=shape["device"] == "cuda", prefill_interval=spec["prefill_interval"],
+              prefill_graphs=spec["prefill_graphs"])  # fmt: skip
     out: dict[str, Any] = {"start_s": time.perf_counter() - t}
     # Where a level's time goes: the prefill forwards, timed between syncs (the step syncs once anyway).
     prefill, untimed = {"s": 0.0}, llm.engine._prefill
@@ -507,6 +508,7 @@ def _server_command(spec: dict, port: int) -> tuple[list[str], str | None, dict 
                "--device", shape["device"], "--dtype", shape["dtype"], "--log-level", "warning",
                "--prefill-interval", str(spec["prefill_interval"]),
                "--stream-interval", str(spec["stream_interval"])]  # fmt: skip
+        cmd += ["--prefill-graphs"] * spec["prefill_graphs"]
         return cmd, None, None
     # transformers' CLI; offline, so huggingface_hub looks for no update and no remote files.
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -656,6 +658,7 @@ def main() -> None:
     parser.add_argument("--prefill-interval", type=int, default=1, help="llamita's EngineConfig.prefill_interval")
     parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="the levels (default: the shape's)")
     parser.add_argument("--stream-interval", type=int, default=1, help="llamita serve's tokens per streamed chunk")
+    parser.add_argument("--prefill-graphs", action="store_true", help="llamita's EngineConfig.prefill_graphs")
     args = parser.parse_args()
     shape = dict(SMOKE if args.smoke else SHAPE)
     if args.concurrency:
@@ -676,7 +679,7 @@ def main() -> None:
         base = {"shape": shape, "model": str(model), "hf_model": str(hf_model), "n": n, "deadline_at": deadline_at,
                 "level_s": args.level_seconds, "grace_s": args.grace_seconds,
                 "start_timeout": args.start_timeout, "prefill_interval": args.prefill_interval,
-                "stream_interval": args.stream_interval}  # fmt: skip
+                "stream_interval": args.stream_interval, "prefill_graphs": args.prefill_graphs}  # fmt: skip
         specs = {name: base | {"system": name, "log": str(args.out / f"{name}.log")} for name in names}
         record = run_systems(names, specs, _runner, shape, args.out / "serve_load.json")
     finally:

@@ -267,7 +267,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.checkpoint, device=device, dtype=args.dtype, draft=args.draft, compile=args.compile,
         max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefix_cache=args.prefix_cache,
         quantize=args.quantize,
-        prefill_interval=args.prefill_interval, **engine,
+        prefill_interval=args.prefill_interval, prefill_graphs=args.prefill_graphs, **engine,
     )  # fmt: skip
     serve(llm, config)
 
@@ -623,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument(
         "--stream-interval", type=int, default=1, help="new tokens per streamed chunk (first and last at once)"
+    )
+    p.add_argument(
+        "--prefill-graphs", action="store_true", help="replay prefill forwards from CUDA graphs, by padded bucket"
     )
     p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default: 256 GPU, 16 CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="positions per sequence (default: the model's)")

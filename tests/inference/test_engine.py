@@ -101,6 +101,42 @@ def test_logprobs_equal_the_training_forward(model):
         assert [v for _, v in entry["top"]] == pytest.approx(best.values.tolist(), abs=1e-5)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"max_batch": 4},
+        {"max_batch": 3, "prefill_tokens": 5},
+        {"max_batch": 4, "prefix_cache": True, "prefix_block": 4},
+    ],
+    ids=["joining", "chunked", "prefix"],
+)
+def test_padded_prefill_buckets_decode_as_the_reference(model, settings):
+    """`prefill_graphs`: each group of prompt chunks is padded to its bucket (rows, a power-of-two width, a read
+    length) as its CUDA graph would be; on a CPU the padded forward runs eagerly. Greedy outputs equal the
+    reference's, with requests joining, prompts in chunks and a shared prefix."""
+    ps, lengths = prompts(9, seed=11), [3, 12, 7, 1, 9, 12, 5, 10, 2]
+    ps[1] = list(range(3, 15))  # arrives at step 2, decodes 12 tokens
+    ps[5] = ps[1][:8] + [5, 6, 7]  # arrives at step 5: its first 8 tokens are in ps[1]'s slot (prefix cache)
+    arrivals: dict[int, list] = {0: [], 2: [], 5: []}
+    for i, (p, n) in enumerate(zip(ps, lengths)):
+        arrivals[[0, 2, 5][i % 3]].append((p, SamplingParams(temperature=0.0, max_tokens=n)))
+    engine = Engine(model, EngineConfig(prefill_graphs=True, **settings))
+    widths = []
+    padded = engine._prefill_padded
+
+    def recording(group):
+        widths.append((len(group), max(c.n for c in group)))
+        return padded(group)
+
+    engine._prefill_padded = recording
+    seqs, _ = run(engine, arrivals)
+    for seq in seqs:
+        assert seq.output == greedy_by_recomputation(model, seq.prompt, seq.max_new), seq.prompt
+    assert widths and any(w not in (1, 2, 4, 8, 16) for _, w in widths)  # padded, not only a power of two already
+    if settings.get("prefix_cache"):
+        assert engine.stats.reused_tokens > 0
+
+
 def test_chunked_prefill_of_a_long_prompt(model):
     engine = Engine(model, EngineConfig(prefill_tokens=4, max_batch=2))
     long, short = list(range(30)), [7, 7, 7]
@@ -299,6 +335,24 @@ def test_the_compiled_block_writes_the_cache_in_place(fuse):
     torch.testing.assert_close(got, want)
     code = "\n".join(codes)
     assert "index_put" in code and not re.search(r"copy_\b|\.copy_\(", code), "the cache is copied, not written"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefill_graphs_decode_as_the_eager_engine(model):
+    """Prefill forwards replayed from lazily captured CUDA graphs give the eager engine's outputs, the first time
+    (capturing) and again (replaying the buckets captured)."""
+    cuda = model.to("cuda")
+    ps = prompts(6, seed=5)
+    arrivals = {0: [(p, GREEDY) for p in ps[:4]], 3: [(p, GREEDY) for p in ps[4:]]}
+    engine = Engine(cuda, EngineConfig(max_batch=5, compile=False, prefill_graphs=True))
+    graphed, _ = run(engine, arrivals)
+    assert engine.prefill_graphs is not None and engine.prefill_graphs.graphs
+    captured = len(engine.prefill_graphs.graphs)
+    again, _ = run(engine, arrivals)
+    assert len(engine.prefill_graphs.graphs) == captured  # the same buckets: replayed, not captured again
+    eager, _ = run(Engine(cuda, EngineConfig(max_batch=5, cuda_graphs=False)), arrivals)
+    assert [s.output for s in graphed] == [s.output for s in eager] == [s.output for s in again]
+    model.to("cpu")
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from llamita.config import ConfigError
 from llamita.inference import sampling
 from llamita.inference.cache import SlotCache, attend_buckets, count_slots, slot_bytes
-from llamita.inference.graphs import CapturedSteps, capture_sizes
+from llamita.inference.graphs import CapturedSteps, LazyGraphs, capture_sizes
 from llamita.inference.sampling import SamplingParams, SamplingTensors
 from llamita.inference.scheduler import Chunk, Scheduler, Sequence
 from llamita.inference.speculative import Speculator
@@ -67,6 +67,12 @@ class EngineConfig:
     cuda_graphs: bool = True
     """On CUDA, replay the decode step from CUDA graphs (one per batch size the scheduler can reach and read
     length, `cache.attend_buckets`)."""
+    prefill_graphs: bool = False
+    """Replay prefill forwards from CUDA graphs too (with `cuda_graphs`, on CUDA). A group of prompt chunks is padded
+    to bucketed rows (the decode step's batch sizes), width (a power of two, at least 16) and read length
+    (`attend_buckets`), and each bucket's graph is captured the first time a prefill meets it. A prefill forward then
+    costs its GPU time instead of its kernel launches, for up to twice the arithmetic on padding. Off by default
+    until measured on a GPU; on a CPU the padded forwards run eagerly (the same results)."""
     compile: bool = True
     """On CUDA, compile the model's transformer block (`block_step`, which the decode step and the prefill forward
     run for every layer) and the decode step's sampling, with dynamic shapes, when the engine starts."""
@@ -276,6 +282,12 @@ class Engine:
         # Read lengths of the decode step: each is a set of captured graphs on CUDA, so fewer there.
         self.buckets = attend_buckets(self.seq_len, 256 if weight.is_cuda and config.cuda_graphs else 16)
         self.graphs: CapturedSteps | None = None
+        self.prefill_graphs: LazyGraphs | None = None
+        self.prefill_logits = None  # [n_slots, V] fp32: where a graphed prefill leaves its rows' last logits
+        if config.prefill_graphs:
+            self.prefill_logits = torch.empty(n_slots, self.vocab_size, dtype=torch.float32, device=self.device)
+            if self.device.type == "cuda" and config.cuda_graphs:
+                self.prefill_graphs = LazyGraphs(lambda key, *inputs: self._prefill_rows_forward(key[2], *inputs))
         # Everything compiles now, before any sequence holds a slot (every row touched is idle: it writes its
         # scratch position), and without duck sizing: dynamo would otherwise give sizes that happen to be equal
         # at the first call (a batch of 256 and a read length of 256, a read length and the model's dim) one
@@ -488,6 +500,13 @@ class Engine:
         """
         done, logits = [], []
         for group in _batches(chunks, self.seq_len):
+            if self.prefill_logits is not None:  # padded to a bucket (a captured graph on CUDA)
+                completing = [(row, c) for row, c in enumerate(group) if c.completes]
+                rows = self._prefill_padded(group)  # [len(group), V]
+                if completing:
+                    logits.append(rows[self.upload([row for row, _ in completing])])
+                    done += [c.seq for _, c in completing]
+                continue
             # At least 2 rows (the first repeated: it writes the same values to the same places) and 2 columns.
             rows = group + group[:1] if len(group) == 1 else group
             width = max(2, max(c.n for c in group))
@@ -520,6 +539,43 @@ class Engine:
         self.seen[slots, new] = True
         self.counts[slots, new] += 1
         return done, new, logits
+
+    def _prefill_padded(self, group: list[Chunk]) -> Tensor:
+        """One group's prefill padded to its bucket: rows to a decode batch size (the first chunk repeated: it
+        writes the same values to the same places), width to a power of two (the padding's positions run on past
+        its chunk, written again before anything reads them, and stop at the slot's scratch position) and reads to
+        a bucket of `attend_buckets`. Replayed from the bucket's CUDA graph where there are prefill graphs.
+
+        Returns:
+            [len(group), V] fp32 logits of each chunk's last token (a view of `prefill_logits`).
+        """
+        rows = next(b for b in capture_sizes(self.n_slots) if b >= max(len(group), min(2, self.n_slots)))
+        width = min(max(16, 1 << (max(c.n for c in group) - 1).bit_length()), self.seq_len)
+        attend = self.attend(max(c.start + c.n for c in group))
+        padded = group + group[:1] * (rows - len(group))
+        tokens = torch.zeros(rows, width, dtype=torch.long)
+        for row, c in enumerate(padded):
+            tokens[row, : c.n] = torch.tensor(c.seq.prompt[c.start : c.start + c.n])
+        starts = torch.tensor([c.start for c in padded])
+        positions = (starts[:, None] + torch.arange(width)).clamp_(max=self.seq_len - 1)  # [rows, width]
+        inputs = [self.upload(t) for t in (tokens, positions, torch.tensor([c.seq.slot for c in padded]),
+                                              torch.tensor([c.n - 1 for c in padded]))]  # fmt: skip
+        if self.speculator is not None:
+            self.speculator.prefill(inputs[2], attend, inputs[0], inputs[1])
+        if self.prefill_graphs is not None:
+            self.prefill_graphs((rows, width, attend), inputs)
+        else:
+            self._prefill_rows_forward(attend, *inputs)
+        return self.prefill_logits[: len(group)]
+
+    def _prefill_rows_forward(
+        self, attend: int, tokens: Tensor, positions: Tensor, slots: Tensor, last: Tensor
+    ) -> None:
+        """The padded prefill forward: the rows' tokens through their slots, each row's last logits into
+        `prefill_logits` (what a prefill graph captures)."""
+        hidden = self._hidden(self.model, self.cache.gather(slots, attend), tokens, positions)  # [R, W, D]
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        self.prefill_logits[: tokens.shape[0]].copy_(self.model.lm_head(hidden[rows, last]).float())
 
     def _logprobs(self, rows: list[tuple[Sequence, Tensor, Tensor]]) -> dict[int, dict[str, object]]:
         """The log-probabilities the sequences asked for, copied to the host together."""

@@ -7,6 +7,7 @@ rows are idle slots, which write only their scratch position), so no batch size 
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 
@@ -69,3 +70,46 @@ class CapturedSteps:
         graph, outputs = self.graphs[size, variant]
         graph.replay()
         return tuple(out[:batch] for out in outputs)
+
+
+class LazyGraphs:
+    """A step `step(key, *inputs)` captured in a CUDA graph for each key the first time that key is met, and
+    replayed for it afterwards (`__call__`); each graph reads its own copies of the inputs.
+
+    For the prefill forward, whose shapes are too many to capture all at start-up (rows x width x read length): the
+    buckets a workload reaches are captured as it reaches them. Capturing runs the step twice first, for real (it
+    must write the same values however often it runs, as the prefill does: the same keys to the same places). All
+    the graphs share one memory pool, so they cost about what the largest of them needs; they never run at once,
+    and their results go to buffers outside the pool.
+    """
+
+    def __init__(self, step: Callable[..., None]) -> None:
+        self.step = step
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor]]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.capture_s = 0.0
+        """Seconds spent capturing so far (warm-up runs included)."""
+
+    def __call__(self, key: tuple, inputs: list[Tensor]) -> None:
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(key, inputs)
+        graph, static = entry
+        for dst, src in zip(static, inputs):
+            dst.copy_(src)
+        graph.replay()
+
+    def _capture(self, key: tuple, inputs: list[Tensor]) -> tuple[torch.cuda.CUDAGraph, list[Tensor]]:
+        t0 = time.perf_counter()
+        static = [t.clone() for t in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step(key, *static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.step(key, *static)
+        self.capture_s += time.perf_counter() - t0
+        return graph, static
