@@ -124,9 +124,9 @@ def test_padded_prefill_buckets_decode_as_the_reference(model, settings):
     widths = []
     padded = engine._prefill_padded
 
-    def recording(group):
+    def recording(group, *bucket):
         widths.append((len(group), max(c.n for c in group)))
-        return padded(group)
+        return padded(group, *bucket)
 
     engine._prefill_padded = recording
     seqs, _ = run(engine, arrivals)

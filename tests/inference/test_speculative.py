@@ -47,13 +47,17 @@ def test_the_acceptance_rule_samples_the_target_distribution():
     assert float(kept.ge(1).double().mean()) == pytest.approx(float(p[0, 2]), abs=0.01)
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["prefill", "padded-prefill"])
 @pytest.mark.parametrize("kind", ["draft", "self-draft", "ngram"])
-def test_speculative_greedy_equals_plain_greedy(model, kind):
-    """A weak draft (mostly rejected), the target as its own draft (always accepted) and prompt lookup."""
+def test_speculative_greedy_equals_plain_greedy(model, kind, padded):
+    """A weak draft (mostly rejected), the target as its own draft (always accepted) and prompt lookup; with the
+    prompts prefilled as they come or padded to buckets (`prefill_graphs`: the draft prefills the same padding)."""
     draft = {"draft": tiny_model(ModelConfig(**{**TINY.__dict__, "n_layers": 1, "dim": 24, "n_heads": 2,
                                                 "n_kv_heads": 1}), seed=1),
              "self-draft": model, "ngram": None}[kind]  # fmt: skip
-    config = EngineConfig(speculate="ngram" if kind == "ngram" else "draft", gamma=3, max_batch=3)
+    config = EngineConfig(
+        speculate="ngram" if kind == "ngram" else "draft", gamma=3, max_batch=3, prefill_graphs=padded
+    )
     engine = Engine(model, config, draft=draft)
     ps = prompts(5, seed=7) + [[5, 6, 7, 5, 6, 7, 5, 6]]  # the last one repeats itself: lookup drafts get kept
     arrivals = {

@@ -234,7 +234,7 @@ class Engine:
         # Left free for the steps: the decode step's [batch, vocab] sampling tensors (logits, sort values and
         # indices, noise) and the prefill's activations; an estimate with room to spare.
         d = model.config
-        prefill_tokens = config.prefill_tokens or (8192 if weight.is_cuda else 512)
+        self.prefill_tokens = prefill_tokens = config.prefill_tokens or (8192 if weight.is_cuda else 512)
         reserve = 2**29 + max_batch * d.vocab_size * 48 + prefill_tokens * (d.intermediate_size + d.dim) * 16
         n_slots = count_slots(
             per_slot, self.seq_len, self.device, max_batch=max_batch, max_cache_tokens=config.max_cache_tokens,
@@ -500,9 +500,10 @@ class Engine:
         """
         done, logits = [], []
         for group in _batches(chunks, self.seq_len):
-            if self.prefill_logits is not None:  # padded to a bucket (a captured graph on CUDA)
+            bucket = self._bucket(group) if self.prefill_logits is not None else None
+            if bucket is not None:  # padded to a bucket (a captured graph on CUDA)
                 completing = [(row, c) for row, c in enumerate(group) if c.completes]
-                rows = self._prefill_padded(group)  # [len(group), V]
+                rows = self._prefill_padded(group, *bucket)  # [len(group), V]
                 if completing:
                     logits.append(rows[self.upload([row for row, _ in completing])])
                     done += [c.seq for _, c in completing]
@@ -540,18 +541,24 @@ class Engine:
         self.counts[slots, new] += 1
         return done, new, logits
 
-    def _prefill_padded(self, group: list[Chunk]) -> Tensor:
-        """One group's prefill padded to its bucket: rows to a decode batch size (the first chunk repeated: it
-        writes the same values to the same places), width to a power of two (the padding's positions run on past
-        its chunk, written again before anything reads them, and stop at the slot's scratch position) and reads to
-        a bucket of `attend_buckets`. Replayed from the bucket's CUDA graph where there are prefill graphs.
+    def _bucket(self, group: list[Chunk]) -> tuple[int, int, int] | None:
+        """A group's prefill bucket: (rows, width, read length); None where the padded forward would exceed twice
+        the prefill budget (whose activations the cache was sized to leave room for): it runs unpadded then."""
+        rows = next(b for b in capture_sizes(self.n_slots) if b >= max(len(group), min(2, self.n_slots)))
+        width = min(max(16, 1 << (max(c.n for c in group) - 1).bit_length()), self.seq_len)
+        if rows * width > 2 * max(self.prefill_tokens, 16 * rows):
+            return None
+        return rows, width, self.attend(max(c.start + c.n for c in group))
+
+    def _prefill_padded(self, group: list[Chunk], rows: int, width: int, attend: int) -> Tensor:
+        """One group's prefill padded to its bucket (`_bucket`): rows to a decode batch size (the first chunk
+        repeated: it writes the same values to the same places), width to a power of two (the padding's positions run
+        on past its chunk, written again before anything reads them, and stop at the slot's scratch position) and
+        reads to a bucket of `attend_buckets`. Replayed from the bucket's CUDA graph where there are prefill graphs.
 
         Returns:
             [len(group), V] fp32 logits of each chunk's last token (a view of `prefill_logits`).
         """
-        rows = next(b for b in capture_sizes(self.n_slots) if b >= max(len(group), min(2, self.n_slots)))
-        width = min(max(16, 1 << (max(c.n for c in group) - 1).bit_length()), self.seq_len)
-        attend = self.attend(max(c.start + c.n for c in group))
         padded = group + group[:1] * (rows - len(group))
         tokens = torch.zeros(rows, width, dtype=torch.long)
         for row, c in enumerate(padded):
