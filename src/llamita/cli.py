@@ -136,7 +136,8 @@ def _sampling_llm(args: argparse.Namespace, **engine: Any) -> tuple[Any, Any]:
         seed=args.seed,
     )
     device = pick_device(args.device, option="--device")
-    return LLM(args.checkpoint, device=device, compile=args.compile, quantize=args.quantize, **engine), params
+    llm = LLM(args.checkpoint, device=device, compile=args.compile, quantize=args.quantize, fuse=args.fuse, **engine)
+    return llm, params
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -266,7 +267,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     llm = LLM(
         args.checkpoint, device=device, dtype=args.dtype, draft=args.draft, compile=args.compile,
         max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefix_cache=args.prefix_cache,
-        quantize=args.quantize,
+        quantize=args.quantize, fuse=args.fuse,
         prefill_interval=args.prefill_interval, prefill_graphs=args.prefill_graphs, **engine,
     )  # fmt: skip
     serve(llm, config)
@@ -722,11 +723,12 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, max_new_tokens: int, te
 
 
 def _add_quantize_option(p: argparse.ArgumentParser) -> None:
-    """`generate`'s, `chat`'s and `serve`'s --quantize (the `LLM` option)."""
+    """`generate`'s, `chat`'s and `serve`'s --quantize and --fuse (the `LLM` options on the weights)."""
     p.add_argument(
         "--quantize", choices=["int8"], default=None,
         help="weight-only int8 Linear layers, the output head included (torchao: pip install 'llamita[quant]')",
     )  # fmt: skip
+    p.add_argument("--fuse", action="store_true", help="q/k/v and gate/up as one matmul each (fewer per decode step)")
 
 
 def _add_plan_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:

@@ -194,12 +194,13 @@ class _Loaded(Exception):
 @pytest.mark.parametrize(
     "argv",
     [
-        ["generate", "--checkpoint", "run", "--prompt", "x", "--quantize", "int8"],
-        ["chat", "--checkpoint", "run", "--prompt", "x", "--quantize", "int8"],
-        ["serve", "--checkpoint", "run", "--quantize", "int8"],
+        ["generate", "--checkpoint", "run", "--prompt", "x", "--quantize", "int8", "--fuse"],
+        ["chat", "--checkpoint", "run", "--prompt", "x", "--quantize", "int8", "--fuse"],
+        ["serve", "--checkpoint", "run", "--quantize", "int8", "--fuse", "--prefill-graphs"],
     ],
 )
 def test_the_commands_pass_quantize_to_the_llm(monkeypatch, argv):
+    """--quantize and --fuse reach `LLM` (and serve's --prefill-graphs its engine settings); without them, neither."""
     import llamita.inference
     from llamita.cli import main
 
@@ -212,7 +213,12 @@ def test_the_commands_pass_quantize_to_the_llm(monkeypatch, argv):
     monkeypatch.setattr(llamita.inference, "LLM", record)
     with pytest.raises(_Loaded):
         main(argv)
-    assert seen["quantize"] == "int8"
+    assert seen["quantize"] == "int8" and seen["fuse"] is True
+    assert seen.get("prefill_graphs", False) is (argv[0] == "serve")
+    seen.clear()
+    with pytest.raises(_Loaded):
+        main([a for a in argv if a not in ("--fuse", "--prefill-graphs")])
+    assert seen["fuse"] is False and not seen.get("prefill_graphs", False)
     with pytest.raises(SystemExit):
         main([*argv[:-1], "int4"])  # argparse's choices
 
