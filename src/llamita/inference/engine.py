@@ -283,11 +283,12 @@ class Engine:
         self.buckets = attend_buckets(self.seq_len, 256 if weight.is_cuda and config.cuda_graphs else 16)
         self.graphs: CapturedSteps | None = None
         self.prefill_graphs: LazyGraphs | None = None
-        self.prefill_logits = None  # [n_slots, V] fp32: where a graphed prefill leaves its rows' last logits
-        if config.prefill_graphs:
+        if config.prefill_graphs and self.device.type == "cuda" and config.cuda_graphs:
+            # Where a replayed prefill leaves its rows' last logits.
             self.prefill_logits = torch.empty(n_slots, self.vocab_size, dtype=torch.float32, device=self.device)
-            if self.device.type == "cuda" and config.cuda_graphs:
-                self.prefill_graphs = LazyGraphs(lambda key, *inputs: self._prefill_rows_forward(key[2], *inputs))
+            self.prefill_graphs = LazyGraphs(
+                lambda key, *inputs: self.prefill_logits[: key[0]].copy_(self._last_logits(key[2], *inputs))
+            )
         # Everything compiles now, before any sequence holds a slot (every row touched is idle: it writes its
         # scratch position), and without duck sizing: dynamo would otherwise give sizes that happen to be equal
         # at the first call (a batch of 256 and a read length of 256, a read length and the model's dim) one
@@ -500,34 +501,11 @@ class Engine:
         """
         done, logits = [], []
         for group in _batches(chunks, self.seq_len):
-            bucket = self._bucket(group) if self.prefill_logits is not None else None
-            if bucket is not None:  # padded to a bucket (a captured graph on CUDA)
-                completing = [(row, c) for row, c in enumerate(group) if c.completes]
-                rows = self._prefill_padded(group, *bucket)  # [len(group), V]
-                if completing:
-                    logits.append(rows[self.upload([row for row, _ in completing])])
-                    done += [c.seq for _, c in completing]
-                continue
-            # At least 2 rows (the first repeated: it writes the same values to the same places) and 2 columns.
-            rows = group + group[:1] if len(group) == 1 else group
-            width = max(2, max(c.n for c in group))
-            tokens = torch.zeros(len(rows), width, dtype=torch.long)
-            positions = torch.empty(len(rows), width, dtype=torch.long)
-            for row, c in enumerate(rows):
-                tokens[row, : c.n] = torch.tensor(c.seq.prompt[c.start : c.start + c.n])
-                positions[row] = c.start + torch.arange(width)
-            attend = max(2, max(c.start + c.n for c in group))  # the padding reads nothing it needs
-            slots = self.upload([c.seq.slot for c in rows])
-            tokens, positions = self.upload(tokens), self.upload(positions)
-            if self.speculator is not None:
-                self.speculator.prefill(slots, attend, tokens, positions)
-            hidden = self._hidden(self.model, self.cache.gather(slots, attend), tokens, positions)
-            completing = [(row, c) for row, c in enumerate(group) if c.completes]
+            last = self._prefill_padded(group, *self._shape(group))  # [len(group), V]
+            completing = [row for row, c in enumerate(group) if c.completes]
             if completing:
-                index = self.upload([row for row, _ in completing])
-                last = self.upload([c.n - 1 for _, c in completing])
-                logits.append(self.model.lm_head(hidden[index, last]).float())  # [k, V]
-                done += [c.seq for _, c in completing]
+                logits.append(last[self.upload(completing)])  # [k, V], a copy (the next group reuses the buffer)
+                done += [group[row].seq for row in completing]
         if not done:
             return [], None, None
         logits = torch.cat(logits)  # [K, V]
@@ -541,23 +519,28 @@ class Engine:
         self.counts[slots, new] += 1
         return done, new, logits
 
-    def _bucket(self, group: list[Chunk]) -> tuple[int, int, int] | None:
-        """A group's prefill bucket: (rows, width, read length); None where the padded forward would exceed twice
-        the prefill budget (whose activations the cache was sized to leave room for): it runs unpadded then."""
-        rows = next(b for b in capture_sizes(self.n_slots) if b >= max(len(group), min(2, self.n_slots)))
-        width = min(max(16, 1 << (max(c.n for c in group) - 1).bit_length()), self.seq_len)
-        if rows * width > 2 * max(self.prefill_tokens, 16 * rows):
-            return None
-        return rows, width, self.attend(max(c.start + c.n for c in group))
+    def _shape(self, group: list[Chunk]) -> tuple[int, int, int, bool]:
+        """A group's prefill forward: (rows, width, read length, whether a bucket). At least 2 x 2 and the group's
+        own size; with `prefill_graphs`, its bucket: rows a decode batch size, width a power of two (at least 16),
+        reads a length of `attend_buckets` (not where that would exceed twice the prefill budget, whose activations
+        the cache was sized to leave room for; a bucket of a few rows of 16 always fits)."""
+        reach, widest = max(c.start + c.n for c in group), max(c.n for c in group)
+        if self.config.prefill_graphs:
+            rows = next(b for b in capture_sizes(self.n_slots) if b >= max(len(group), min(2, self.n_slots)))
+            width = min(max(16, 1 << (widest - 1).bit_length()), self.seq_len)
+            if rows * width <= 2 * max(self.prefill_tokens, 16 * rows):
+                return rows, width, self.attend(reach), True
+        return max(2, len(group)), max(2, widest), max(2, reach), False  # the padding reads nothing it needs
 
-    def _prefill_padded(self, group: list[Chunk], rows: int, width: int, attend: int) -> Tensor:
-        """One group's prefill padded to its bucket (`_bucket`): rows to a decode batch size (the first chunk
-        repeated: it writes the same values to the same places), width to a power of two (the padding's positions run
-        on past its chunk, written again before anything reads them, and stop at the slot's scratch position) and
-        reads to a bucket of `attend_buckets`. Replayed from the bucket's CUDA graph where there are prefill graphs.
+    def _prefill_padded(self, group: list[Chunk], rows: int, width: int, attend: int, bucket: bool) -> Tensor:
+        """One forward of a group's chunks (and the draft's), in the shape `_shape` gives: the first chunk repeated
+        to fill the rows (it writes the same values to the same places), each row right-padded to the width (the
+        padding's positions run on past its chunk, written again before anything reads them, and stop at the slot's
+        scratch position), and reads of the first `attend` positions. A bucket's forward is replayed from its CUDA
+        graph where there are prefill graphs.
 
         Returns:
-            [len(group), V] fp32 logits of each chunk's last token (a view of `prefill_logits`).
+            [len(group), V] fp32 logits of each chunk's last token.
         """
         padded = group + group[:1] * (rows - len(group))
         tokens = torch.zeros(rows, width, dtype=torch.long)
@@ -569,20 +552,16 @@ class Engine:
                                               torch.tensor([c.n - 1 for c in padded]))]  # fmt: skip
         if self.speculator is not None:
             self.speculator.prefill(inputs[2], attend, inputs[0], inputs[1])
-        if self.prefill_graphs is not None:
+        if bucket and self.prefill_graphs is not None:
             self.prefill_graphs((rows, width, attend), inputs)
-        else:
-            self._prefill_rows_forward(attend, *inputs)
-        return self.prefill_logits[: len(group)]
+            return self.prefill_logits[: len(group)]
+        return self._last_logits(attend, *inputs)[: len(group)]
 
-    def _prefill_rows_forward(
-        self, attend: int, tokens: Tensor, positions: Tensor, slots: Tensor, last: Tensor
-    ) -> None:
-        """The padded prefill forward: the rows' tokens through their slots, each row's last logits into
-        `prefill_logits` (what a prefill graph captures)."""
+    def _last_logits(self, attend: int, tokens: Tensor, positions: Tensor, slots: Tensor, last: Tensor) -> Tensor:
+        """[R, V] fp32 logits at each row's `last` position: the rows' tokens fed through their slots."""
         hidden = self._hidden(self.model, self.cache.gather(slots, attend), tokens, positions)  # [R, W, D]
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        self.prefill_logits[: tokens.shape[0]].copy_(self.model.lm_head(hidden[rows, last]).float())
+        return self.model.lm_head(hidden[rows, last]).float()
 
     def _logprobs(self, rows: list[tuple[Sequence, Tensor, Tensor]]) -> dict[int, dict[str, object]]:
         """The log-probabilities the sequences asked for, copied to the host together."""
