@@ -78,11 +78,9 @@ class EngineThread:
             engine: The engine the loop owns.
             metrics: Where TTFT, inter-token latency and token counts go (None: nowhere).
             stream_interval: Hand a sequence's tokens on once it has this many since the last hand-off (its first
-                token and its last go at once): fewer, larger chunks, and less work on the event loop, for
-                burstier streams (SGLang's and vLLM's --stream-interval).
+                token and its last go at once): fewer, larger chunks, and less work on the event loop, for burstier
+                streams (SGLang's and vLLM's --stream-interval; `ServerConfig` checks it is >= 1).
         """
-        if stream_interval < 1:
-            raise ConfigError(f"--stream-interval must be >= 1, got {stream_interval}")
         self.engine = engine
         self.metrics = metrics
         self.stream_interval = stream_interval

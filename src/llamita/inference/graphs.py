@@ -7,14 +7,17 @@ rows are idle slots, which write only their scratch position), so no batch size 
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 StepOutputs = tuple[Tensor, ...]
+T = TypeVar("T")
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -26,6 +29,20 @@ def capture_sizes(max_batch: int) -> list[int]:
     """
     sizes = [s for s in (2, 4, 8) if s < max_batch] + list(range(16, max_batch, 16))
     return [*sizes, max_batch]
+
+
+def capture(fn: Callable[[], T], pool: tuple, side: torch.cuda.Stream) -> tuple[torch.cuda.CUDAGraph, T]:
+    """`fn` run twice on the side stream (compilation, cuBLAS workspaces), then captured in a graph whose memory
+    comes from `pool`; the graph and what the captured run returned (tensors the graph writes)."""
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 class CapturedSteps:
@@ -45,15 +62,7 @@ class CapturedSteps:
         side = torch.cuda.Stream()
         for size in reversed(self.sizes):  # the largest first: the smaller graphs reuse its memory pool
             for variant in variants:
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        step(size, variant)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    outputs = step(size, variant)
-                self.graphs[size, variant] = (graph, outputs)
+                self.graphs[size, variant] = capture(functools.partial(step, size, variant), pool, side)
         torch.cuda.synchronize()
 
     def __call__(self, batch: int, variant: bool) -> StepOutputs:
@@ -83,10 +92,11 @@ class LazyGraphs:
     and their results go to buffers outside the pool.
     """
 
-    def __init__(self, step: Callable[..., None]) -> None:
+    def __init__(self, step: Callable[..., object]) -> None:
         self.step = step
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor]]] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self.side = torch.cuda.Stream()
         self.capture_s = 0.0
         """Seconds spent capturing so far (warm-up runs included)."""
 
@@ -102,14 +112,6 @@ class LazyGraphs:
     def _capture(self, key: tuple, inputs: list[Tensor]) -> tuple[torch.cuda.CUDAGraph, list[Tensor]]:
         t0 = time.perf_counter()
         static = [t.clone() for t in inputs]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.step(key, *static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.step(key, *static)
+        graph, _ = capture(functools.partial(self.step, key, *static), self.pool, self.side)
         self.capture_s += time.perf_counter() - t0
         return graph, static
