@@ -4,6 +4,7 @@ against whole, alone against 32 at once, n > 1 against one seed at a time)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -193,7 +194,9 @@ def test_a_stream_interval_sends_its_tokens_in_fewer_chunks_with_the_same_text(c
         args = greedy(prompt=PROMPT, max_tokens=10, logprobs=1)
         text, finish, chunks = streamed_completion(spaced, **args)
         sizes = [len(c.logprobs.tokens) for ch in chunks for c in ch.choices if c.logprobs and c.logprobs.tokens]
-        assert sizes == [1, 3, 3, 3] and finish == "length"
+        # The engine hands on 1, 3, 3, 3 tokens; a reader behind by a hand-off gets two in one chunk ([4, 3, 3]).
+        ends = set(itertools.accumulate(sizes))
+        assert ends <= {1, 4, 7, 10} and max(ends) == 10 and finish == "length"
         expected = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=10, logprobs=1))[0]
         assert text == expected.text
         streamed = [v for ch in chunks for c in ch.choices if c.logprobs for v in c.logprobs.token_logprobs]
