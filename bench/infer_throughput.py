@@ -9,11 +9,11 @@ dynamic cache and with its static cache + torch.compile, and gpt-fast's own `gen
 `--gpt-fast PATH` (its public source; never committed here: without the path it is reported as missing). Each
 system runs in its own subprocess. The bandwidth limit is the weights read once per decode step at `--bandwidth`
 (for llamita-int8 its int8 weights and scales, the embedding in bf16: `llamita.inference.quantize.weight_bytes`).
-`--systems llamita-fused` adds llamita with q/k/v and gate/up fused into one matmul each (`LLM(fuse=True)`), the
-A/B of that fusion. `--systems llamita-int8-tuned` adds llamita-int8 built under Inductor's coordinate-descent
-tuning, with which Inductor turns a matrix-vector product (batch 1) into a reduction that reads the int8 weights
-directly instead of casting them to bf16 in a kernel of their own (`torch/_inductor/decomposition.py`, `mm`); it
-compiles longer.
+llamita runs as `LLM` runs a loaded checkpoint: on a GPU with q/k/v and gate/up fused into one matmul each
+(`LLM(fuse=True)`); `--systems llamita-unfused` adds it without (`fuse=False`), the A/B of that fusion.
+`--systems llamita-int8-tuned` adds llamita-int8 built under Inductor's coordinate-descent tuning, with which
+Inductor turns a matrix-vector product (batch 1) into a reduction that reads the int8 weights directly instead of
+casting them to bf16 in a kernel of their own (`torch/_inductor/decomposition.py`, `mm`); it compiles longer.
 
 Group `speculative`: trains, within the same call, a target of the tinyllama-1.1b shape and a much smaller draft
 (two narrow layers: at this scale a step costs about its kernel count, not its parameter count) on the prepared
@@ -47,7 +47,7 @@ SMOKE = {"preset": "debug", "prompt": 12, "new": 8, "batches": [1, 4], "device":
          "spec_prompts": 2, "spec_new": 8, "draft": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
          "intermediate_size": 64}}  # fmt: skip
 SYSTEMS = ["llamita", "llamita-int8", "hf-eager", "hf-static-compile", "gpt-fast"]
-EXTRA_SYSTEMS = ["llamita-int8-tuned", "llamita-fused"]
+EXTRA_SYSTEMS = ["llamita-int8-tuned", "llamita-unfused"]
 """Run only when `--systems` names them."""
 REPEAT = "\n\n# The same code again, unchanged:\n"
 
@@ -207,7 +207,8 @@ def run_worker(spec: dict, result_path: str = "") -> dict:
     progress = _Progress(result_path, spec, weight_bytes)
     if system.startswith("llamita"):
         quantize = "int8" if system.startswith("llamita-int8") else None
-        tuned, fuse = system.endswith("-tuned"), system == "llamita-fused"
+        # The random model is a `Llama` given, which LLM fuses only when asked: ask as it fuses a loaded one.
+        tuned, fuse = system.endswith("-tuned"), system != "llamita-unfused" and shape["device"] == "cuda"
         result = _llamita(shape, model, prompts.cpu(), progress, quantize, tuned=tuned, fuse=fuse)
     elif system in ("hf-eager", "hf-static-compile"):
         result = _hf(shape, model, prompts, system == "hf-static-compile", progress)

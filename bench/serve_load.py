@@ -508,7 +508,8 @@ def _server_command(spec: dict, port: int) -> tuple[list[str], str | None, dict 
                "--device", shape["device"], "--dtype", shape["dtype"], "--log-level", "warning",
                "--prefill-interval", str(spec["prefill_interval"]),
                "--stream-interval", str(spec["stream_interval"])]  # fmt: skip
-        cmd += ["--prefill-graphs"] * spec["prefill_graphs"]
+        if spec["prefill_graphs"] is not None:
+            cmd.append("--prefill-graphs" if spec["prefill_graphs"] else "--no-prefill-graphs")
         return cmd, None, None
     # transformers' CLI; offline, so huggingface_hub looks for no update and no remote files.
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -658,7 +659,12 @@ def main() -> None:
     parser.add_argument("--prefill-interval", type=int, default=1, help="llamita's EngineConfig.prefill_interval")
     parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="the levels (default: the shape's)")
     parser.add_argument("--stream-interval", type=int, default=1, help="llamita serve's tokens per streamed chunk")
-    parser.add_argument("--prefill-graphs", action="store_true", help="llamita's EngineConfig.prefill_graphs")
+    parser.add_argument(
+        "--prefill-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="llamita's EngineConfig.prefill_graphs (default: the engine's, on with CUDA graphs)",
+    )
     args = parser.parse_args()
     shape = dict(SMOKE if args.smoke else SHAPE)
     if args.concurrency:

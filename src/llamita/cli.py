@@ -626,8 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream-interval", type=int, default=1, help="new tokens per streamed chunk (first and last at once)"
     )
     p.add_argument(
-        "--prefill-graphs", action="store_true", help="replay prefill forwards from CUDA graphs, by padded bucket"
-    )
+        "--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
+        help="replay small prefill forwards from CUDA graphs, by padded bucket (default: on a GPU with CUDA graphs)",
+    )  # fmt: skip
     p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default: 256 GPU, 16 CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="positions per sequence (default: the model's)")
     p.add_argument("--prefix-cache", action="store_true", help="reuse the KV of shared prompt prefixes (system prompt)")
@@ -728,7 +729,10 @@ def _add_quantize_option(p: argparse.ArgumentParser) -> None:
         "--quantize", choices=["int8"], default=None,
         help="weight-only int8 Linear layers, the output head included (torchao: pip install 'llamita[quant]')",
     )  # fmt: skip
-    p.add_argument("--fuse", action="store_true", help="q/k/v and gate/up as one matmul each (fewer per decode step)")
+    p.add_argument(
+        "--fuse", action=argparse.BooleanOptionalAction, default=None,
+        help="q/k/v and gate/up as one matmul each, fewer per decode step (default: on a GPU, where the model can be)",
+    )  # fmt: skip
 
 
 def _add_plan_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:

@@ -156,6 +156,22 @@ def test_fused_projections_quantize_and_decode_as_the_separate_ones(trained):
     assert not hasattr(LLM(copy.deepcopy(trained), max_batch=1).model.model.layers[0].self_attn, "qkv_proj")  # default
 
 
+def test_by_default_a_loaded_model_is_fused_on_a_gpu_where_it_can_be(trained, caplog):
+    """`LLM(fuse=None)`: a loaded model on a GPU is fused; a `Llama` given, or a CPU, keeps its weights; a model
+    with LoRA adapters is not fused, and the log says why."""
+    from llamita.chat.lora import LoRAConfig, apply_lora
+    from llamita.inference.llm import _auto_fuse
+
+    assert trained.unfusable() is None
+    assert _auto_fuse(trained, given=False, gpu=True)
+    assert not _auto_fuse(trained, given=True, gpu=True) and not _auto_fuse(trained, given=False, gpu=False)
+    adapted = copy.deepcopy(trained)
+    apply_lora(adapted, LoRAConfig(rank=2))
+    with caplog.at_level("INFO", logger="llamita.inference"):
+        assert not _auto_fuse(adapted, given=False, gpu=True)
+    assert "merge LoRA adapters first" in caplog.text
+
+
 def test_the_engine_keeps_the_activation_dtype_for_its_cache_and_the_weights_shrink(trained):
     llm = LLM(copy.deepcopy(trained), quantize="int8", max_batch=2)
     assert llm.engine.dtype == torch.float32 and llm.engine.cache.kv.k[0].dtype == torch.float32
@@ -200,7 +216,8 @@ class _Loaded(Exception):
     ],
 )
 def test_the_commands_pass_quantize_to_the_llm(monkeypatch, argv):
-    """--quantize and --fuse reach `LLM` (and serve's --prefill-graphs its engine settings); without them, neither."""
+    """--quantize and --fuse reach `LLM` (and serve's --prefill-graphs its engine settings); without them, their
+    defaults (None: `LLM` and the engine decide by the device); --no-fuse and --no-prefill-graphs turn them off."""
     import llamita.inference
     from llamita.cli import main
 
@@ -218,7 +235,12 @@ def test_the_commands_pass_quantize_to_the_llm(monkeypatch, argv):
     seen.clear()
     with pytest.raises(_Loaded):
         main([a for a in argv if a not in ("--fuse", "--prefill-graphs")])
-    assert seen["fuse"] is False and not seen.get("prefill_graphs", False)
+    assert seen["fuse"] is None and seen.get("prefill_graphs") is None
+    seen.clear()
+    off = [{"--fuse": "--no-fuse", "--prefill-graphs": "--no-prefill-graphs"}.get(a, a) for a in argv]
+    with pytest.raises(_Loaded):
+        main(off)
+    assert seen["fuse"] is False and seen.get("prefill_graphs", False) is False
     with pytest.raises(SystemExit):
         main([*argv[:-1], "int4"])  # argparse's choices
 

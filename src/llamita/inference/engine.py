@@ -67,12 +67,17 @@ class EngineConfig:
     cuda_graphs: bool = True
     """On CUDA, replay the decode step from CUDA graphs (one per batch size the scheduler can reach and read
     length, `cache.attend_buckets`)."""
-    prefill_graphs: bool = False
-    """Replay prefill forwards from CUDA graphs too (with `cuda_graphs`, on CUDA). A group of prompt chunks is padded
-    to bucketed rows (the decode step's batch sizes), width (a power of two, at least 16) and read length
-    (`attend_buckets`), and each bucket's graph is captured the first time a prefill meets it. A prefill forward then
-    costs its GPU time instead of its kernel launches, for up to twice the arithmetic on padding. Off by default
-    until measured on a GPU; on a CPU the padded forwards run eagerly (the same results)."""
+    prefill_graphs: bool | None = None
+    """Replay small prefill forwards from CUDA graphs too (on CUDA, with `cuda_graphs`). A group of prompt chunks
+    is padded to a bucket: rows a decode batch size, width a power of two (at least 16), read length one of
+    `attend_buckets`; a bucket's graph is captured the first time a prefill meets it (about 0.1 s, once). A
+    compiled prefill forward outside a graph costs about 15 ms of launches whatever its size; replayed, one of 1-3
+    prompts of 100-400 tokens takes 4-8 ms (`bench/results/2026-12-01-engine-r3.md`). None: on wherever CUDA
+    graphs are; on a CPU (True) the padded forwards run eagerly, with the same results."""
+    prefill_graph_tokens: int = 2048
+    """The largest padded prefill (rows x width) replayed from a graph. Larger groups are bound by their arithmetic,
+    not their launches, and padding them costs more than the launches it saves (8 prompts of ~530 tokens: 61 ms
+    padded to 8 x 1024 and replayed, 29 ms unpadded and compiled): they run compiled at their own size."""
     compile: bool = True
     """On CUDA, compile the model's transformer block (`block_step`, which the decode step and the prefill forward
     run for every layer) and the decode step's sampling, with dynamic shapes, when the engine starts."""
@@ -100,6 +105,7 @@ class EngineConfig:
                 f"prefill_tokens must be >= 1 (or unset), got {self.prefill_tokens}",
             ),
             (self.prefix_block >= 1, f"prefix_block must be >= 1, got {self.prefix_block}"),
+            (self.prefill_graph_tokens >= 16, f"prefill_graph_tokens must be >= 16, got {self.prefill_graph_tokens}"),
             (self.prefill_interval >= 1, f"prefill_interval must be >= 1, got {self.prefill_interval}"),
             (self.speculate in (None, "draft", "ngram"), f"speculate is draft, ngram or unset, not {self.speculate!r}"),
             (self.gamma >= 1, f"gamma must be >= 1, got {self.gamma}"),
@@ -283,7 +289,10 @@ class Engine:
         self.buckets = attend_buckets(self.seq_len, 256 if weight.is_cuda and config.cuda_graphs else 16)
         self.graphs: CapturedSteps | None = None
         self.prefill_graphs: LazyGraphs | None = None
-        if config.prefill_graphs and self.device.type == "cuda" and config.cuda_graphs:
+        graphed = self.device.type == "cuda" and config.cuda_graphs
+        self.padded_prefill = graphed if config.prefill_graphs is None else config.prefill_graphs
+        """Whether prefill groups are padded to buckets (`EngineConfig.prefill_graphs`)."""
+        if self.padded_prefill and graphed:
             # Where a replayed prefill leaves its rows' last logits.
             self.prefill_logits = torch.empty(n_slots, self.vocab_size, dtype=torch.float32, device=self.device)
             self.prefill_graphs = LazyGraphs(
@@ -521,14 +530,14 @@ class Engine:
 
     def _shape(self, group: list[Chunk]) -> tuple[int, int, int, bool]:
         """A group's prefill forward: (rows, width, read length, whether a bucket). At least 2 x 2 and the group's
-        own size; with `prefill_graphs`, its bucket: rows a decode batch size, width a power of two (at least 16),
-        reads a length of `attend_buckets` (not where that would exceed twice the prefill budget, whose activations
-        the cache was sized to leave room for; a bucket of a few rows of 16 always fits)."""
+        own size; with padded prefills (`prefill_graphs`), its bucket where that holds at most
+        `prefill_graph_tokens`: rows a decode batch size, width a power of two (at least 16), reads a length of
+        `attend_buckets`."""
         reach, widest = max(c.start + c.n for c in group), max(c.n for c in group)
-        if self.config.prefill_graphs:
+        if self.padded_prefill:
             rows = next(b for b in capture_sizes(self.n_slots) if b >= max(len(group), min(2, self.n_slots)))
             width = min(max(16, 1 << (widest - 1).bit_length()), self.seq_len)
-            if rows * width <= 2 * max(self.prefill_tokens, 16 * rows):
+            if rows * width <= self.config.prefill_graph_tokens:
                 return rows, width, self.attend(reach), True
         return max(2, len(group)), max(2, widest), max(2, reach), False  # the padding reads nothing it needs
 

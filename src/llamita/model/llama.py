@@ -383,6 +383,23 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", torch.empty(config.max_seq_len, config.head_dim), persistent=False)
         self.init_weights()
 
+    def unfusable(self) -> str | None:
+        """Why `fuse_projections` cannot fuse this model (None: it can): what a stacked weight cannot carry, a LoRA
+        adapter's update, a bias, a quantized weight."""
+        for block in self.model.layers:
+            a, m = block.self_attn, block.mlp
+            if hasattr(a, "qkv_proj"):
+                continue  # fused already
+            for linear in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                weight = type(linear.weight.detach())
+                if type(linear) is not nn.Linear or linear.bias is not None or weight is not torch.Tensor:
+                    return (
+                        f"fuse_projections stacks plain bias-free Linear weights, not a {type(linear).__name__} "
+                        f"with a {weight.__name__} weight: merge LoRA adapters first (`merge_lora`), and quantize "
+                        "after fusing"
+                    )
+        return None
+
     @torch.no_grad()
     def fuse_projections(self) -> Llama:
         """For inference: every block's q/k/v projections as one matmul (`qkv_proj`), and gate/up as one
@@ -393,18 +410,10 @@ class Llama(nn.Module):
         The model then trains no more and saves under other names than Hugging Face's: fuse a model to serve it,
         not one to save. Done in place; returns the model.
         """
+        why = self.unfusable()
+        if why is not None:
+            raise ValueError(why)
         blocks = [b for b in self.model.layers if not hasattr(b.self_attn, "qkv_proj")]
-        for block in blocks:  # all checked before any is changed
-            a, m = block.self_attn, block.mlp
-            for linear in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
-                # What a stacked weight cannot carry: a LoRA adapter's update, a bias, a quantized weight.
-                weight = type(linear.weight.detach())
-                if type(linear) is not nn.Linear or linear.bias is not None or weight is not torch.Tensor:
-                    raise ValueError(
-                        f"fuse_projections stacks plain bias-free Linear weights, not a {type(linear).__name__} "
-                        f"with a {weight.__name__} weight: merge LoRA adapters first (`merge_lora`), and quantize "
-                        "after fusing"
-                    )
         for block in blocks:
             block.self_attn.fuse_projections()
             block.mlp.fuse_projections()
