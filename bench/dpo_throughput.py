@@ -143,21 +143,22 @@ def run_llamita(spec: dict) -> dict:
     objective = PreferenceObjective(PreferenceLoss("sigmoid", BETA), ref)
     no_skip = torch.zeros((), device=device)
     order = np.random.default_rng(SEED).permutation(len(rows))
-    batch = spec["batch"]
+    batch, accum = spec["batch"], spec.get("accum", 1)
     tokens: list[int] = []
 
     def step(i: int) -> torch.Tensor:
-        index = order[np.arange(i * batch, (i + 1) * batch) % len(rows)]
-        host = rows.batch(index)
-        tokens.append(int((rows.pairs[index] >= 0).sum()) + int(host.pair_ids.numel()))  # +1 per pair: x[-1] twice
-        with autocast:
-            loss, _ = objective.loss(model, [t.to(device, non_blocking=True) for t in host])
-        loss.backward()
+        for micro in range(i * accum, (i + 1) * accum):  # `accum` forward/backward passes of `batch` rows a step
+            index = order[np.arange(micro * batch, (micro + 1) * batch) % len(rows)]
+            host = rows.batch(index)
+            tokens.append(int((rows.pairs[index] >= 0).sum()) + int(host.pair_ids.numel()))  # +1 a pair: x[-1] twice
+            with autocast:
+                loss, _ = objective.loss(model, [t.to(device, non_blocking=True) for t in host])
+            (loss / accum).backward()
         clipped_step(optimizer, gradient_norm(optimizer), 1.0, no_skip)
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    out = _timed(step, spec, device, lambda: sum(tokens[spec["warmup"] :]))
+    out = _timed(step, spec, device, lambda: sum(tokens[spec["warmup"] * accum :]))
     return out | {
         "reference_seconds": reference_seconds,
         "packing_efficiency": stats.efficiency(spec["seq_len"]),
@@ -165,6 +166,8 @@ def run_llamita(spec: dict) -> dict:
         "rows": stats.rows,
         "mean_pair_tokens": _pair_tokens(data) / len(data),
         "activation_checkpoint": spec["activation_checkpoint"],
+        "micro_batch": batch,
+        "accumulation": accum,
         "compute": "fsdp2" if start.plan.fsdp else "copies" if start.plan.copies else str(start.plan.compute_dtype),
         "weights": cfg.train.weights,
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
@@ -283,6 +286,8 @@ SYSTEMS = {  # name: (reference, activation checkpointing); TRL's DPOConfig chec
     "llamita-precomputed-ac": ("precomputed", "full"),
     "llamita-lowmem": ("precomputed", "full"),
     "llamita-lowmem-selective": ("precomputed", "selective"),
+    "llamita-lowmem-noac": ("precomputed", "none"),
+    "llamita-lowmem-noac-b1": ("precomputed", "none"),
     "llamita-live": ("live", "none"),
     "trl-live": ("live", "full"),
     "trl-precompute": ("precompute", "full"),
@@ -315,8 +320,13 @@ def main() -> None:
                  "pairs": 24, "scale": 1 / 16, "device": "cpu", "compile": False}  # fmt: skip
     specs = {name: base | {"mode": mode, "activation_checkpoint": ac} for name, (mode, ac) in SYSTEMS.items()}
     specs["llamita-precomputed-ac"]["activation_checkpoint"] = args.ac
-    for name in ("llamita-lowmem", "llamita-lowmem-selective"):
+    for name in ("llamita-lowmem", "llamita-lowmem-selective", "llamita-lowmem-noac", "llamita-lowmem-noac-b1"):
         specs[name] |= LOW_MEMORY
+    # Without recomputation, the activations of 8 rows do not fit the memory target: the same 8 rows a step, as
+    # micro-batches of 2 (or 1) rows with gradient accumulation.
+    micro = base["batch"] // 4 or 1
+    specs["llamita-lowmem-noac"] |= {"batch": micro, "accum": base["batch"] // micro}
+    specs["llamita-lowmem-noac-b1"] |= {"batch": 1, "accum": base["batch"]}
     if args.smoke:  # the path the GPU run takes: FSDP2 on one rank (a CPU plain process would not shard)
         specs["llamita-precomputed-ac"]["fsdp"] = "on"
     record = run_systems(args.systems.split(","), specs, _runner, base, args.out / "dpo_throughput.json")
@@ -347,8 +357,9 @@ def table(record: dict) -> str:
             memory = f"{peak / other['peak_gib']:.2f}" if other and peak and other.get("peak_gib") else "-"
             ratios.append((speed, memory))
         once = r.get("reference_seconds", r.get("setup_seconds"))
+        micro = f", {r['micro_batch']} rows x {r['accumulation']}" if r.get("accumulation", 1) > 1 else ""
         lines.append(
-            f"| {name} | {ac} | {tps:,.0f} | {ratios[0][0]} | {'-' if peak is None else f'{peak:.1f}'} | "
+            f"| {name} | {ac}{micro} | {tps:,.0f} | {ratios[0][0]} | {'-' if peak is None else f'{peak:.1f}'} | "
             f"{ratios[0][1]} | {ratios[1][0]}, {ratios[1][1]} | {'-' if once is None else f'{once:.1f}'} |"
         )
     return "\n".join(lines)
