@@ -268,7 +268,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.checkpoint, device=device, dtype=args.dtype, draft=args.draft, compile=args.compile,
         max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefix_cache=args.prefix_cache,
         quantize=args.quantize, fuse=args.fuse,
-        prefill_interval=args.prefill_interval, prefill_graphs=args.prefill_graphs, **engine,
+        prefill_interval=args.prefill_interval, prefill_graphs=args.prefill_graphs,
+        decode_attention=args.decode_attention, **engine,
     )  # fmt: skip
     serve(llm, config)
 
@@ -628,6 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
         help="replay small prefill forwards from CUDA graphs, by padded bucket (default: on a GPU with CUDA graphs)",
+    )  # fmt: skip
+    p.add_argument(
+        "--decode-attention", choices=["sdpa", "flex"], default="sdpa",
+        help="flex: each decoding sequence reads only its own positions (FlexAttention), not its batch's longest",
     )  # fmt: skip
     p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default: 256 GPU, 16 CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="positions per sequence (default: the model's)")

@@ -391,3 +391,46 @@ def test_the_compiled_block_decodes_as_the_eager_engine_from_few_compilations(mo
     assert [s.output for s in compiled] == [s.output for s in eager]
     assert compiled[-1].output == greedy_by_recomputation(model, compiled[-1].prompt, 17)
     assert dynamo_counters["stats"]["unique_graphs"] == 5
+
+
+@pytest.mark.parametrize("backend", [None, "eager"])
+def test_flex_decode_attention_decodes_as_the_reference(model, backend):
+    """`decode_attention="flex"`: each decode row reads its own positions (FlexAttention's block mask) instead of
+    its batch's bucket; greedy outputs are the reference's, eagerly and through dynamo's compiled path, with
+    requests joining and leaving and one reading past the first bucket."""
+    ps, lengths = prompts(9), [3, 12, 7, 1, 9, 12, 5, 10, 2]
+    arrivals: dict[int, list] = {0: [], 2: [], 5: []}
+    for i, (p, n) in enumerate(zip(ps, lengths)):
+        arrivals[[0, 2, 5][i % 3]].append((p, SamplingParams(temperature=0.0, max_tokens=n)))
+    arrivals[6] = [(list(range(30)), SamplingParams(temperature=0.0, max_tokens=17))]
+    engine = Engine(model, EngineConfig(max_batch=4, decode_attention="flex", compile_backend=backend))
+    assert engine.cache.kv.ragged and engine.cache.rows(0, 2).ragged
+    seqs, most = run(engine, arrivals)
+    assert most == 4
+    for seq in seqs:
+        assert seq.output == greedy_by_recomputation(model, seq.prompt, seq.max_new), seq.prompt
+
+
+def test_flex_decode_attention_is_refused_where_it_cannot_compile():
+    """Inductor's C++ FlexAttention template does not compile with dynamic shapes (torch 2.13): on a CPU, flex
+    with Inductor is refused at once, naming what to use; an unknown value names the choices."""
+    with pytest.raises(ConfigError, match="decode_attention is sdpa or flex"):
+        EngineConfig(decode_attention="paged")
+    with pytest.raises(ConfigError, match="compile_backend='eager'"):
+        Engine(tiny_model().float(), EngineConfig(max_batch=2, decode_attention="flex", compile_backend="inductor"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flex_decode_graphs_decode_as_the_sdpa_engine(model):
+    """On CUDA, the compiled block with FlexAttention decoding (Inductor's Triton kernel), replayed from CUDA
+    graphs, gives the eager SDPA engine's outputs (float32: FlexAttention's kernels take no float64)."""
+    import copy
+
+    cuda = copy.deepcopy(model).to("cuda", torch.float32)
+    ps = prompts(6, seed=5)
+    arrivals = {0: [(p, GREEDY) for p in ps[:4]], 3: [(p, GREEDY) for p in ps[4:]]}
+    eager, _ = run(Engine(cuda, EngineConfig(max_batch=5, cuda_graphs=False)), arrivals)
+    engine = Engine(cuda, EngineConfig(max_batch=5, decode_attention="flex"))
+    flex, _ = run(engine, arrivals)
+    assert engine.graphs is not None and engine.graphs.uncaptured == 0
+    assert [s.output for s in flex] == [s.output for s in eager]

@@ -232,6 +232,7 @@ def test_the_commands_pass_quantize_to_the_llm(monkeypatch, argv):
         main(argv)
     assert seen["quantize"] == "int8" and seen["fuse"] is True
     assert seen.get("prefill_graphs", False) is (argv[0] == "serve")
+    assert seen.get("decode_attention", "sdpa") == "sdpa"
     seen.clear()
     with pytest.raises(_Loaded):
         main([a for a in argv if a not in ("--fuse", "--prefill-graphs")])
@@ -241,6 +242,10 @@ def test_the_commands_pass_quantize_to_the_llm(monkeypatch, argv):
     with pytest.raises(_Loaded):
         main(off)
     assert seen["fuse"] is False and seen.get("prefill_graphs", False) is False
+    if argv[0] == "serve":
+        with pytest.raises(_Loaded):
+            main([*argv, "--decode-attention", "flex"])
+        assert seen["decode_attention"] == "flex"
     with pytest.raises(SystemExit):
         main([*argv[:-1], "int4"])  # argparse's choices
 

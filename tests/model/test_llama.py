@@ -276,3 +276,35 @@ def test_misuse_raises_clear_errors():
         model(torch.zeros(2, 4, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="max_len"):
         KVCache(TINY, batch_size=1, max_len=TINY.max_seq_len + 1)
+
+
+def test_a_decode_block_mask_reads_each_rows_own_blocks_and_attends_as_the_dense_mask():
+    """`KVCache.ragged`: a decode step's rows see positions 0 .. their own through FlexAttention's block mask
+    (`decode_block_mask`), the dense mask's outputs (float64); a row past the read length (an idle row at its
+    scratch position) sees all of it. The mask lists, for each row, the blocks it sees whole and the one it sees
+    in part, and no other: what FlexAttention's kernel reads (on a CPU, eager FlexAttention scores every
+    position and masks them, as the dense mask does)."""
+    from llamita.model.llama import DECODE_BLOCK, decode_block_mask
+
+    config = dataclasses.replace(TINY, max_seq_len=4 * DECODE_BLOCK)
+    torch.manual_seed(0)
+    model = Llama(config).double()
+    model.init_weights()
+    attend = 3 * DECODE_BLOCK + 40  # the last block in part
+    positions = torch.tensor([[0], [DECODE_BLOCK - 1], [DECODE_BLOCK], [2 * DECODE_BLOCK + 5], [4 * DECODE_BLOCK - 1]])
+    tokens = torch.randint(0, config.vocab_size, (5, 1))
+    cache = KVCache(config, 5, dtype=torch.float64)
+    for buf in cache.k + cache.v:
+        buf.normal_()
+    ragged = copy.copy(cache)
+    ragged.ragged = True
+    with torch.no_grad():
+        dense = model.hidden_states(tokens, cache.view(slice(0, 5), attend=attend), positions=positions)
+        got = model.hidden_states(tokens, ragged.view(slice(0, 5), attend=attend), positions=positions)
+    torch.testing.assert_close(got, dense, atol=1e-12, rtol=0)
+    mask = decode_block_mask(positions, attend, queries=3)
+    assert mask.shape == (5, 1, 3, attend)
+    # Keys seen: 1, 128 (one whole block), 129, 262, and all 424 of the read (the last block's 40 in part).
+    assert mask.full_kv_num_blocks.flatten().tolist() == [0, 1, 1, 2, 3]  # blocks seen whole
+    assert mask.kv_num_blocks.flatten().tolist() == [1, 0, 1, 1, 1]  # a block seen in part, or none
+    assert mask.kv_indices[[0, 2, 3, 4], 0, 0, 0].tolist() == [0, 1, 2, 3]  # which one

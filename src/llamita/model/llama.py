@@ -113,6 +113,46 @@ def document_mask(
     return visible[:, None]  # [B, 1, T, T]
 
 
+DECODE_BLOCK = 128
+"""Key positions per block of `decode_block_mask` (FlexAttention's default block size)."""
+
+
+def decode_block_mask(positions: Tensor, attend: int, queries: int, block: int = DECODE_BLOCK) -> BlockMask:
+    """The FlexAttention mask of a decode step through a cache: row b's `queries` queries (the query heads that
+    share a key/value head, one token each) see cached positions 0 .. positions[b], within the `attend` read.
+
+    Built from block counts rather than by evaluating a mask everywhere (`create_block_mask`): a few small tensor
+    ops, no host sync, so it goes into a captured CUDA graph. The blocks a row cannot see are skipped by the
+    kernel: a row reads its own length, not `attend`. A row past `attend` (an idle row at its scratch position)
+    sees all of it, as the dense mask's does.
+
+    Args:
+        positions: [B, 1] (or [B]) position of each row's one token.
+        attend: Cached positions the step reads at most (the mask's key length).
+        queries: Queries per row and key/value head: n_heads // n_kv_heads.
+        block: Key positions per block.
+
+    Returns:
+        A BlockMask of shape (B, 1, queries, attend).
+    """
+    pos = positions.reshape(-1)  # [B]
+    B, n = pos.shape[0], -(-attend // block)
+    seen = (pos + 1).clamp(max=attend)  # [B]: keys each row sees
+    blocks = torch.arange(n, device=pos.device, dtype=torch.int32)  # [n]
+    full = (seen // block).to(torch.int32)[:, None, None]  # [B, 1, 1]: blocks seen whole
+    partial = (seen % block != 0).to(torch.int32)[:, None, None]  # [B, 1, 1]: one block seen in part, or none
+    # The partial block first (the one after the full ones); the rest of the row is never read.
+    partial_at = ((blocks + full[:, :, :, None]) % n).to(torch.int32)  # [B, 1, 1, n]
+
+    def visible(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return k <= pos[b]
+
+    return BlockMask.from_kv_blocks(
+        partial, partial_at, full, blocks.expand(B, 1, 1, n), BLOCK_SIZE=block, mask_mod=visible,
+        seq_lengths=(queries, attend),
+    )  # fmt: skip
+
+
 class KVCache:
     """Preallocated keys and values for incremental decoding: one [B, KV, max_len, hd] pair per layer.
 
@@ -152,6 +192,9 @@ class KVCache:
         self.max_len = max_len
         self.attend = max_len
         self.index: Tensor | None = None
+        self.ragged = False
+        """Decode steps (one token a row) read each row's own positions only, through FlexAttention's block
+        sparsity (`decode_block_mask`), instead of all `attend` positions of every row through SDPA with a mask."""
         shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
@@ -261,7 +304,7 @@ class Attention(nn.Module):
             write_at: [B, T] cache position of each of x's tokens, where its key and value go (with `kv`).
             mask: [B, 1, T, T] boolean, True where query i may see key j, replacing the causal mask (packed
                 sequences), or the same as a FlexAttention `BlockMask`; with `kv`, [B, 1, T, S]: which of the
-                S = `attend` cached positions each query sees.
+                S = `attend` cached positions each query sees, or for one token a row a `decode_block_mask`.
 
         Returns:
             [B, T, D].
@@ -283,12 +326,15 @@ class Attention(nn.Module):
             # kernels take the mask; its grouped-query path would repeat the whole cache for every query head.
             G, S = self.n_heads // self.n_kv_heads, k_cache.shape[2]
             grouped = q.reshape(B, self.n_kv_heads, G * T, self.head_dim)  # [B, KV, G * T, hd]
-            mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)  # [B, 1, G * T, S]
-            # Several tokens a row (a prefill, a speculative verification): not cuDNN's kernel, which builds an
-            # execution plan for every new shape (55-400 ms each), and prefill shapes change with every batch of
-            # prompts. One token a row (decoding) keeps it: the engine's shapes there are few and captured.
-            with sdpa_kernel(_NOT_CUDNN) if T > 1 else contextlib.nullcontext():
-                y = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=mask)  # [B, KV, G * T, hd]
+            if isinstance(mask, BlockMask):  # one token a row, each row reading its own length (`decode_block_mask`)
+                y = flex_attention(grouped, k_cache, v_cache, block_mask=mask)  # [B, KV, G, hd]
+            else:
+                mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)  # [B, 1, G * T, S]
+                # Several tokens a row (a prefill, a speculative verification): not cuDNN's kernel, which builds an
+                # execution plan for every new shape (55-400 ms each), and prefill shapes change with every batch
+                # of prompts. One token a row (decoding) keeps it: the engine's shapes there are few and captured.
+                with sdpa_kernel(_NOT_CUDNN) if T > 1 else contextlib.nullcontext():
+                    y = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=mask)  # [B, KV, G*T, hd]
             y = y.reshape(B, self.n_heads, T, self.head_dim)  # [B, H, T, hd]
         elif isinstance(mask, BlockMask):  # packed documents on a GPU (`document_mask`)
             y = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)  # [B, H, T, hd]
@@ -506,8 +552,11 @@ class Llama(nn.Module):
             if positions is None:
                 positions = torch.arange(start_pos, end, device=tokens.device).expand(B, T)  # [B, T]
             write_at = positions
-            keys = torch.arange(cache.attend, device=tokens.device)  # [S]: the positions attention reads
-            mask = (keys <= positions[:, :, None])[:, None]  # [B, 1, T, S]: each query sees its own past
+            if cache.ragged and T == 1:
+                mask = decode_block_mask(positions, cache.attend, self.config.n_heads // self.config.n_kv_heads)
+            else:
+                keys = torch.arange(cache.attend, device=tokens.device)  # [S]: the positions attention reads
+                mask = (keys <= positions[:, :, None])[:, None]  # [B, 1, T, S]: each query sees its own past
         x = self.model.embed_tokens(tokens)  # [B, T, D]
         for i, block in enumerate(self.model.layers):
             kv = None if cache is None else cache.layer(i)
