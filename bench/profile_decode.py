@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--fuse", action="store_true", help="q/k/v and gate/up fused (`LLM(fuse=True)`)")
+    parser.add_argument("--single-row", action="store_true", help="EngineConfig.single_row: a graph of one row")
     parser.add_argument("--decode-attention", choices=["sdpa", "flex"], default="sdpa",
                         help="EngineConfig.decode_attention; with flex a row reads its own positions, whatever the "
                              "read length (the 'all reads' column)")  # fmt: skip
@@ -61,7 +62,7 @@ def main() -> None:
         model.fuse_projections()
     t0 = time.perf_counter()
     config = EngineConfig(max_batch=max(args.batches), max_seq_len=args.seq_len, compile=not args.no_compile,
-                          decode_attention=args.decode_attention)  # fmt: skip
+                          decode_attention=args.decode_attention, single_row=args.single_row)  # fmt: skip
     engine = Engine(model, config)
     startup = time.perf_counter() - t0
     print(f"engine started in {startup:.1f} s: {engine.startup_s}", flush=True)
@@ -125,8 +126,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"fused": args.fuse, "decode_attention": args.decode_attention, "preset": args.preset,
-              "seq_len": args.seq_len, "compile": not args.no_compile,
+    record = {"fused": args.fuse, "decode_attention": args.decode_attention, "single_row": args.single_row,
+              "preset": args.preset, "seq_len": args.seq_len, "compile": not args.no_compile,
               "startup_s": startup, "startup_phases_s": engine.startup_s, "buckets": engine.buckets,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "rows": rows, "kernels": kernels}  # fmt: skip

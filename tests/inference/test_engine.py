@@ -434,3 +434,19 @@ def test_flex_decode_graphs_decode_as_the_sdpa_engine(model):
     flex, _ = run(engine, arrivals)
     assert engine.graphs is not None and engine.graphs.uncaptured == 0
     assert [s.output for s in flex] == [s.output for s in eager]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_graph_of_one_row_decodes_as_the_eager_step(model):
+    """`single_row`: a batch of one replays its own graph (compiled for one row under coordinate-descent tuning)
+    instead of the graph of two, with the eager step's outputs."""
+    import copy
+
+    cuda = copy.deepcopy(model).to("cuda", torch.float32)
+    arrivals = {0: [(prompts(1, seed=7)[0], GREEDY)]}
+    eager, _ = run(Engine(cuda, EngineConfig(max_batch=4, cuda_graphs=False)), arrivals)
+    engine = Engine(cuda, EngineConfig(max_batch=4, single_row=True))
+    assert engine.graphs is not None and engine.graphs.sizes[0] == 1
+    one, _ = run(engine, arrivals)
+    assert engine.graphs.uncaptured == 0
+    assert [s.output for s in one] == [s.output for s in eager]

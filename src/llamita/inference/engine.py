@@ -78,6 +78,13 @@ class EngineConfig:
     """The largest padded prefill (rows x width) replayed from a graph. Larger groups are bound by their arithmetic,
     not their launches, and padding them costs more than the launches it saves (8 prompts of ~530 tokens: 61 ms
     padded to 8 x 1024 and replayed, 29 ms unpadded and compiled): they run compiled at their own size."""
+    single_row: bool = False
+    """On CUDA with `compile`, also capture a decode step of one row, compiled apart with Inductor's
+    coordinate-descent tuning. A batch of one otherwise replays the graph of two, whose matmuls are cuBLAS GEMMs
+    of two rows. Compiled for exactly one row, each Linear becomes a matrix-vector product that Inductor writes as
+    a Triton reduction over the weights and tunes (`torch/_inductor/decomposition.py`, `mm`; gpt-fast's setting).
+    It costs one more compilation, with autotuning, at start-up. Off until measured on a GPU
+    (`bench/profile_decode.py --single-row`)."""
     decode_attention: str = "sdpa"
     """How a decode step attends. "sdpa": every row reads the first `attend` positions of its slot (the bucket of
     the batch's longest sequence) through SDPA with a mask. "flex": each row reads only its own positions, through
@@ -328,9 +335,19 @@ class Engine:
                 for attend in dict.fromkeys((self.buckets[0], self.seq_len)):
                     self._decode_rows(*self._decode_inputs(n_slots - 1, attend), False)
             if self.device.type == "cuda" and config.cuda_graphs:
+                import torch._inductor.config as inductor_config
+
+                single = config.single_row and compiled and n_slots > 1
+
+                def decode_step(batch: int, v: tuple[int, bool]) -> tuple[Tensor, Tensor]:
+                    # The graph of one row compiles (its first run) under coordinate-descent tuning.
+                    tuned = inductor_config.patch(coordinate_descent_tuning=True)
+                    with tuned if single and batch == 1 else contextlib.nullcontext():
+                        return self._decode_rows(*self._decode_inputs(batch, v[0]), v[1])
+
                 self.graphs = CapturedSteps(
-                    lambda batch, v: self._decode_rows(*self._decode_inputs(batch, v[0]), v[1]),
-                    capture_sizes(n_slots),
+                    decode_step,
+                    [1, *capture_sizes(n_slots)] if single else capture_sizes(n_slots),
                     variants=tuple((attend, filters) for attend in self.buckets for filters in (False, True)),
                 )
                 self.startup_s["decode_graphs"] = time.perf_counter() - t0  # compilation included
