@@ -159,6 +159,11 @@ def run_llamita(spec: dict) -> dict:
         return loss.detach()
 
     out = _timed(step, spec, device, lambda: sum(tokens[spec["warmup"] * accum :]))
+    if spec.get("profile") and device.type == "cuda":  # where a step goes: GPU kernels by category, host waits
+        from train_throughput import _profile_breakdown
+
+        first = spec["warmup"] + spec["steps"]
+        out["profile"] = _profile_breakdown(lambda n: [step(first + i) for i in range(n)], 2, host=True)
     return out | {
         "reference_seconds": reference_seconds,
         "packing_efficiency": stats.efficiency(spec["seq_len"]),
@@ -310,6 +315,9 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     ac_help = "llamita-precomputed-ac's parallel.activation_checkpoint (full recomputes every block, as TRL does)"
     parser.add_argument("--ac", choices=("full", "selective"), default="full", help=ac_help)
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, 2 llamita steps under torch.profiler (GPU): kernel time by category "
+                             "against the wall, kernel launches and the host's waits for the GPU")  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     # llamita: 8 rows of 2048 slots per step (~2 pairs each); TRL: 8 pairs per step (its per-device batch).
@@ -318,6 +326,7 @@ def main() -> None:
     if args.smoke:
         base |= {"preset": "debug", "seq_len": 128, "batch": 2, "trl_batch": 2, "warmup": 1, "steps": 2,
                  "pairs": 24, "scale": 1 / 16, "device": "cpu", "compile": False}  # fmt: skip
+    base["profile"] = args.profile
     specs = {name: base | {"mode": mode, "activation_checkpoint": ac} for name, (mode, ac) in SYSTEMS.items()}
     specs["llamita-precomputed-ac"]["activation_checkpoint"] = args.ac
     for name in ("llamita-lowmem", "llamita-lowmem-selective", "llamita-lowmem-noac", "llamita-lowmem-noac-b1"):
@@ -362,6 +371,13 @@ def table(record: dict) -> str:
             f"| {name} | {ac}{micro} | {tps:,.0f} | {ratios[0][0]} | {'-' if peak is None else f'{peak:.1f}'} | "
             f"{ratios[0][1]} | {ratios[1][0]}, {ratios[1][1]} | {'-' if once is None else f'{once:.1f}'} |"
         )
+    for name, r in rows.items():  # --profile: where a step goes
+        if "profile" in r:
+            prof = r["profile"]
+            host = ", ".join(f"{k} {n:.0f}x {ms:.1f} ms" for k, (n, ms) in prof["host_calls_per_step"].items())
+            gpu = ", ".join(f"{k} {ms:.1f}" for k, ms in prof["categories_ms"].items())
+            lines += ["", f"{name}, a step under torch.profiler: {prof['step_wall_ms']:.1f} ms wall, GPU busy "
+                      f"{prof['gpu_busy_ms']:.1f} ms ({gpu}); host calls a step: {host or 'none'}"]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -296,16 +296,28 @@ def _loader_batches(data_dir: str, config: Any, shape: dict) -> Any:
     )
 
 
-def _profile_breakdown(run_steps: Any, n_steps: int) -> dict:
-    """GPU kernel time per step by category (matmul, attention, optimizer, ...), from torch.profiler."""
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+"""CUDA runtime calls in which the host may wait for the GPU (`_profile_breakdown(host=True)` counts them)."""
+
+
+def _profile_breakdown(run_steps: Any, n_steps: int, host: bool = False) -> dict:
+    """GPU kernel time per step by category (matmul, attention, optimizer, ...), from torch.profiler; with `host`,
+    also the CPU side: kernel launches and the calls that can wait for the GPU (`HOST_WAITS`), per step, with
+    the host time they took."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + [ProfilerActivity.CPU] * host
+    with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         run_steps(n_steps)
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / n_steps
+    waits: dict[str, list[float]] = {}
+    if host:
+        for evt in prof.key_averages():
+            if evt.key.startswith(HOST_WAITS) or evt.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"):
+                waits[evt.key] = [evt.count / n_steps, evt.cpu_time_total / 1e3 / n_steps]  # calls, ms per step
     kernels: dict[str, float] = {}
     for evt in prof.key_averages():
         if evt.device_type != torch.autograd.DeviceType.CUDA:
@@ -319,6 +331,7 @@ def _profile_breakdown(run_steps: Any, n_steps: int) -> dict:
     return {
         "step_wall_ms": 1e3 * wall,
         "gpu_busy_ms": sum(kernels.values()),
+        **({"host_calls_per_step": waits} if host else {}),
         "categories_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
         "top_kernels_ms": [[name[:160], ms] for name, ms in top],
     }
