@@ -137,6 +137,27 @@ def test_padded_prefill_buckets_decode_as_the_reference(model, settings):
         assert engine.stats.reused_tokens > 0
 
 
+def test_a_prefill_group_pads_to_a_bucket_only_up_to_prefill_graph_tokens(model):
+    """Padded prefills (`prefill_graphs`): a group whose bucket (rows x width) holds at most
+    `prefill_graph_tokens` pads to it; a larger one runs at its own size, unpadded (its arithmetic, not its
+    launches, is what it costs); without padded prefills every group runs at its own size."""
+    from llamita.inference.scheduler import Chunk
+
+    def group(lengths: list[int]) -> list[Chunk]:
+        return [Chunk(engine.add(list(range(1, n + 1)), GREEDY), 0, n) for n in lengths]
+
+    engine = Engine(model, EngineConfig(max_batch=8, prefill_graphs=True, prefill_graph_tokens=64))
+    assert engine.padded_prefill
+    assert engine._shape(group([10])) == (2, 16, engine.attend(10), True)  # 2 x 16 = 32 padded tokens
+    assert engine._shape(group([12, 9, 3])) == (4, 16, engine.attend(12), True)  # 4 x 16 = 64
+    assert engine._shape(group([20, 5])) == (2, 32, engine.attend(20), True)  # 2 x 32 = 64
+    assert engine._shape(group([40])) == (2, 40, 40, False)  # 2 x 48 (the slot) = 96 > 64: its own size
+    assert engine._shape(group([12, 9, 3, 3, 2])) == (5, 12, 12, False)  # 8 x 16 = 128 > 64: its own size
+    plain = Engine(model, EngineConfig(max_batch=8))
+    assert not plain.padded_prefill  # on a CPU the default pads nothing (no CUDA graphs to replay)
+    assert plain._shape(group([10])) == (2, 10, 10, False)
+
+
 def test_chunked_prefill_of_a_long_prompt(model):
     engine = Engine(model, EngineConfig(prefill_tokens=4, max_batch=2))
     long, short = list(range(30)), [7, 7, 7]
