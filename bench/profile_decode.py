@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--fuse", action="store_true", help="q/k/v and gate/up fused (`LLM(fuse=True)`)")
+    parser.add_argument("--mixed-lengths", action="store_true",
+                        help="rows of ShareGPT-like prompt lengths (median 200, up to half the slot) instead of "
+                             "all 128: what a serving batch reads, where flex reads each row's own")  # fmt: skip
     parser.add_argument("--single-row", action="store_true", help="EngineConfig.single_row: a graph of one row")
     parser.add_argument("--decode-attention", choices=["sdpa", "flex"], default="sdpa",
                         help="EngineConfig.decode_attention; with flex a row reads its own positions, whatever the "
@@ -66,9 +69,14 @@ def main() -> None:
     engine = Engine(model, config)
     startup = time.perf_counter() - t0
     print(f"engine started in {startup:.1f} s: {engine.startup_s}", flush=True)
-    params = SamplingParams(temperature=0.0, max_tokens=args.seq_len - 130, ignore_eos=True)
-    for _ in range(max(args.batches)):
-        engine.add(torch.randint(0, model.config.vocab_size, (128,)).tolist(), params)
+    g = torch.Generator().manual_seed(0)
+    lengths = [128] * max(args.batches)
+    if args.mixed_lengths:  # ShareGPT-like prompts (serve_load's): lognormal, median 200, sigma 0.8
+        drawn = (200 * torch.exp(0.8 * torch.randn(max(args.batches), generator=g))).round().long()
+        lengths = drawn.clamp(16, args.seq_len // 2).tolist()
+    for n in lengths:
+        params = SamplingParams(temperature=0.0, max_tokens=args.seq_len - n - 2, ignore_eos=True)
+        engine.add(torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist(), params)
     while len(engine.scheduler.decoding()) < max(args.batches):
         engine.step()
 
@@ -98,6 +106,7 @@ def main() -> None:
             row = {
                 "batch": batch,
                 "attend": attend,
+                "mean_position": float(positions.float().mean()),
                 "graph_step_ms": _events_ms(graph, args.steps),
                 # The same step reading every position of the slots (what it did before read lengths).
                 "graph_step_full_ms": _events_ms(lambda g=graph: g(attend=args.seq_len), args.steps),
@@ -127,6 +136,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"fused": args.fuse, "decode_attention": args.decode_attention, "single_row": args.single_row,
+              "mixed_lengths": args.mixed_lengths,
               "preset": args.preset, "seq_len": args.seq_len, "compile": not args.no_compile,
               "startup_s": startup, "startup_phases_s": engine.startup_s, "buckets": engine.buckets,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
