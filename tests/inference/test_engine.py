@@ -415,10 +415,12 @@ def test_the_compiled_block_decodes_as_the_eager_engine_from_few_compilations(mo
 
 
 @pytest.mark.parametrize("backend", [None, "eager"])
-def test_flex_decode_attention_decodes_as_the_reference(model, backend):
+def test_flex_decode_attention_decodes_as_the_reference(model, backend, dynamo_counters):
     """`decode_attention="flex"`: each decode row reads its own positions (FlexAttention's block mask) instead of
     its batch's bucket; greedy outputs are the reference's, eagerly and through dynamo's compiled path, with
-    requests joining and leaving and one reading past the first bucket."""
+    requests joining and leaving and one reading past the first bucket. Compiled, the block mask (a new one, with
+    a new mask function, every step) compiles nothing more than SDPA's dense mask does: the same 3 graphs at
+    start-up and 5 after (`test_the_compiled_block_decodes_as_the_eager_engine_from_few_compilations`)."""
     ps, lengths = prompts(9), [3, 12, 7, 1, 9, 12, 5, 10, 2]
     arrivals: dict[int, list] = {0: [], 2: [], 5: []}
     for i, (p, n) in enumerate(zip(ps, lengths)):
@@ -426,10 +428,14 @@ def test_flex_decode_attention_decodes_as_the_reference(model, backend):
     arrivals[6] = [(list(range(30)), SamplingParams(temperature=0.0, max_tokens=17))]
     engine = Engine(model, EngineConfig(max_batch=4, decode_attention="flex", compile_backend=backend))
     assert engine.cache.kv.ragged and engine.cache.rows(0, 2).ragged
+    if backend:  # (eager FlexAttention on a CPU runs dynamo graphs of its own)
+        assert dynamo_counters["stats"]["unique_graphs"] == 3
     seqs, most = run(engine, arrivals)
     assert most == 4
     for seq in seqs:
         assert seq.output == greedy_by_recomputation(model, seq.prompt, seq.max_new), seq.prompt
+    if backend:
+        assert dynamo_counters["stats"]["unique_graphs"] == 5
 
 
 def test_flex_decode_attention_is_refused_where_it_cannot_compile():
