@@ -279,7 +279,9 @@ def _draft_init(out: Path, shape: dict, vocab_size: int) -> Path:
 
 
 def _held_out_code(data: Path, n: int, length: int, bos: int) -> list[list[int]]:
-    """The first `length` tokens of the first `n` long enough documents of the code source's validation split."""
+    """`n` prompts of `length` tokens from the code source's validation split: each document's windows of
+    2 x `length` tokens in turn, a prompt the first half of one (BOS, then the window's tokens). A split of few
+    long files then still gives `n` prompts, each followed in its file by as much code as it holds."""
     import numpy as np
 
     from llamita.data.prepare import shard_paths
@@ -287,8 +289,14 @@ def _held_out_code(data: Path, n: int, length: int, bos: int) -> list[list[int]]
 
     tokens = np.concatenate([np.asarray(read_shard(p)) for p in shard_paths(data / "code", "val")])
     starts = np.flatnonzero(tokens == bos)
-    docs = [tokens[a:b] for a, b in zip(starts, [*starts[1:], len(tokens)]) if b - a >= 2 * length]
-    return [d[:length].tolist() for d in docs[:n]]
+    prompts = []
+    for a, b in zip(starts, [*starts[1:], len(tokens)]):
+        for w in range(a, b - 2 * length + 1, 2 * length):
+            prompts.append([bos, *tokens[w + 1 : w + length].tolist()])
+    if len(prompts) < n:
+        raise SystemExit(f"{data / 'code'}: its validation split gives {len(prompts)} prompts of {length} tokens, "
+                         f"not {n}: prepare the data again (bench/train_throughput.py --prepare-data)")  # fmt: skip
+    return prompts[:n]
 
 
 def run_speculative(args: argparse.Namespace, shape: dict, out: Path) -> dict:

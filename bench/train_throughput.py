@@ -783,7 +783,7 @@ def prepare_data(out: Path) -> None:
         tokenizer = train_tokenizer(sorted(corpus.values()), 32000, tok_dir)
     print(f"tokenizer: {tokenizer.vocab_size} tokens")
     for name, path in corpus.items():
-        m = prepare_source(name, [str(path)], tok_dir, out / name, shard_tokens=2**22, val_fraction=0.01, workers=2)
+        m = prepare_source(name, [str(path)], tok_dir, out / name, shard_tokens=2**22, val_fraction=0.05, workers=2)
         print(f"{name}: {m['totals']}")
 
 
