@@ -70,13 +70,16 @@ def main() -> None:
     startup = time.perf_counter() - t0
     print(f"engine started in {startup:.1f} s: {engine.startup_s}", flush=True)
     g = torch.Generator().manual_seed(0)
-    lengths = [128] * max(args.batches)
-    if args.mixed_lengths:  # ShareGPT-like prompts (serve_load's): lognormal, median 200, sigma 0.8
-        drawn = (200 * torch.exp(0.8 * torch.randn(max(args.batches), generator=g))).round().long()
-        lengths = drawn.clamp(16, args.seq_len // 2).tolist()
-    for n in lengths:
-        params = SamplingParams(temperature=0.0, max_tokens=args.seq_len - n - 2, ignore_eos=True)
-        engine.add(torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist(), params)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(0, vocab, (128,), generator=g).tolist() for _ in range(max(args.batches))]
+    if args.mixed_lengths:  # serve_load's ShareGPT-like prompts, at most half a slot
+        from serve_load import SHAPE, sharegpt_like  # this folder
+
+        shape = {"prompt": [*SHAPE["prompt"][:3], args.seq_len // 2], "output": SHAPE["output"]}
+        prompts = [r.prompt for r in sharegpt_like(max(args.batches), vocab, shape)]
+    for prompt in prompts:
+        params = SamplingParams(temperature=0.0, max_tokens=args.seq_len - len(prompt) - 2, ignore_eos=True)
+        engine.add(prompt, params)
     while len(engine.scheduler.decoding()) < max(args.batches):
         engine.step()
 

@@ -77,11 +77,20 @@ class SlotCache:
     """`n_slots` sequences of `seq_len` positions of keys and values for one model (a `KVCache` underneath)."""
 
     def __init__(
-        self, config: ModelConfig, n_slots: int, seq_len: int, *, device: torch.device, dtype: torch.dtype
+        self,
+        config: ModelConfig,
+        n_slots: int,
+        seq_len: int,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        ragged: bool = False,
     ) -> None:
+        """`ragged`: decode steps read each row's own positions (`KVCache.ragged`), not the whole read length."""
         self.n_slots = n_slots
         self.seq_len = seq_len
         self.kv = KVCache(config, n_slots, seq_len, device=device, dtype=dtype)
+        self.kv.ragged = ragged
 
     def rows(self, start: int, stop: int, attend: int | None = None) -> KVCache:
         """Slots start .. stop - 1 as the model's cache, a view; attention reads their first `attend` positions

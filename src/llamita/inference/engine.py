@@ -257,15 +257,15 @@ class Engine:
         # Left free for the steps: the decode step's [batch, vocab] sampling tensors (logits, sort values and
         # indices, noise) and the prefill's activations; an estimate with room to spare.
         d = model.config
-        self.prefill_tokens = prefill_tokens = config.prefill_tokens or (8192 if weight.is_cuda else 512)
+        prefill_tokens = config.prefill_tokens or (8192 if weight.is_cuda else 512)
         reserve = 2**29 + max_batch * d.vocab_size * 48 + prefill_tokens * (d.intermediate_size + d.dim) * 16
         n_slots = count_slots(
             per_slot, self.seq_len, self.device, max_batch=max_batch, max_cache_tokens=config.max_cache_tokens,
             memory_fraction=config.memory_fraction, reserve=reserve,
         )  # fmt: skip
         self.n_slots = n_slots
-        self.cache = SlotCache(model.config, n_slots, self.seq_len, device=self.device, dtype=self.dtype)
-        self.cache.kv.ragged = config.decode_attention == "flex"
+        self.cache = SlotCache(model.config, n_slots, self.seq_len, device=self.device, dtype=self.dtype,
+                               ragged=config.decode_attention == "flex")  # fmt: skip
         self.scheduler = Scheduler(
             n_slots, self.seq_len, prefill_tokens, config.prefix_block if config.prefix_cache else None,
             prefill_interval=config.prefill_interval,
@@ -341,8 +341,8 @@ class Engine:
 
                 def decode_step(batch: int, v: tuple[int, bool]) -> tuple[Tensor, Tensor]:
                     # The graph of one row compiles (its first run) under coordinate-descent tuning.
-                    tuned = inductor_config.patch(coordinate_descent_tuning=True)
-                    with tuned if single and batch == 1 else contextlib.nullcontext():
+                    one_row = single and batch == 1
+                    with inductor_config.patch(coordinate_descent_tuning=True) if one_row else contextlib.nullcontext():
                         return self._decode_rows(*self._decode_inputs(batch, v[0]), v[1])
 
                 self.graphs = CapturedSteps(

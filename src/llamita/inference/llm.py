@@ -135,12 +135,11 @@ class LLM:
         if quantize is not None:
             quantize_weights(self.model, quantize)
         weight = self.model.lm_head.weight  # a quantized weight keeps its device and (activation) dtype
-        draft_path = draft
-        if isinstance(draft, (str, Path)):
+        given_draft = not isinstance(draft, (str, Path))
+        if not given_draft:
             draft, draft_tokenizer, _ = load(draft, weight.device, weight.dtype)
             if self.tokenizer is not None and draft_tokenizer.fingerprint() != self.tokenizer.fingerprint():
                 raise ConfigError("the draft model's tokenizer differs from the target's; a draft must share it")
-        given_draft = not isinstance(draft_path, (str, Path))
         if draft is not None and (_auto_fuse(draft, given_draft, weight.is_cuda) if auto else fuse):
             draft.fuse_projections()
         if draft is not None and "speculate" not in engine and config is None:

@@ -142,7 +142,7 @@ def decode_block_mask(positions: Tensor, attend: int, queries: int, block: int =
     full = (seen // block).to(torch.int32)[:, None, None]  # [B, 1, 1]: blocks seen whole
     partial = (seen % block != 0).to(torch.int32)[:, None, None]  # [B, 1, 1]: one block seen in part, or none
     # The partial block first (the one after the full ones); the rest of the row is never read.
-    partial_at = ((blocks + full[:, :, :, None]) % n).to(torch.int32)  # [B, 1, 1, n]
+    partial_at = (blocks + full[:, :, :, None]) % n  # [B, 1, 1, n]
 
     def visible(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         return k <= pos[b]
