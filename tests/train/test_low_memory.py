@@ -106,6 +106,62 @@ def test_a_step_equals_torchaos_optimizer_stepped_directly(name):
     assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
 
 
+@pytest.mark.parametrize("name", ["AdamW8bit", "AdamW"])
+def test_a_group_of_several_tensors_steps_as_torchao_steps_each(name):
+    """llamita's step updates the tensors of a shape in one compiled call (as on a GPU): five tensors (a matrix,
+    two quantized matrices of one shape in one call, a norm's weight and bias in another; fp32, so that no rounding
+    draws differ between one graph and several) take the same three steps as torchao's per-tensor step, weights
+    and 8-bit codes and scales bit for bit."""
+    from llamita.train import torchao_adamw
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        linears = [nn.Linear(64, 128, bias=False), nn.Linear(128, 128, bias=False), nn.Linear(128, 128, bias=False)]
+        return nn.Sequential(*linears, nn.LayerNorm(128))
+
+    ours, theirs = model(), model()
+    kind = {"AdamW8bit": torchao_optim.AdamW8bit, "AdamW": torchao_optim._AdamW}[name]
+    settings = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1}
+    opt = getattr(torchao_adamw, name)(ours.parameters(), **settings)
+    opt.most_per_call = 8
+    assert [len(some) for some in torchao_adamw._groups_of_a_shape(list(ours.parameters()), 8)] == [1, 2, 2]
+    ref = kind(theirs.parameters(), **settings)
+    for step in range(3):
+        _set(ours, _grads(ours, step))
+        _set(theirs, _grads(theirs, step))
+        opt.step()
+        ref.step()
+        assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters())), step
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        mine, torchaos = _plain(opt.state[a]), _plain(ref.state[b])
+        assert mine.keys() == torchaos.keys() and mine["step"] == 3
+        assert all(torch.equal(mine[k], torchaos[k]) for k in mine), (a.shape, [k for k in mine])
+    assert name == "AdamW" or isinstance(opt.state[ours[0].weight]["exp_avg"], OptimState8bit)
+
+
+def test_tensors_of_a_shape_are_updated_in_calls_of_one_length():
+    """The lists a compiled update takes: of one shape, and of one length within a shape (the largest divisor of
+    its count up to the most a call takes), so that each shape compiles one graph."""
+    from llamita.train.torchao_adamw import _groups_of_a_shape
+
+    def lengths(counts: dict[tuple, int], most: int) -> dict[tuple, list[int]]:
+        params = [torch.empty(shape) for shape, n in counts.items() for _ in range(n)]
+        out: dict[tuple, list[int]] = {}
+        for some in _groups_of_a_shape(params, most):
+            assert len({p.shape for p in some}) == 1
+            out.setdefault(tuple(some[0].shape), []).append(len(some))
+        return out
+
+    # TinyLlama's: q and o, k and v, gate and up (44 each), down (22), norms (45), embeddings, head.
+    counts = {(64, 64): 44, (16, 64): 44, (176, 64): 44, (64, 176): 22, (64,): 45, (1000, 64): 1, (64, 1000): 1}
+    assert lengths(counts, 8) == {
+        (64, 64): [4] * 11, (16, 64): [4] * 11, (176, 64): [4] * 11, (64, 176): [2] * 11, (64,): [5] * 9,
+        (1000, 64): [1], (64, 1000): [1],
+    }  # fmt: skip
+    assert lengths({(8,): 7, (4,): 11}, 8) == {(8,): [7], (4,): [1] * 11}  # a prime over the most: one a call
+    assert lengths({(8,): 6}, 1) == {(8,): [1] * 6}
+
+
 def test_stochastic_rounding_keeps_updates_below_half_a_bf16_step():
     """Weights of 1.0 and an Adam step of lr = 1e-4, a fortieth of bf16's spacing below 1 (2^-8): round-to-nearest
     leaves every weight at 1.0; stochastic rounding moves a fortieth of them one spacing down, so that their mean
