@@ -19,6 +19,9 @@ Systems (the table's second column says each one's activation checkpointing):
   and gradients, no fp32 master, updates rounded stochastically) and ``optim.name: adamw8bit`` (torchao's 8-bit
   moments): about 6 bytes of model state per parameter instead of 16, on one GPU without FSDP2 or copies.
 - ``llamita-lowmem-selective``: the same with ``parallel.activation_checkpoint: selective``.
+- ``llamita-lowmem-noac``, ``llamita-lowmem-noac-b1``: the low-memory mode without checkpointing, the step's rows
+  as micro-batches of 2 rows (or 1) with gradient accumulation, so that the activations fit.
+- ``llamita-lowmem-selective-2x4``: the low-memory mode with selective checkpointing in micro-batches of 2 rows.
 - ``llamita-live``: ``llamita-precomputed`` with a frozen copy of the starting model run on every batch
   (`dpo.reference: live`; the frozen copy is never checkpointed: it runs no backward).
 - ``trl-live``: TRL's DPOTrainer with a reference model (its default), bf16, pairs padded per batch, its default
@@ -293,6 +296,7 @@ SYSTEMS = {  # name: (reference, activation checkpointing); TRL's DPOConfig chec
     "llamita-lowmem-selective": ("precomputed", "selective"),
     "llamita-lowmem-noac": ("precomputed", "none"),
     "llamita-lowmem-noac-b1": ("precomputed", "none"),
+    "llamita-lowmem-selective-2x4": ("precomputed", "selective"),
     "llamita-live": ("live", "none"),
     "trl-live": ("live", "full"),
     "trl-precompute": ("precompute", "full"),
@@ -329,13 +333,14 @@ def main() -> None:
     base["profile"] = args.profile
     specs = {name: base | {"mode": mode, "activation_checkpoint": ac} for name, (mode, ac) in SYSTEMS.items()}
     specs["llamita-precomputed-ac"]["activation_checkpoint"] = args.ac
-    for name in ("llamita-lowmem", "llamita-lowmem-selective", "llamita-lowmem-noac", "llamita-lowmem-noac-b1"):
+    for name in [n for n in SYSTEMS if n.startswith("llamita-lowmem")]:
         specs[name] |= LOW_MEMORY
     # Without recomputation, the activations of 8 rows do not fit the memory target: the same 8 rows a step, as
     # micro-batches of 2 (or 1) rows with gradient accumulation.
     micro = base["batch"] // 4 or 1
     specs["llamita-lowmem-noac"] |= {"batch": micro, "accum": base["batch"] // micro}
     specs["llamita-lowmem-noac-b1"] |= {"batch": 1, "accum": base["batch"]}
+    specs["llamita-lowmem-selective-2x4"] |= {"batch": micro, "accum": base["batch"] // micro}
     if args.smoke:  # the path the GPU run takes: FSDP2 on one rank (a CPU plain process would not shard)
         specs["llamita-precomputed-ac"]["fsdp"] = "on"
     record = run_systems(args.systems.split(","), specs, _runner, base, args.out / "dpo_throughput.json")

@@ -313,8 +313,23 @@ def _profile_breakdown(run_steps: Any, n_steps: int, host: bool = False) -> dict
         run_steps(n_steps)
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / n_steps
+    if os.environ.get("LLAMITA_PROFILE_TRACE"):  # the timeline too, gzipped (chrome://tracing, perfetto)
+        import gzip
+        import shutil
+
+        trace = os.environ["LLAMITA_PROFILE_TRACE"]
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(trace)
     waits: dict[str, list[float]] = {}
+    host_top: list = []
     if host:
+        cpu = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+        host_top = [
+            [e.key[:120], e.count / n_steps, e.self_cpu_time_total / 1e3 / n_steps]
+            for e in sorted(cpu, key=lambda e: -e.self_cpu_time_total)[:25]
+        ]  # calls, self ms per step
         for evt in prof.key_averages():
             if evt.key.startswith(HOST_WAITS) or evt.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"):
                 waits[evt.key] = [evt.count / n_steps, evt.cpu_time_total / 1e3 / n_steps]  # calls, ms per step
@@ -331,7 +346,7 @@ def _profile_breakdown(run_steps: Any, n_steps: int, host: bool = False) -> dict
     return {
         "step_wall_ms": 1e3 * wall,
         "gpu_busy_ms": sum(kernels.values()),
-        **({"host_calls_per_step": waits} if host else {}),
+        **({"host_calls_per_step": waits, "host_self_top_ms": host_top} if host else {}),
         "categories_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
         "top_kernels_ms": [[name[:160], ms] for name, ms in top],
     }
