@@ -317,7 +317,9 @@ from torch.distributed.tensor import DTensor
 from llamita.config import load_config
 from llamita.pretrain import pretrain
 from llamita.train import checkpoint as ckpt
+from llamita.train.torchao_adamw import AdamW
 
+AdamW.most_per_call = 4  # several DTensor shards a compiled update, as on GPUs (a CPU's default is one)
 save = ckpt.save_checkpoint
 
 
@@ -336,7 +338,8 @@ pretrain(load_config(sys.argv[1]))
 def test_bf16_weights_stay_identical_on_hsdp_replicas(debug_config, tmp_path):
     """Two HSDP replicas (mesh 2 x 1) of bf16 weights step with stochastic rounding: each draws its random bits
     from its own generator, so they stay one model only if both draw the same. At steps 2 and 4 the weights are
-    bit-identical on both ranks, and they moved in between."""
+    bit-identical on both ranks, and they moved in between. The optimizer updates several DTensor shards of a shape
+    in one compiled call, as it does on GPUs."""
     settings = {"train.weights": "bf16", "train.max_steps": "4", "train.threads": "1", "eval.interval": "0",
                 "parallel.dp_replicate": "2", "parallel.fsdp": "on", "checkpoint.interval": "2"}  # fmt: skip
     script = tmp_path / "driver.py"
