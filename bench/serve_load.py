@@ -376,7 +376,8 @@ def run_offline(spec: dict) -> dict:
     t = time.perf_counter()
     llm = LLM(spec["model"], device=shape["device"], dtype=shape["dtype"], max_batch=max(shape["concurrency"]),
               compile=shape["device"] == "cuda", prefill_interval=spec["prefill_interval"],
-              prefill_graphs=spec["prefill_graphs"], decode_attention=spec["decode_attention"])  # fmt: skip
+              prefill_graphs=spec["prefill_graphs"], decode_attention=spec["decode_attention"],
+              overlap=spec.get("overlap", False))  # fmt: skip
     out: dict[str, Any] = {"start_s": time.perf_counter() - t}
     # Where a level's time goes: the prefill forwards, timed between syncs (the step syncs once anyway).
     prefill, untimed = {"s": 0.0}, llm.engine._prefill
@@ -508,7 +509,7 @@ def _server_command(spec: dict, port: int) -> tuple[list[str], str | None, dict 
                "--device", shape["device"], "--dtype", shape["dtype"], "--log-level", "warning",
                "--prefill-interval", str(spec["prefill_interval"]),
                "--stream-interval", str(spec["stream_interval"])]  # fmt: skip
-        cmd += ["--decode-attention", spec["decode_attention"]]
+        cmd += ["--decode-attention", spec["decode_attention"]] + ["--overlap"] * spec.get("overlap", False)
         if spec["prefill_graphs"] is not None:
             cmd.append("--prefill-graphs" if spec["prefill_graphs"] else "--no-prefill-graphs")
         return cmd, None, None
@@ -669,6 +670,7 @@ def main() -> None:
     parser.add_argument(
         "--decode-attention", choices=["sdpa", "flex"], default="sdpa", help="llamita's EngineConfig.decode_attention"
     )
+    parser.add_argument("--overlap", action="store_true", help="llamita's EngineConfig.overlap")
     args = parser.parse_args()
     shape = dict(SMOKE if args.smoke else SHAPE)
     if args.concurrency:
@@ -690,7 +692,7 @@ def main() -> None:
                 "level_s": args.level_seconds, "grace_s": args.grace_seconds,
                 "start_timeout": args.start_timeout, "prefill_interval": args.prefill_interval,
                 "stream_interval": args.stream_interval, "prefill_graphs": args.prefill_graphs,
-                "decode_attention": args.decode_attention}  # fmt: skip
+                "decode_attention": args.decode_attention, "overlap": args.overlap}  # fmt: skip
         specs = {name: base | {"system": name, "log": str(args.out / f"{name}.log")} for name in names}
         record = run_systems(names, specs, _runner, shape, args.out / "serve_load.json")
     finally:

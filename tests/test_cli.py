@@ -254,6 +254,11 @@ def test_generate_a_file_of_prompts_reports_its_bad_lines(capsys, trained_run, t
     expected = llm.generate(["def f1(y):", "Document 3."], SamplingParams(temperature=0.0, max_tokens=6))
     assert [r["completion"] for r in rows] == [c.text for c in expected]
     assert all(r["finish_reason"] in ("stop", "length") and 1 <= r["new_tokens"] <= 6 for r in rows)
+    ahead = tmp_path / "ahead.jsonl"  # decode steps run ahead of the host: the same completions
+    main(["generate", "--checkpoint", trained_run, "--prompts", str(prompts), "--out", str(ahead), "--greedy",
+          "--max-new-tokens", "6", "--overlap"])  # fmt: skip
+    assert ahead.read_text() == out.read_text()
+    capsys.readouterr()
     prompts.write_text("{broken\n")
     err = _user_error(capsys, ["generate", "--checkpoint", trained_run, "--prompts", str(prompts)])
     assert "no line holds a JSON object" in err

@@ -213,7 +213,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if (args.prompt is None) == (args.prompts is None):
         raise ConfigError("give --prompt TEXT (streamed to stdout) or --prompts FILE.jsonl (a JSONL of completions)")
-    engine = _speculation(args)
+    engine = _engine_settings(args)
     if args.prompt is not None:
         engine["max_batch"] = 1
     elif args.max_batch is not None:
@@ -232,11 +232,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         )
 
 
-def _speculation(args: argparse.Namespace) -> dict[str, Any]:
-    """`generate`'s and `serve`'s --draft, --speculate and --gamma as engine settings."""
+def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """`generate`'s and `serve`'s --draft, --speculate, --gamma and --overlap as engine settings."""
     if args.draft and args.speculate == "ngram":
         raise ConfigError("--draft and --speculate ngram are two kinds of speculative decoding; choose one")
-    engine: dict[str, Any] = {"gamma": args.gamma}
+    engine: dict[str, Any] = {"gamma": args.gamma, "overlap": args.overlap}
     if args.draft or args.speculate:
         engine["speculate"] = "draft" if args.draft else "ngram"
     return engine
@@ -259,7 +259,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue, request_timeout=args.request_timeout, shutdown_grace=args.shutdown_grace,
         stream_interval=args.stream_interval, log_level=args.log_level,
     )  # fmt: skip
-    engine = _speculation(args)
+    engine = _engine_settings(args)
     for flag, value in [("--max-batch", args.max_batch), ("--max-seq-len", args.max_seq_len)]:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
@@ -595,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="a JSONL file of prompts, generated as one continuous batch")
     p.add_argument("--out", help="where --prompts writes its completions (default: stdout)")
     p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default: 256 GPU, 16 CPU)")
-    _add_speculation_options(p)
+    _add_engine_options(p)
     _add_sampling_options(p, max_new_tokens=100, temperature=0.8)
     p.set_defaults(func=cmd_generate)
 
@@ -641,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill-interval", type=int, default=1,
         help="while sequences decode, prefill new prompts every N steps at most (they wait up to N - 1 steps)",
     )  # fmt: skip
-    _add_speculation_options(p)
+    _add_engine_options(p)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights (auto: bf16 GPU)"
@@ -702,11 +702,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_speculation_options(p: argparse.ArgumentParser) -> None:
-    """The options of `generate` and `serve` that `_speculation` reads."""
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The options of `generate` and `serve` that `_engine_settings` reads."""
     p.add_argument("--draft", help="speculative decoding with this draft model (same tokenizer; a smaller checkpoint)")
     p.add_argument("--speculate", choices=["ngram"], help="speculative decoding by prompt lookup, no draft model")
     p.add_argument("--gamma", type=int, default=4, help="tokens drafted per speculative step")
+    p.add_argument(
+        "--overlap", action="store_true",
+        help="launch each decode step before the host reads the last one's tokens (EngineConfig.overlap)",
+    )  # fmt: skip
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float) -> None:

@@ -50,6 +50,65 @@ def test_batched_greedy_equals_one_at_a_time_with_requests_joining_and_leaving(m
     assert all(s is None for s in engine.scheduler.slots) and sorted(engine.scheduler.free) == [0, 1, 2, 3]
 
 
+def test_overlap_runs_decode_steps_ahead_with_the_same_outputs(model):
+    """`EngineConfig.overlap`: requests joining a full cache and leaving at different steps, greedy and seeded
+    sampling, a repetition penalty, a stop id, a slot's end and an abort while a step runs ahead give the outputs
+    and finish reasons of the engine stepping in order; most decode steps ran ahead, and the cache ends empty."""
+    free = greedy_by_recomputation(model, [5, 6], 12)
+    stop = free[6]
+    arrivals: dict[int, list] = {0: [], 2: [], 5: []}
+    for i, (p, n) in enumerate(zip(prompts(9), [3, 12, 7, 1, 9, 12, 5, 10, 2])):
+        params = SamplingParams(temperature=0.9 * (i % 2), max_tokens=n, seed=i, repetition_penalty=1.3 ** (i % 3 == 0))
+        arrivals[[0, 2, 5][i % 3]].append((p, params))
+    arrivals[5].append(([5, 6], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=(stop,))))
+    arrivals[9] = [(list(range(17)), SamplingParams(temperature=0.0, max_tokens=100))]  # its slot ends (20)
+    outputs, ahead = {}, {}
+    for overlap in (False, True):
+        engine = Engine(model, EngineConfig(max_batch=4, max_seq_len=20, overlap=overlap))
+        ahead[overlap] = 0
+        step_ahead = engine._step_ahead
+
+        def counted(decoders, step_ahead=step_ahead, overlap=overlap):
+            ahead[overlap] += 1
+            return step_ahead(decoders)
+
+        engine._step_ahead = counted
+        seqs, most = run(engine, arrivals)
+        assert most == 4 and all(s is None for s in engine.scheduler.slots) and not engine.has_work()
+        outputs[overlap] = [(s.output, s.finish_reason) for s in seqs]
+        decode_steps = engine.stats.decode_steps
+    assert outputs[True] == outputs[False]
+    assert [reason for _, reason in outputs[True]][-2:] == ["stop", "length"]
+    assert outputs[True][-2][0] == free[: free.index(stop) + 1] and len(outputs[True][-1][0]) == 3
+    assert ahead[False] == 0 and ahead[True] >= decode_steps // 2, (ahead, decode_steps)
+    # Alone, a sequence crosses from one read bucket to the next while steps run ahead: each step reads the token
+    # it feeds, which the host has not counted yet.
+    engine = Engine(model, EngineConfig(overlap=True))
+    assert engine.buckets == [24, 48]
+    decode, fed = engine._decode, []
+
+    def reading(batch, attend, filters):
+        fed.append((int(engine.positions[:batch].max()), attend))  # the position fed, the positions read
+        return decode(batch, attend, filters)
+
+    engine._decode = reading
+    seqs, _ = run(engine, {0: [(list(range(1, 11)), SamplingParams(temperature=0.0, max_tokens=30))]})
+    assert seqs[0].output == greedy_by_recomputation(model, list(range(1, 11)), 30)
+    assert all(position < attend for position, attend in fed) and (24, 48) in fed
+    # An abort while a step runs ahead: its token is dropped, the other sequence goes on to its end.
+    engine = Engine(model, EngineConfig(overlap=True))
+    cut, other = engine.add([5, 6], GREEDY), engine.add([1, 2], GREEDY)
+    for _ in range(4):
+        engine.step()
+    assert engine._ahead is not None
+    engine.abort(cut)
+    kept = list(cut.output)
+    while engine.has_work():
+        engine.step()
+    assert cut.output == kept == free[: len(kept)] and cut.finish_reason == "abort"
+    assert other.output == greedy_by_recomputation(model, [1, 2], 12)
+
+
 def test_a_prefill_interval_gathers_prompts_and_keeps_every_output(model):
     """With prefill_interval 4, prompts that arrive while others decode wait at most 3 steps and are prefilled
     together: fewer prefill steps, the same greedy outputs."""

@@ -91,6 +91,14 @@ class EngineConfig:
     FlexAttention's block sparsity (`llama.decode_block_mask`): a batch of mixed lengths then reads what its
     sequences hold, not the longest one's bucket for every row (at 256 rows of 2048-token slots a step read all
     of them in 7.8 ms against 3.1 ms for 256 positions). Off by default until measured on a GPU."""
+    overlap: bool = False
+    """Run the decode step one step ahead of the host: launch step k + 1 before reading step k's tokens, so that
+    the host's work on step k (appending tokens, stops, releasing slots, streaming) runs while the device computes
+    k + 1, instead of the device waiting for it. The next token is fed on the device, so nothing needs the host's
+    copy first; a sequence that finished in step k is decoded once more in k + 1, and that token is dropped. It
+    applies to steps that only decode, with no request waiting for a free slot, no prompt being prefilled, no
+    speculation and no logprobs asked for; any other step first takes the pending tokens and runs as without it.
+    The outputs are the same (tested). Off until measured on a GPU."""
     compile: bool = True
     """On CUDA, compile the model's transformer block (`block_step`, which the decode step and the prefill forward
     run for every layer) and the decode step's sampling, with dynamic shapes, when the engine starts."""
@@ -283,6 +291,11 @@ class Engine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self.speculator = Speculator(self, draft) if config.speculate else None
+        # `overlap`: the step launched ahead, whose tokens the host has not read yet (its sequences with their
+        # slots, the host buffer its tokens land in, the event after the copy), and two such buffers in turn.
+        self._ahead: tuple[list[tuple[Sequence, int]], Tensor, torch.cuda.Event | None] | None = None
+        pinned = self.device.type == "cuda"
+        self._landing = [torch.empty(n_slots, dtype=torch.long, pin_memory=pinned) for _ in range(2 * config.overlap)]
 
         # Compiled on CUDA: the model's transformer block, and the sampling without top-k/top-p. The sampling with
         # them stays eager (inside the same CUDA graph): Inductor (torch 2.11) fails to generate the split scan of
@@ -389,7 +402,7 @@ class Engine:
         self._release(seq)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._ahead is not None or self.scheduler.has_work()
 
     # ---------------------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -398,8 +411,12 @@ class Engine:
 
         Returns:
             Each sequence that got tokens in this step, with them; a finished sequence has its finish_reason and
-            has already left its slot.
+            has already left its slot. With `overlap`, a step run ahead returns the tokens of the step before.
         """
+        ahead = self._can_run_ahead()
+        if ahead:
+            return self._step_ahead(ahead)
+        emitted = self._take_ahead()
         admitted, copies = self.scheduler.admit()
         for src, dst, n in copies:
             self.cache.copy_prefix(src, dst, n)
@@ -444,6 +461,13 @@ class Engine:
         for chunk in chunks:
             self.scheduler.prefilled(chunk)
             self.stats.prefill_tokens += chunk.n
+        self.stats.steps += 1
+        return emitted + self._emit(out, logprobs)
+
+    def _emit(
+        self, out: list[tuple[Sequence, list[int]]], logprobs: dict[int, dict[str, object]]
+    ) -> list[tuple[Sequence, list[int]]]:
+        """Append each sequence's new tokens up to its finish (releasing it then); what each one kept."""
         emitted = []
         for seq, tokens in out:
             kept = []
@@ -457,8 +481,50 @@ class Engine:
             if seq.finished:
                 self._release(seq)
             emitted.append((seq, kept))
+        return emitted
+
+    # ------------------------------------------------------------------------------------- overlap
+    def _can_run_ahead(self) -> list[Sequence]:
+        """The sequences a step run ahead decodes (`EngineConfig.overlap`); empty where this step must run in
+        order: a request could take a free slot, a prompt is being prefilled, speculation or logprobs."""
+        scheduler = self.scheduler
+        if not self.config.overlap or self.speculator is not None or scheduler.prefilling:
+            return []
+        if scheduler.waiting and scheduler.free:
+            return []
+        decoders = scheduler.decoding()
+        return [] if any(s.params.logprobs is not None for s in decoders) else decoders
+
+    def _step_ahead(self, decoders: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """Launch a decode step of `decoders`, then read and apply the pending step's tokens while it runs."""
+        batch = decoders[-1].slot + 1
+        filters = any(s.params.filters for s in decoders)
+        # The pending step's token of each sequence is not in its length yet: this step feeds it and reads it.
+        longest = min(self.seq_len, max(s.length for s in decoders) + (self._ahead is not None))
+        new, _ = self._decode(batch, self.attend(longest), filters)
+        landing = self._landing[self.stats.decode_steps % 2][:batch]  # not the pending step's buffer
+        landing.copy_(new, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        emitted = self._take_ahead()
+        self._ahead = ([(s, s.slot) for s in decoders], landing, event)
+        self.stats.decode_steps += 1
         self.stats.steps += 1
         return emitted
+
+    def _take_ahead(self) -> list[tuple[Sequence, list[int]]]:
+        """Wait for the step run ahead (if any) and apply its tokens; a sequence that finished before it (in the
+        step before, or aborted) drops its token."""
+        if self._ahead is None:
+            return []
+        rows, landing, event = self._ahead
+        self._ahead = None
+        if event is not None:
+            event.synchronize()
+        host = landing.tolist()
+        return self._emit([(seq, [host[slot]]) for seq, slot in rows if not seq.finished], {})
 
     # ---------------------------------------------------------------------------------------- internals
     def upload(self, values: Tensor | list) -> Tensor:
