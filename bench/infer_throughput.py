@@ -107,6 +107,7 @@ def _llamita(
             assert all(len(c.token_ids) == shape["new"] for c in done)
             out[batch] = {"seconds": seconds, "peak_gib": peak}
     out["uncaptured_steps"] = llm.engine.graphs.uncaptured if llm.engine.graphs else None
+    out["steps_ahead"] = f"{llm.engine.stats.ahead_steps} of {llm.engine.stats.steps}"  # EngineConfig.overlap
     return out
 
 

@@ -314,6 +314,29 @@ def test_32_concurrent_clients_each_get_their_greedy_answer_alone(client):
     assert together == alone
 
 
+def test_a_server_running_steps_ahead_answers_as_the_one_in_order(checkpoint, tmp_path, client):
+    """`llamita serve --overlap`: 32 concurrent clients, streaming and not, and a streamed chat with a stop string,
+    get the answers of the server that steps in order."""
+    prompts = [f"the {w} model {i}" for i, w in enumerate(["river", "loss", "café", "data"] * 8)]
+
+    def ask(to, i: int) -> str:
+        if i % 2:
+            return streamed_completion(to, **greedy(prompt=prompts[i], max_tokens=8))[0]
+        return to.completions.create(**greedy(prompt=prompts[i], max_tokens=8)).choices[0].text
+
+    in_order = [ask(client, i) for i in range(32)]
+    chat_args = greedy(messages=MESSAGES, max_tokens=12, stop=["e"])
+    chat = streamed_chat(client, **chat_args)[0]
+    live = start_server(checkpoint, tmp_path / "server.log", "--overlap")
+    try:
+        ahead = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        with ThreadPoolExecutor(32) as pool:
+            assert list(pool.map(lambda i: ask(ahead, i), range(32))) == in_order
+        assert streamed_chat(ahead, **chat_args)[0] == chat
+    finally:
+        assert live.stop() == 0, live.output()
+
+
 def test_metrics_count_requests_tokens_and_latencies(client, server):
     before = metrics(server)
     answer = client.completions.create(prompt=PROMPT, max_tokens=7, **greedy())

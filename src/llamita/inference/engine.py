@@ -92,13 +92,12 @@ class EngineConfig:
     sequences hold, not the longest one's bucket for every row (at 256 rows of 2048-token slots a step read all
     of them in 7.8 ms against 3.1 ms for 256 positions). Off by default until measured on a GPU."""
     overlap: bool = False
-    """Run the decode step one step ahead of the host: launch step k + 1 before reading step k's tokens, so that
-    the host's work on step k (appending tokens, stops, releasing slots, streaming) runs while the device computes
-    k + 1, instead of the device waiting for it. The next token is fed on the device, so nothing needs the host's
-    copy first; a sequence that finished in step k is decoded once more in k + 1, and that token is dropped. It
-    applies to steps that only decode, with no request waiting for a free slot, no prompt being prefilled, no
-    speculation and no logprobs asked for; any other step first takes the pending tokens and runs as without it.
-    The outputs are the same (tested). Off until measured on a GPU."""
+    """Launch each step before the host reads the last one's tokens: the host's work on step k (appending tokens,
+    stops, releasing slots, streaming) then runs while the device computes k + 1, instead of the device waiting for
+    it. The next token is fed on the device (a decode step's and a prefill's first token alike), so nothing needs
+    the host's copy first. A sequence that finished in step k is decoded once more in k + 1 and that token is
+    dropped, and its slot is free one step later. While a request asks for logprobs, steps run in order; it does
+    not combine with speculative decoding. The outputs are the same (tested). Off until timed on a GPU."""
     compile: bool = True
     """On CUDA, compile the model's transformer block (`block_step`, which the decode step and the prefill forward
     run for every layer) and the decode step's sampling, with dynamic shapes, when the engine starts."""
@@ -130,6 +129,11 @@ class EngineConfig:
             (self.prefill_interval >= 1, f"prefill_interval must be >= 1, got {self.prefill_interval}"),
             (self.speculate in (None, "draft", "ngram"), f"speculate is draft, ngram or unset, not {self.speculate!r}"),
             (
+                not (self.overlap and self.speculate),
+                "overlap does not combine with speculate (a speculative step drafts from the tokens the host "
+                "read); turn one off",
+            ),
+            (
                 self.decode_attention in ("sdpa", "flex"),
                 f"decode_attention is sdpa or flex, not {self.decode_attention!r}",
             ),
@@ -154,6 +158,8 @@ class EngineStats:
     reused_tokens: int = 0
     """Prompt tokens taken from the prefix cache instead of prefilled."""
     generated_tokens: int = 0
+    ahead_steps: int = 0
+    """Steps launched before the host read the step before's tokens (`EngineConfig.overlap`)."""
     target_steps: int = 0
     """Speculative steps: one forward of the target each."""
     drafted_tokens: int = 0
@@ -211,6 +217,23 @@ def cached_hidden(
     """[B, T, D] hidden states of tokens fed through the cache rows they go to (written there): the prefill
     forward, and the decode step's before its output head."""
     return model.hidden_states(tokens, cache, positions=positions, layer_fn=layer_fn)
+
+
+@dataclass
+class _Launch:
+    """A step launched on the device whose tokens the host has not applied yet."""
+
+    decoders: list[Sequence]
+    slots: list[int]
+    """The decoders' slots at launch (a sequence released since has none)."""
+    batch: int
+    """Rows of the decode step: its tokens come first in `tokens`."""
+    speculating: bool
+    completing: list[Sequence]
+    """Sequences whose prompts the step's prefill completed: their first tokens come next."""
+    tokens: Tensor | None
+    """[batch + len(completing)] on the device (a speculative step: the speculator's pieces first)."""
+    logprob_rows: list[tuple[Sequence, Tensor, Tensor]]
 
 
 class Engine:
@@ -291,11 +314,15 @@ class Engine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self.speculator = Speculator(self, draft) if config.speculate else None
-        # `overlap`: the step launched ahead, whose tokens the host has not read yet (its sequences with their
-        # slots, the host buffer its tokens land in, the event after the copy), and two such buffers in turn.
-        self._ahead: tuple[list[tuple[Sequence, int]], Tensor, torch.cuda.Event | None] | None = None
+        # `overlap`: the step launched ahead, whose tokens the host has not read yet (with the host buffer they
+        # land in and the event after that copy), two such buffers in turn, and the requests that ask for logprobs
+        # (while any runs, steps run in order).
+        self._ahead: tuple[_Launch, Tensor, torch.cuda.Event | None] | None = None
         pinned = self.device.type == "cuda"
-        self._landing = [torch.empty(n_slots, dtype=torch.long, pin_memory=pinned) for _ in range(2 * config.overlap)]
+        self._landing = [
+            torch.empty(2 * n_slots, dtype=torch.long, pin_memory=pinned) for _ in range(2 * config.overlap)
+        ]
+        self._logprob_requests: set[int] = set()
 
         # Compiled on CUDA: the model's transformer block, and the sampling without top-k/top-p. The sampling with
         # them stays eager (inside the same CUDA graph): Inductor (torch 2.11) fails to generate the split scan of
@@ -393,6 +420,8 @@ class Engine:
             stops.add(self.eos_id)
         seq = Sequence(next(self._ids), list(prompt), params, seed, frozenset(stops), max_new)
         self.scheduler.add(seq)
+        if params.logprobs is not None:
+            self._logprob_requests.add(seq.id)
         return seq
 
     def abort(self, seq: Sequence) -> None:
@@ -413,10 +442,25 @@ class Engine:
             Each sequence that got tokens in this step, with them; a finished sequence has its finish_reason and
             has already left its slot. With `overlap`, a step run ahead returns the tokens of the step before.
         """
-        ahead = self._can_run_ahead()
-        if ahead:
-            return self._step_ahead(ahead)
-        emitted = self._take_ahead()
+        ahead = self.config.overlap and not self._logprob_requests
+        emitted = [] if ahead else self._take_ahead()
+        launch = self._launch()
+        if not ahead or launch.tokens is None:  # (a step that launched nothing leaves nothing pending)
+            host = [] if launch.tokens is None else launch.tokens.tolist()
+            return emitted + self._take_ahead() + self._land(launch, host)
+        landing = self._landing[self.stats.steps % 2][: launch.tokens.numel()]  # not the pending step's buffer
+        landing.copy_(launch.tokens, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        emitted = self._take_ahead()  # while the device runs this step
+        self._ahead = (launch, landing, event)
+        self.stats.ahead_steps += 1
+        return emitted
+
+    def _launch(self) -> _Launch:
+        """Launch a step on the device: admit, decode, prefill; its tokens stay on the device."""
         admitted, copies = self.scheduler.admit()
         for src, dst, n in copies:
             self.cache.copy_prefix(src, dst, n)
@@ -431,12 +475,15 @@ class Engine:
         pieces: list[Tensor] = []
         logprob_rows: list[tuple[Sequence, Tensor, Tensor]] = []
         speculating = self.speculator is not None and self.speculator.applies(decoders)
+        batch = decoders[-1].slot + 1 if decoders else 0
         if decoders and speculating:
             pieces += self.speculator.step(decoders)
         elif decoders:
-            batch = decoders[-1].slot + 1
             filters = any(s.params.filters for s in decoders)
-            new, logits = self._decode(batch, self.attend(max(s.length for s in decoders)), filters)
+            # With a step pending (`overlap`), each sequence's token of it is not in its length yet: this step
+            # feeds that token, and reads it.
+            longest = min(self.seq_len, max(s.length for s in decoders) + (self._ahead is not None))
+            new, logits = self._decode(batch, self.attend(longest), filters)
             pieces.append(new)
             logprob_rows += [(s, logits[s.slot], new[s.slot]) for s in decoders if s.params.logprobs is not None]
             self.stats.decode_steps += 1
@@ -447,27 +494,26 @@ class Engine:
             logprob_rows += [
                 (s, first_logits[i], first[i]) for i, s in enumerate(completing) if s.params.logprobs is not None
             ]
-        host = torch.cat(pieces).tolist() if pieces else []  # the step's one device-to-host copy
-        logprobs = self._logprobs(logprob_rows)
-
-        out: list[tuple[Sequence, list[int]]] = []
-        if decoders and speculating:
-            out += self.speculator.accept(decoders, host)
-            del host[: self.speculator.host_len(decoders)]
-        elif decoders:
-            out += [(s, [host[s.slot]]) for s in decoders]
-            del host[: decoders[-1].slot + 1]
-        out += [(s, [token]) for s, token in zip(completing, host)]
         for chunk in chunks:
             self.scheduler.prefilled(chunk)
             self.stats.prefill_tokens += chunk.n
         self.stats.steps += 1
-        return emitted + self._emit(out, logprobs)
+        tokens = torch.cat(pieces) if pieces else None
+        return _Launch(decoders, [s.slot for s in decoders], batch, speculating, completing, tokens, logprob_rows)
 
-    def _emit(
-        self, out: list[tuple[Sequence, list[int]]], logprobs: dict[int, dict[str, object]]
-    ) -> list[tuple[Sequence, list[int]]]:
-        """Append each sequence's new tokens up to its finish (releasing it then); what each one kept."""
+    def _land(self, launch: _Launch, host: list[int]) -> list[tuple[Sequence, list[int]]]:
+        """Apply a launched step's tokens, read to the host (`host`): append them up to each sequence's finish,
+        releasing it then. A sequence that finished before they landed (`overlap`: in the step before, or
+        aborted) drops its token."""
+        logprobs = self._logprobs(launch.logprob_rows)
+        out: list[tuple[Sequence, list[int]]] = []
+        if launch.speculating:
+            out += self.speculator.accept(launch.decoders, host)  # type: ignore[union-attr]
+            del host[: self.speculator.host_len(launch.decoders)]  # type: ignore[union-attr]
+        elif launch.decoders:
+            out += [(s, [host[slot]]) for s, slot in zip(launch.decoders, launch.slots) if not s.finished]
+            del host[: launch.batch]
+        out += [(s, [token]) for s, token in zip(launch.completing, host) if not s.finished]
         emitted = []
         for seq, tokens in out:
             kept = []
@@ -483,48 +529,15 @@ class Engine:
             emitted.append((seq, kept))
         return emitted
 
-    # ------------------------------------------------------------------------------------- overlap
-    def _can_run_ahead(self) -> list[Sequence]:
-        """The sequences a step run ahead decodes (`EngineConfig.overlap`); empty where this step must run in
-        order: a request could take a free slot, a prompt is being prefilled, speculation or logprobs."""
-        scheduler = self.scheduler
-        if not self.config.overlap or self.speculator is not None or scheduler.prefilling:
-            return []
-        if scheduler.waiting and scheduler.free:
-            return []
-        decoders = scheduler.decoding()
-        return [] if any(s.params.logprobs is not None for s in decoders) else decoders
-
-    def _step_ahead(self, decoders: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
-        """Launch a decode step of `decoders`, then read and apply the pending step's tokens while it runs."""
-        batch = decoders[-1].slot + 1
-        filters = any(s.params.filters for s in decoders)
-        # The pending step's token of each sequence is not in its length yet: this step feeds it and reads it.
-        longest = min(self.seq_len, max(s.length for s in decoders) + (self._ahead is not None))
-        new, _ = self._decode(batch, self.attend(longest), filters)
-        landing = self._landing[self.stats.decode_steps % 2][:batch]  # not the pending step's buffer
-        landing.copy_(new, non_blocking=True)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        emitted = self._take_ahead()
-        self._ahead = ([(s, s.slot) for s in decoders], landing, event)
-        self.stats.decode_steps += 1
-        self.stats.steps += 1
-        return emitted
-
     def _take_ahead(self) -> list[tuple[Sequence, list[int]]]:
-        """Wait for the step run ahead (if any) and apply its tokens; a sequence that finished before it (in the
-        step before, or aborted) drops its token."""
+        """Wait for the step launched ahead (`overlap`), if any, and apply its tokens."""
         if self._ahead is None:
             return []
-        rows, landing, event = self._ahead
+        launch, landing, event = self._ahead
         self._ahead = None
         if event is not None:
             event.synchronize()
-        host = landing.tolist()
-        return self._emit([(seq, [host[slot]]) for seq, slot in rows if not seq.finished], {})
+        return self._land(launch, landing.tolist())
 
     # ---------------------------------------------------------------------------------------- internals
     def upload(self, values: Tensor | list) -> Tensor:
@@ -544,6 +557,7 @@ class Engine:
             self.counts[seq.slot] = 0  # other rows' counts are multiplied by penalties of 0: never reset
 
     def _release(self, seq: Sequence) -> None:
+        self._logprob_requests.discard(seq.id)
         if seq.slot is not None:
             self.positions[seq.slot] = self.seq_len - 1  # back to its scratch position
         if self.speculator is not None:
