@@ -338,14 +338,13 @@ def main() -> None:
     specs["llamita-precomputed-ac"]["activation_checkpoint"] = args.ac
     for name in [n for n in SYSTEMS if n.startswith("llamita-lowmem")]:
         specs[name] |= LOW_MEMORY
-    # Without recomputation, the activations of 8 rows do not fit the memory target: the same 8 rows a step, as
-    # micro-batches of 2 (or 1) rows with gradient accumulation.
-    micro = base["batch"] // 4 or 1
-    specs["llamita-lowmem-noac"] |= {"batch": micro, "accum": base["batch"] // micro}
-    specs["llamita-lowmem-noac-b1"] |= {"batch": 1, "accum": base["batch"]}
-    specs["llamita-lowmem-selective-2x4"] |= {"batch": micro, "accum": base["batch"] // micro}
-    half = base["batch"] // 2 or 1
-    specs["llamita-lowmem-noac-4x2"] |= {"batch": half, "accum": base["batch"] // half}
+    # Without full recomputation, the activations of 8 rows do not fit the memory target: the same 8 rows a step,
+    # as micro-batches of a quarter (2 rows), a half or one row, with gradient accumulation.
+    splits = {"llamita-lowmem-noac": 4, "llamita-lowmem-noac-b1": base["batch"], "llamita-lowmem-selective-2x4": 4,
+              "llamita-lowmem-noac-4x2": 2}  # fmt: skip
+    for name, parts in splits.items():
+        micro = base["batch"] // parts or 1
+        specs[name] |= {"batch": micro, "accum": base["batch"] // micro}
     if args.smoke:  # the path the GPU run takes: FSDP2 on one rank (a CPU plain process would not shard)
         specs["llamita-precomputed-ac"]["fsdp"] = "on"
     record = run_systems(args.systems.split(","), specs, _runner, base, args.out / "dpo_throughput.json")

@@ -11,7 +11,7 @@ system runs in its own subprocess. The bandwidth limit is the weights read once 
 (for llamita-int8 its int8 weights and scales, the embedding in bf16: `llamita.inference.quantize.weight_bytes`).
 llamita runs as `LLM` runs a loaded checkpoint: on a GPU with q/k/v and gate/up fused into one matmul each
 (`LLM(fuse=True)`); `--systems llamita-unfused` adds it without (`fuse=False`), the A/B of that fusion, and
-`llamita-overlap` with decode steps run one ahead of the host (`EngineConfig.overlap`), the A/B of that.
+`llamita-overlap` with steps launched one ahead of the host (`EngineConfig.overlap`), the A/B of that.
 `--systems llamita-int8-tuned` adds llamita-int8 built under Inductor's coordinate-descent tuning, with which
 Inductor turns a matrix-vector product (batch 1) into a reduction that reads the int8 weights directly instead of
 casting them to bf16 in a kernel of their own (`torch/_inductor/decomposition.py`, `mm`); it compiles longer.

@@ -709,7 +709,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=int, default=4, help="tokens drafted per speculative step")
     p.add_argument(
         "--overlap", action="store_true",
-        help="launch each decode step before the host reads the last one's tokens (EngineConfig.overlap)",
+        help="launch each step before the host reads the last one's tokens (EngineConfig.overlap)",
     )  # fmt: skip
 
 

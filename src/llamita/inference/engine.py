@@ -445,9 +445,10 @@ class Engine:
         ahead = self.config.overlap and not self._logprob_requests
         emitted = [] if ahead else self._take_ahead()
         launch = self._launch()
-        if not ahead or launch.tokens is None:  # (a step that launched nothing leaves nothing pending)
-            host = [] if launch.tokens is None else launch.tokens.tolist()
-            return emitted + self._take_ahead() + self._land(launch, host)
+        if launch.tokens is None:  # nothing launched (no sequence decodes or completes its prompt): none pending
+            return emitted + self._take_ahead()
+        if not ahead:
+            return emitted + self._land(launch, launch.tokens.tolist())
         landing = self._landing[self.stats.steps % 2][: launch.tokens.numel()]  # not the pending step's buffer
         landing.copy_(launch.tokens, non_blocking=True)
         event = None

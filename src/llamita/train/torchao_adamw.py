@@ -49,6 +49,10 @@ def _update_all(
         single_param_adam(p, g, step, m, v, v_max, lr, beta1, beta2, weight_decay, eps, is_adamw, sr)
 
 
+_compiled_update = torch.compile(_update_all, fullgraph=True, dynamic=False)
+"""`_update_all` compiled (lazily, at its first call): a graph per shape and list length."""
+
+
 def _groups_of_a_shape(params: list[Tensor], most: int) -> list[list[Tensor]]:
     """`params` in lists of one shape and dtype, each list of a bucket the same length (the largest divisor of the
     bucket's count up to `most`), so that one compiled graph serves all of a bucket's lists."""
@@ -86,7 +90,6 @@ class _FP32Moments:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        update = torch.compile(_update_all, fullgraph=True, dynamic=False)
         for group in self.param_groups:  # type: ignore[attr-defined]
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -108,7 +111,7 @@ class _FP32Moments:
             for some in _groups_of_a_shape(params, most):
                 states = [self.state[p] for p in some]  # type: ignore[attr-defined]
                 with torch._dynamo.utils.disable_cache_limit():  # a graph per shape and length, as torchao's
-                    update(
+                    _compiled_update(
                         [p.detach() for p in some],  # detached as torchao does (FSDP2's DTensors under compile)
                         [p.grad for p in some],
                         [s["step"] for s in states],
