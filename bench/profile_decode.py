@@ -3,9 +3,12 @@
 For each batch size: the step replayed from its CUDA graph (what the engine runs), the model's forward alone and
 the sampling alone (both eager and compiled, outside graphs), timed with CUDA events over many steps; then the
 kernels of one compiled step (those its graph replays) by GPU time (torch.profiler), so that a change to the step
-can be aimed and checked.
+can be aimed and checked. Last, the whole `Engine.step` at each batch size (the graph's replay with the scheduler,
+the landing of the tokens and the host's bookkeeping: what a user's generate pays per token) under torch.profiler:
+its wall time, the GPU's busy time in it and the host's top operators, so that the step's wall time can be split
+into the device's work and the host's.
 
-    python bench/profile_decode.py --batches 1 64 256 --out $OUT
+    python bench/profile_decode.py --batches 1 64 256 [--overlap] --out $OUT
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def main() -> None:
     parser.add_argument("--decode-attention", choices=["sdpa", "flex"], default="sdpa",
                         help="EngineConfig.decode_attention; with flex a row reads its own positions, whatever the "
                              "read length (the 'all reads' column)")  # fmt: skip
+    parser.add_argument("--overlap", action="store_true", help="EngineConfig.overlap, for the whole steps")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
 
@@ -65,7 +69,8 @@ def main() -> None:
         model.fuse_projections()
     t0 = time.perf_counter()
     config = EngineConfig(max_batch=max(args.batches), max_seq_len=args.seq_len, compile=not args.no_compile,
-                          decode_attention=args.decode_attention, single_row=args.single_row)  # fmt: skip
+                          decode_attention=args.decode_attention, single_row=args.single_row,
+                          overlap=args.overlap)  # fmt: skip
     engine = Engine(model, config)
     startup = time.perf_counter() - t0
     print(f"engine started in {startup:.1f} s: {engine.startup_s}", flush=True)
@@ -136,6 +141,7 @@ def main() -> None:
             flush=True,
         )
 
+    whole = {batch: _whole_steps(engine, prompts[:batch], args.steps) for batch in args.batches}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"fused": args.fuse, "decode_attention": args.decode_attention, "single_row": args.single_row,
@@ -143,7 +149,7 @@ def main() -> None:
               "preset": args.preset, "seq_len": args.seq_len, "compile": not args.no_compile,
               "startup_s": startup, "startup_phases_s": engine.startup_s, "buckets": engine.buckets,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "rows": rows, "kernels": kernels}  # fmt: skip
+              "overlap": args.overlap, "rows": rows, "whole_steps": whole, "kernels": kernels}  # fmt: skip
     (out / "profile_decode.json").write_text(json.dumps(record, indent=2))
     print(f"engine start-up (graphs{'' if args.no_compile else ' + compile'}): {startup:.1f} s {engine.startup_s}")
     print(f"{'batch':>5} {'reads':>5} {'graph step ms':>13} {'all reads ms':>12} {'tok/s':>9} {'fwd eager ms':>12} "
@@ -154,6 +160,38 @@ def main() -> None:
             f"{r['tok_s_graph']:>9.0f} {r['forward_eager_ms']:>12.3f} "
             f"{r['forward_compiled_ms']:>11.3f} {r['sample_eager_ms']:>12.3f} {r['sample_compiled_ms']:>11.3f}"
         )
+
+    print(f"{'batch':>5} {'step wall ms':>12} {'gpu busy ms':>11} {'steps ahead':>11}  host's top ops (ms a step)")
+    for batch, w in whole.items():
+        top = ", ".join(f"{name} {ms:.3f}" for name, _, ms in w["host_self_top_ms"][:6])
+        print(f"{batch:>5} {w['step_wall_ms']:>12.3f} {w['gpu_busy_ms']:>11.3f} {w['steps_ahead']:>11}  {top}")
+
+
+def _whole_steps(engine, prompts: list[list[int]], steps: int) -> dict:
+    """`Engine.step` as generate runs it, with `len(prompts)` sequences decoding: the sequences there are aborted,
+    these prompts admitted and prefilled, then `steps` steps profiled (wall, GPU busy, the host's operators)."""
+    from train_throughput import _profile_breakdown  # this folder
+
+    from llamita.inference import SamplingParams
+
+    for seq in list(engine.scheduler.running):
+        engine.abort(seq)
+    while engine.has_work():
+        engine.step()
+    for prompt in prompts:
+        engine.add(prompt, SamplingParams(temperature=0.0, max_tokens=2 * steps + 16, ignore_eos=True))
+    while len(engine.scheduler.decoding()) < len(prompts):
+        engine.step()
+    before = engine.stats.ahead_steps
+
+    def run_steps(n: int) -> None:
+        for _ in range(n):
+            engine.step()
+
+    run_steps(5)
+    result = _profile_breakdown(run_steps, steps, host=True)
+    result["steps_ahead"] = engine.stats.ahead_steps - before
+    return result
 
 
 if __name__ == "__main__":

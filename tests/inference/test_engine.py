@@ -384,6 +384,10 @@ def test_cuda_graphs_decode_as_the_eager_step(model):
     assert [s.output for s in graphed] == [s.output for s in eager]
     compiled, _ = run(Engine(cuda, EngineConfig(max_batch=5)), arrivals)
     assert [s.output for s in compiled] == [s.output for s in eager]
+    # Steps launched ahead land through pinned buffers and an event, which only a CUDA device has.
+    ahead = Engine(cuda, EngineConfig(max_batch=5, compile=False, overlap=True))
+    overlapped, _ = run(ahead, arrivals)
+    assert [s.output for s in overlapped] == [s.output for s in eager] and ahead.stats.ahead_steps > 0
     model.to("cpu")
 
 
@@ -469,6 +473,22 @@ def test_the_compiled_block_decodes_as_the_eager_engine_from_few_compilations(mo
     assert [s.output for s in compiled] == [s.output for s in eager]
     assert compiled[-1].output == greedy_by_recomputation(model, compiled[-1].prompt, 17)
     assert dynamo_counters["stats"]["unique_graphs"] == 5
+
+
+def test_engines_of_other_models_in_one_process_each_compile_their_own_steps():
+    """An engine compiles its block several times (decode, prefill, dtypes, flex attention); Dynamo allows a code
+    object 8 compilations in all. Engines of other models and settings in one process (a notebook, an evaluation
+    of several checkpoints, the test suite on a GPU) each compile a copy of their own: the third no longer fails
+    with "recompile limit exceeded"."""
+    import dataclasses
+
+    for i in range(4):
+        config = dataclasses.replace(TINY, dim=TINY.dim * (1 + i % 2), n_layers=1 + i % 2)
+        model = tiny_model(config).float() if i % 2 else tiny_model(config)
+        engine = Engine(model, EngineConfig(max_batch=3, compile_backend="eager",
+                                            decode_attention="flex" if i == 3 else "sdpa"))  # fmt: skip
+        (seq,), _ = run(engine, {0: [([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=3))]})
+        assert seq.output == greedy_by_recomputation(model, [1, 2, 3], 3)
 
 
 @pytest.mark.parametrize("backend", [None, "eager"])

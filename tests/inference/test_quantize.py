@@ -253,11 +253,13 @@ def test_the_commands_pass_quantize_to_the_llm(monkeypatch, argv):
 @pytest.mark.gpu
 def test_on_a_gpu_the_memory_the_weights_give_up_counts_as_free_for_the_cache():
     torch.manual_seed(0)
-    # First a small model: quantizing loads torchao's kernels, whose code takes device memory outside the
-    # allocator (100 MB seen on an H200, more than this model saves) and would hide what the weights give up.
-    quantize_weights(Llama(CONFIG).to("cuda", torch.bfloat16).eval(), "int8")
-    model = Llama(dataclasses.replace(CONFIG, vocab_size=32000, dim=1024, intermediate_size=4096))
-    model = model.to("cuda", torch.bfloat16).eval()
+    config = dataclasses.replace(CONFIG, vocab_size=32000, dim=1024, intermediate_size=4096)
+    # First a model of the same shape, then dropped: quantizing loads the kernels of its shapes (torchao's and
+    # torch's, lazily), whose code takes device memory outside the allocator (100 MB seen on an H200 after a
+    # small model's quantization, more than this model saves) and would hide what the weights give up.
+    quantize_weights(Llama(config).to("cuda", torch.bfloat16).eval(), "int8")
+    torch.cuda.empty_cache()
+    model = Llama(config).to("cuda", torch.bfloat16).eval()
     linear = sum(m.weight.numel() * 2 for m in linears(model).values())  # bf16 bytes
     before, free = weight_bytes(model), torch.cuda.mem_get_info()[0]
     quantize_weights(model, "int8")

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import itertools
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -185,6 +186,17 @@ def _no_duck_sizing():
     return config.patch(use_duck_shape=False)
 
 
+def _compile_own(fn: Callable, backend: str) -> Callable:
+    """`fn` compiled for one engine: a copy of it, with a code object of its own. Dynamo keeps a function's
+    compilations on its code object, at most `recompile_limit` (8) for all its callers, and an engine compiles a
+    block several times (prefill, decode, a read of all positions, flex attention, a dtype): two engines of other
+    models or settings in one process would use them up, and the third fail to compile (fullgraph). Each engine's
+    compilations go with it."""
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__, own.__doc__ = fn.__kwdefaults__, fn.__doc__
+    return torch.compile(own, fullgraph=True, dynamic=True, backend=backend)
+
+
 def block_step(
     block: Block, x: Tensor, cos: Tensor, sin: Tensor, kv: LayerKV, write_at: Tensor, mask: Tensor | BlockMask
 ) -> Tensor:
@@ -341,14 +353,10 @@ class Engine:
         self.startup_s: dict[str, float] = {}
         # Dynamic shapes from the start: one compilation covers every batch size and read length (a static first
         # one would be compiled again, dynamic, at the second size).
-        block = torch.compile(block_step, fullgraph=True, dynamic=True, backend=backend) if compiled else None
+        block = _compile_own(block_step, backend) if compiled else None
         self._logits = functools.partial(model_logits, layer_fn=block)
         self._hidden = functools.partial(cached_hidden, layer_fn=block)
-        self._sample_plain = (
-            torch.compile(sampling.sample, fullgraph=True, dynamic=True, backend=backend)
-            if compiled
-            else sampling.sample
-        )
+        self._sample_plain = _compile_own(sampling.sample, backend) if compiled else sampling.sample
         # Read lengths of the decode step: each is a set of captured graphs on CUDA, so fewer there.
         self.buckets = attend_buckets(self.seq_len, 256 if weight.is_cuda and config.cuda_graphs else 16)
         self.graphs: CapturedSteps | None = None
