@@ -8,7 +8,7 @@ the landing of the tokens and the host's bookkeeping: what a user's generate pay
 its wall time, the GPU's busy time in it and the host's top operators, so that the step's wall time can be split
 into the device's work and the host's.
 
-    python bench/profile_decode.py --batches 1 64 256 [--overlap] --out $OUT
+    python bench/profile_decode.py --batches 1 64 256 [--no-overlap] [--no-single-row] --out $OUT
 """
 
 from __future__ import annotations
@@ -47,11 +47,13 @@ def main() -> None:
     parser.add_argument("--mixed-lengths", action="store_true",
                         help="rows of ShareGPT-like prompt lengths (median 200, up to half the slot) instead of "
                              "all 128: what a serving batch reads, where flex reads each row's own")  # fmt: skip
-    parser.add_argument("--single-row", action="store_true", help="EngineConfig.single_row: a graph of one row")
+    parser.add_argument("--single-row", action=argparse.BooleanOptionalAction, default=None,
+                        help="EngineConfig.single_row: a graph of one row (default: the engine's)")  # fmt: skip
     parser.add_argument("--decode-attention", choices=["sdpa", "flex"], default="sdpa",
                         help="EngineConfig.decode_attention; with flex a row reads its own positions, whatever the "
                              "read length (the 'all reads' column)")  # fmt: skip
-    parser.add_argument("--overlap", action="store_true", help="EngineConfig.overlap, for the whole steps")
+    parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                        help="EngineConfig.overlap, for the whole steps (default: the engine's)")  # fmt: skip
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
 
@@ -144,12 +146,12 @@ def main() -> None:
     whole = {batch: _whole_steps(engine, prompts[:batch], args.steps) for batch in args.batches}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"fused": args.fuse, "decode_attention": args.decode_attention, "single_row": args.single_row,
+    record = {"fused": args.fuse, "decode_attention": args.decode_attention, "single_row": engine.graphs.sizes[0] == 1,
               "mixed_lengths": args.mixed_lengths,
               "preset": args.preset, "seq_len": args.seq_len, "compile": not args.no_compile,
               "startup_s": startup, "startup_phases_s": engine.startup_s, "buckets": engine.buckets,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "overlap": args.overlap, "rows": rows, "whole_steps": whole, "kernels": kernels}  # fmt: skip
+              "overlap": engine.overlap, "rows": rows, "whole_steps": whole, "kernels": kernels}  # fmt: skip
     (out / "profile_decode.json").write_text(json.dumps(record, indent=2))
     print(f"engine start-up (graphs{'' if args.no_compile else ' + compile'}): {startup:.1f} s {engine.startup_s}")
     print(f"{'batch':>5} {'reads':>5} {'graph step ms':>13} {'all reads ms':>12} {'tok/s':>9} {'fwd eager ms':>12} "

@@ -377,7 +377,7 @@ def run_offline(spec: dict) -> dict:
     llm = LLM(spec["model"], device=shape["device"], dtype=shape["dtype"], max_batch=max(shape["concurrency"]),
               compile=shape["device"] == "cuda", prefill_interval=spec["prefill_interval"],
               prefill_graphs=spec["prefill_graphs"], decode_attention=spec["decode_attention"],
-              overlap=spec.get("overlap", False))  # fmt: skip
+              overlap=spec.get("overlap"))  # fmt: skip
     out: dict[str, Any] = {"start_s": time.perf_counter() - t}
     # Where a level's time goes: the prefill forwards, timed between syncs (the step syncs once anyway).
     prefill, untimed = {"s": 0.0}, llm.engine._prefill
@@ -509,7 +509,9 @@ def _server_command(spec: dict, port: int) -> tuple[list[str], str | None, dict 
                "--device", shape["device"], "--dtype", shape["dtype"], "--log-level", "warning",
                "--prefill-interval", str(spec["prefill_interval"]),
                "--stream-interval", str(spec["stream_interval"])]  # fmt: skip
-        cmd += ["--decode-attention", spec["decode_attention"]] + ["--overlap"] * spec.get("overlap", False)
+        cmd += ["--decode-attention", spec["decode_attention"]]
+        if spec.get("overlap") is not None:
+            cmd.append("--overlap" if spec["overlap"] else "--no-overlap")
         if spec["prefill_graphs"] is not None:
             cmd.append("--prefill-graphs" if spec["prefill_graphs"] else "--no-prefill-graphs")
         return cmd, None, None
@@ -670,7 +672,8 @@ def main() -> None:
     parser.add_argument(
         "--decode-attention", choices=["sdpa", "flex"], default="sdpa", help="llamita's EngineConfig.decode_attention"
     )
-    parser.add_argument("--overlap", action="store_true", help="llamita's EngineConfig.overlap")
+    parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                        help="llamita's EngineConfig.overlap (default: the engine's)")  # fmt: skip
     args = parser.parse_args()
     shape = dict(SMOKE if args.smoke else SHAPE)
     if args.concurrency:

@@ -233,10 +233,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """`generate`'s and `serve`'s --draft, --speculate, --gamma and --overlap as engine settings."""
+    """`generate`'s and `serve`'s --draft, --speculate, --gamma, --overlap and --single-row as engine settings."""
     if args.draft and args.speculate == "ngram":
         raise ConfigError("--draft and --speculate ngram are two kinds of speculative decoding; choose one")
-    engine: dict[str, Any] = {"gamma": args.gamma, "overlap": args.overlap}
+    engine: dict[str, Any] = {"gamma": args.gamma, "overlap": args.overlap, "single_row": args.single_row}
     if args.draft or args.speculate:
         engine["speculate"] = "draft" if args.draft else "ngram"
     return engine
@@ -708,8 +708,13 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculate", choices=["ngram"], help="speculative decoding by prompt lookup, no draft model")
     p.add_argument("--gamma", type=int, default=4, help="tokens drafted per speculative step")
     p.add_argument(
-        "--overlap", action="store_true",
-        help="launch each step before the host reads the last one's tokens (EngineConfig.overlap)",
+        "--overlap", action=argparse.BooleanOptionalAction, default=None,
+        help="launch each step before the host reads the last one's tokens (EngineConfig.overlap; default: on a "
+             "GPU without speculation)",
+    )  # fmt: skip
+    p.add_argument(
+        "--single-row", action=argparse.BooleanOptionalAction, default=None,
+        help="a decode step of one row compiled and captured apart (EngineConfig.single_row; default: on a GPU)",
     )  # fmt: skip
 
 

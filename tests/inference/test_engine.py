@@ -79,6 +79,7 @@ def test_overlap_runs_steps_ahead_with_the_same_outputs(model):
     assert stats[False].ahead_steps == 0 and 2 <= in_order <= 8, (stats[True].steps, stats[True].ahead_steps)
     # Alone, a sequence crosses from one read bucket to the next while steps run ahead: each step reads the token
     # it feeds, which the host has not counted yet.
+    assert not Engine(model, EngineConfig(max_batch=2)).overlap  # on a CPU, by default
     engine = Engine(model, EngineConfig(overlap=True))
     assert engine.buckets == [24, 48]
     decode, fed = engine._decode, []
@@ -379,11 +380,14 @@ def test_cuda_graphs_decode_as_the_eager_step(model):
     arrivals = {0: [(p, GREEDY) for p in ps[:4]], 3: [(p, GREEDY) for p in ps[4:]]}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no step may run uncaptured
-        graphed, _ = run(Engine(cuda, EngineConfig(max_batch=5, compile=False)), arrivals)
-    eager, _ = run(Engine(cuda, EngineConfig(max_batch=5, cuda_graphs=False)), arrivals)
+        graphed, _ = run(Engine(cuda, EngineConfig(max_batch=5, compile=False, overlap=False)), arrivals)
+    eager, _ = run(Engine(cuda, EngineConfig(max_batch=5, cuda_graphs=False, overlap=False)), arrivals)
     assert [s.output for s in graphed] == [s.output for s in eager]
-    compiled, _ = run(Engine(cuda, EngineConfig(max_batch=5)), arrivals)
+    # The defaults on a GPU: compiled, a graph of one row, steps launched ahead.
+    default = Engine(cuda, EngineConfig(max_batch=5))
+    compiled, _ = run(default, arrivals)
     assert [s.output for s in compiled] == [s.output for s in eager]
+    assert default.overlap and default.stats.ahead_steps > 0 and default.graphs.sizes[0] == 1
     # Steps launched ahead land through pinned buffers and an event, which only a CUDA device has.
     ahead = Engine(cuda, EngineConfig(max_batch=5, compile=False, overlap=True))
     overlapped, _ = run(ahead, arrivals)
@@ -527,10 +531,14 @@ def test_flex_decode_attention_is_refused_where_it_cannot_compile():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_flex_decode_graphs_decode_as_the_sdpa_engine(model):
     """On CUDA, the compiled block with FlexAttention decoding (Inductor's Triton kernel), replayed from CUDA
-    graphs, gives the eager SDPA engine's outputs (float32: FlexAttention's kernels take no float64)."""
+    graphs, gives the eager SDPA engine's outputs (float32: FlexAttention's kernels take no float64; heads of 16
+    dimensions, the least its Triton kernel takes: fewer are a config error)."""
     import copy
+    import dataclasses
 
-    cuda = copy.deepcopy(model).to("cuda", torch.float32)
+    with pytest.raises(ConfigError, match="at least 16 dimensions"):
+        Engine(copy.deepcopy(model).to("cuda", torch.float32), EngineConfig(max_batch=2, decode_attention="flex"))
+    cuda = tiny_model(dataclasses.replace(TINY, dim=96)).to("cuda", torch.float32)  # 6 heads of 16
     ps = prompts(6, seed=5)
     arrivals = {0: [(p, GREEDY) for p in ps[:4]], 3: [(p, GREEDY) for p in ps[4:]]}
     eager, _ = run(Engine(cuda, EngineConfig(max_batch=5, cuda_graphs=False)), arrivals)

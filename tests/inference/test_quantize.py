@@ -253,18 +253,16 @@ def test_the_commands_pass_quantize_to_the_llm(monkeypatch, argv):
 @pytest.mark.gpu
 def test_on_a_gpu_the_memory_the_weights_give_up_counts_as_free_for_the_cache():
     torch.manual_seed(0)
-    config = dataclasses.replace(CONFIG, vocab_size=32000, dim=1024, intermediate_size=4096)
-    # First a model of the same shape, then dropped: quantizing loads the kernels of its shapes (torchao's and
-    # torch's, lazily), whose code takes device memory outside the allocator (100 MB seen on an H200 after a
-    # small model's quantization, more than this model saves) and would hide what the weights give up.
-    quantize_weights(Llama(config).to("cuda", torch.bfloat16).eval(), "int8")
-    torch.cuda.empty_cache()
-    model = Llama(config).to("cuda", torch.bfloat16).eval()
+    model = Llama(dataclasses.replace(CONFIG, vocab_size=32000, dim=1024, intermediate_size=4096))
+    model = model.to("cuda", torch.bfloat16).eval()
     linear = sum(m.weight.numel() * 2 for m in linears(model).values())  # bf16 bytes
-    before, free = weight_bytes(model), torch.cuda.mem_get_info()[0]
+    before = weight_bytes(model), torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     quantize_weights(model, "int8")
-    saved = before - weight_bytes(model)
+    saved = before[0] - weight_bytes(model)
     assert saved > 0.45 * linear  # int8 values: half of bf16's bytes, less the scales
-    # What `count_slots` reads. Without emptying the allocator's cache none of it would show; a little may stay in
-    # segments that the int8 weights now share.
-    assert torch.cuda.mem_get_info()[0] - free >= 0.5 * saved
+    # The old weights are freed (nothing keeps them) and their memory goes back to the driver, where the cache's
+    # count (`_free_memory`, after emptying the allocator's cache) finds it. What the driver reports free also
+    # moves with code loaded outside the allocator (kernels met for the first time: 100 MB seen on an H200), so the
+    # allocator's own counts are what is asserted; a little may stay in segments that the int8 weights now share.
+    allocated, reserved = before[1] - torch.cuda.memory_allocated(), before[2] - torch.cuda.memory_reserved()
+    assert allocated >= 0.9 * saved and reserved >= 0.5 * saved, (saved, allocated, reserved)

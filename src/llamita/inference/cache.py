@@ -64,8 +64,11 @@ def count_slots(
 
 
 def _free_memory(device: torch.device) -> int | None:
-    """Free bytes on the GPU, or the host's available physical memory (None where the platform does not say)."""
+    """Free bytes on the GPU, or the host's available physical memory (None where the platform does not say). On
+    a GPU the allocator's cached blocks go back to the driver first: freed memory that the allocator keeps (weights
+    replaced by quantized ones, an earlier engine's cache) is free for this one."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         return torch.cuda.mem_get_info(device)[0]
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

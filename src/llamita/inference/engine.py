@@ -79,26 +79,29 @@ class EngineConfig:
     """The largest padded prefill (rows x width) replayed from a graph. Larger groups are bound by their arithmetic,
     not their launches, and padding them costs more than the launches it saves (8 prompts of ~530 tokens: 61 ms
     padded to 8 x 1024 and replayed, 29 ms unpadded and compiled): they run compiled at their own size."""
-    single_row: bool = False
+    single_row: bool | None = None
     """On CUDA with `compile`, also capture a decode step of one row, compiled apart with Inductor's
     coordinate-descent tuning. A batch of one otherwise replays the graph of two, whose matmuls are cuBLAS GEMMs
     of two rows. Compiled for exactly one row, each Linear becomes a matrix-vector product that Inductor writes as
     a Triton reduction over the weights and tunes (`torch/_inductor/decomposition.py`, `mm`; gpt-fast's setting).
-    It costs one more compilation, with autotuning, at start-up. Off until measured on a GPU
-    (`bench/profile_decode.py --single-row`)."""
+    It costs one more compilation, with autotuning, at start-up. None: on wherever the decode step is compiled and
+    captured; measured on an H200, TinyLlama-1.1B shape, a step of one row took 1.62 ms against 2.31 ms for the
+    graph of two (`bench/results/2026-12-02-engine-r5.md`)."""
     decode_attention: str = "sdpa"
     """How a decode step attends. "sdpa": every row reads the first `attend` positions of its slot (the bucket of
     the batch's longest sequence) through SDPA with a mask. "flex": each row reads only its own positions, through
     FlexAttention's block sparsity (`llama.decode_block_mask`): a batch of mixed lengths then reads what its
     sequences hold, not the longest one's bucket for every row (at 256 rows of 2048-token slots a step read all
     of them in 7.8 ms against 3.1 ms for 256 positions). Off by default until measured on a GPU."""
-    overlap: bool = False
+    overlap: bool | None = None
     """Launch each step before the host reads the last one's tokens: the host's work on step k (appending tokens,
     stops, releasing slots, streaming) then runs while the device computes k + 1, instead of the device waiting for
     it. The next token is fed on the device (a decode step's and a prefill's first token alike), so nothing needs
     the host's copy first. A sequence that finished in step k is decoded once more in k + 1 and that token is
     dropped, and its slot is free one step later. While a request asks for logprobs, steps run in order; it does
-    not combine with speculative decoding. The outputs are the same (tested). Off until timed on a GPU."""
+    not combine with speculative decoding. The outputs are the same (tested). None: on on CUDA without
+    speculation (whole steps 4-14% shorter on an H200 at batch 1 to 256, `bench/results/2026-12-02-engine-r5.md`),
+    off on a CPU, where a step's work is done by the time it is launched."""
     compile: bool = True
     """On CUDA, compile the model's transformer block (`block_step`, which the decode step and the prefill forward
     run for every layer) and the decode step's sampling, with dynamic shapes, when the engine starts."""
@@ -331,9 +334,9 @@ class Engine:
         # (while any runs, steps run in order).
         self._ahead: tuple[_Launch, Tensor, torch.cuda.Event | None] | None = None
         pinned = self.device.type == "cuda"
-        self._landing = [
-            torch.empty(2 * n_slots, dtype=torch.long, pin_memory=pinned) for _ in range(2 * config.overlap)
-        ]
+        self.overlap = config.overlap if config.overlap is not None else pinned and not config.speculate
+        """Whether steps are launched ahead (`EngineConfig.overlap`, resolved)."""
+        self._landing = [torch.empty(2 * n_slots, dtype=torch.long, pin_memory=pinned) for _ in range(2 * self.overlap)]
         self._logprob_requests: set[int] = set()
 
         # Compiled on CUDA: the model's transformer block, and the sampling without top-k/top-p. The sampling with
@@ -348,6 +351,12 @@ class Engine:
                 "EngineConfig: decode_attention='flex' does not compile with Inductor on a CPU (its C++ "
                 "FlexAttention template fails with dynamic shapes, torch 2.13): use compile_backend='eager', or "
                 "decode_attention='sdpa'"
+            )
+        head_dim = model.config.dim // model.config.n_heads
+        if self.cache.kv.ragged and compiled and backend == "inductor" and head_dim < 16:
+            raise ConfigError(
+                f"EngineConfig: decode_attention='flex' compiles with Inductor only for heads of at least 16 "
+                f"dimensions (its Triton kernel), and this model's have {head_dim}: use decode_attention='sdpa'"
             )
         t0 = time.perf_counter()
         self.startup_s: dict[str, float] = {}
@@ -385,7 +394,7 @@ class Engine:
             if self.device.type == "cuda" and config.cuda_graphs:
                 import torch._inductor.config as inductor_config
 
-                single = config.single_row and compiled and n_slots > 1
+                single = config.single_row is not False and compiled and n_slots > 1
 
                 def decode_step(batch: int, v: tuple[int, bool]) -> tuple[Tensor, Tensor]:
                     # The graph of one row compiles (its first run) under coordinate-descent tuning.
@@ -450,7 +459,7 @@ class Engine:
             Each sequence that got tokens in this step, with them; a finished sequence has its finish_reason and
             has already left its slot. With `overlap`, a step run ahead returns the tokens of the step before.
         """
-        ahead = self.config.overlap and not self._logprob_requests
+        ahead = self.overlap and not self._logprob_requests
         emitted = [] if ahead else self._take_ahead()
         launch = self._launch()
         if launch.tokens is None:  # nothing launched (no sequence decodes or completes its prompt): none pending
