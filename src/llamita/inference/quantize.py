@@ -24,7 +24,6 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -66,11 +65,8 @@ def quantize_weights(model: nn.Module, method: str, *, head: bool = True) -> nn.
     def chosen(module: nn.Module, name: str) -> bool:
         return isinstance(module, nn.Linear) and (head or name != "lm_head")
 
+    # The old weights are freed; the engine's cache sizing empties the allocator's cache before it counts.
     quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=chosen)
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        # The weights' old storage goes back to the driver, so that the engine's free-memory count sees it.
-        torch.cuda.empty_cache()
     return model
 
 
