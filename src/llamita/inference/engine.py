@@ -369,11 +369,11 @@ class Engine:
                 "FlexAttention template fails with dynamic shapes, torch 2.13): use compile_backend='eager', or "
                 "decode_attention='sdpa'"
             )
-        head_dim = model.config.dim // model.config.n_heads
-        if self.cache.kv.ragged and compiled and backend == "inductor" and head_dim < 16:
+        if self.cache.kv.ragged and compiled and backend == "inductor" and model.config.head_dim < 16:
             raise ConfigError(
                 f"EngineConfig: decode_attention='flex' compiles with Inductor only for heads of at least 16 "
-                f"dimensions (its Triton kernel), and this model's have {head_dim}: use decode_attention='sdpa'"
+                f"dimensions (its Triton kernel), and this model's have {model.config.head_dim}: use "
+                "decode_attention='sdpa'"
             )
         t0 = time.perf_counter()
         self.startup_s: dict[str, float] = {}
