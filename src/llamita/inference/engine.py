@@ -104,7 +104,8 @@ class EngineConfig:
     off on a CPU, where a step's work is done by the time it is launched."""
     compile: bool = True
     """On CUDA, compile the model's transformer block (`block_step`, which the decode step and the prefill forward
-    run for every layer) and the decode step's sampling, with dynamic shapes, when the engine starts."""
+    run for every layer) and the decode step's sampling, with dynamic shapes (but the sampling's vocabulary,
+    `_static_vocabulary`), when the engine starts."""
     compile_backend: str | None = None
     """torch.compile backend of `compile`; None: Inductor, on CUDA only (a CPU runs the steps eagerly). A backend
     named here compiles on any device too: "eager" runs the compiled path on a CPU (dynamo's graphs, no code
