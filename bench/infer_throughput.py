@@ -12,7 +12,8 @@ system runs in its own subprocess. The bandwidth limit is the weights read once 
 llamita runs as `LLM` runs a loaded checkpoint: on a GPU with q/k/v and gate/up fused into one matmul each
 (`LLM(fuse=True)`); `--systems llamita-unfused` adds it without (`fuse=False`), the A/B of that fusion, and
 `llamita-in-order` with the engine's former defaults, steps in order (`overlap=False`) and batch 1 in the graph
-of two rows (`single_row=False`), the A/B of both.
+of two rows (`single_row=False`), the A/B of both; `llamita-flex` decodes with `decode_attention="flex"` (each row
+reads its own positions through FlexAttention), the A/B of the decode attention.
 `--systems llamita-int8-tuned` adds llamita-int8 built under Inductor's coordinate-descent tuning, with which
 Inductor turns a matrix-vector product (batch 1) into a reduction that reads the int8 weights directly instead of
 casting them to bf16 in a kernel of their own (`torch/_inductor/decomposition.py`, `mm`); it compiles longer.
@@ -49,7 +50,7 @@ SMOKE = {"preset": "debug", "prompt": 12, "new": 8, "batches": [1, 4], "device":
          "spec_prompts": 2, "spec_new": 8, "draft": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
          "intermediate_size": 64}}  # fmt: skip
 SYSTEMS = ["llamita", "llamita-int8", "hf-eager", "hf-static-compile", "gpt-fast"]
-EXTRA_SYSTEMS = ["llamita-int8-tuned", "llamita-unfused", "llamita-in-order"]
+EXTRA_SYSTEMS = ["llamita-int8-tuned", "llamita-unfused", "llamita-in-order", "llamita-flex"]
 """Run only when `--systems` names them."""
 REPEAT = "\n\n# The same code again, unchanged:\n"
 
@@ -87,7 +88,7 @@ def _timed(fn: Any, device: str) -> tuple[float, float, Any]:
 
 
 def _llamita(
-    shape: dict, model: Any, prompts: Any, out: _Progress, quantize: str | None, tuned: bool, fuse: bool, order: dict
+    shape: dict, model: Any, prompts: Any, out: _Progress, quantize: str | None, tuned: bool, fuse: bool, settings: dict
 ) -> dict:
     import contextlib
 
@@ -99,7 +100,7 @@ def _llamita(
     cuda = shape["device"] == "cuda"
     with inductor.patch(coordinate_descent_tuning=True) if tuned else contextlib.nullcontext():
         llm = LLM(model, max_batch=max(shape["batches"]), max_seq_len=shape["prompt"] + shape["new"], compile=cuda,
-                  quantize=quantize, fuse=fuse, **order)  # fmt: skip
+                  quantize=quantize, fuse=fuse, **settings)  # fmt: skip
         out.weight_bytes = weight_bytes(llm.model)  # what a decode step reads
         params = SamplingParams(temperature=0.0, max_tokens=shape["new"], ignore_eos=True)
         for batch in shape["batches"]:
@@ -212,8 +213,9 @@ def run_worker(spec: dict, result_path: str = "") -> dict:
         quantize = "int8" if system.startswith("llamita-int8") else None
         # The random model is a `Llama` given, which LLM fuses only when asked: ask as it fuses a loaded one.
         tuned, fuse = system.endswith("-tuned"), system != "llamita-unfused" and shape["device"] == "cuda"
-        order = {"overlap": False, "single_row": False} if system == "llamita-in-order" else {}
-        result = _llamita(shape, model, prompts.cpu(), progress, quantize, tuned=tuned, fuse=fuse, order=order)
+        settings = {"llamita-in-order": {"overlap": False, "single_row": False},
+                    "llamita-flex": {"decode_attention": "flex"}}.get(system, {})  # fmt: skip
+        result = _llamita(shape, model, prompts.cpu(), progress, quantize, tuned=tuned, fuse=fuse, settings=settings)
     elif system in ("hf-eager", "hf-static-compile"):
         result = _hf(shape, model, prompts, system == "hf-static-compile", progress)
     else:

@@ -632,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--decode-attention", choices=["sdpa", "flex"], default="sdpa",
-        help="flex: each decoding sequence reads only its own positions (FlexAttention), not its batch's longest",
+        help="flex: each decoding sequence reads only its own positions (FlexAttention), not its batch's longest; "
+        "experimental on CUDA (it crashed at the TinyLlama-1.1B shape on torch 2.11)",
     )  # fmt: skip
     p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default: 256 GPU, 16 CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="positions per sequence (default: the model's)")

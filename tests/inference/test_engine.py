@@ -567,7 +567,8 @@ def test_flex_decode_graphs_decode_as_the_sdpa_engine(model):
     ps = prompts(6, seed=5)
     arrivals = {0: [(p, GREEDY) for p in ps[:4]], 3: [(p, GREEDY) for p in ps[4:]]}
     eager, _ = run(Engine(cuda, EngineConfig(max_batch=5, cuda_graphs=False)), arrivals)
-    engine = Engine(cuda, EngineConfig(max_batch=5, decode_attention="flex"))
+    with pytest.warns(UserWarning, match="experimental on CUDA"):  # it crashed at the 1.1B shape (engine-r6)
+        engine = Engine(cuda, EngineConfig(max_batch=5, decode_attention="flex"))
     flex, _ = run(engine, arrivals)
     assert engine.graphs is not None and engine.graphs.uncaptured == 0
     assert [s.output for s in flex] == [s.output for s in eager]

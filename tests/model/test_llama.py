@@ -302,8 +302,8 @@ def test_a_decode_block_mask_reads_each_rows_own_blocks_and_attends_as_the_dense
         dense = model.hidden_states(tokens, cache.view(slice(0, 5), attend=attend), positions=positions)
         got = model.hidden_states(tokens, ragged.view(slice(0, 5), attend=attend), positions=positions)
     torch.testing.assert_close(got, dense, atol=1e-12, rtol=0)
-    mask = decode_block_mask(positions, attend, queries=3)
-    assert mask.shape == (5, 1, 3, attend)
+    mask = decode_block_mask(positions, attend)
+    assert mask.shape == (5, 1, 1, attend)
     # Keys seen: 1, 128 (one whole block), 129, 262, and all 424 of the read (the last block's 40 in part).
     assert mask.full_kv_num_blocks.flatten().tolist() == [0, 1, 1, 2, 3]  # blocks seen whole
     assert mask.kv_num_blocks.flatten().tolist() == [1, 0, 1, 1, 1]  # a block seen in part, or none

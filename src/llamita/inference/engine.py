@@ -20,6 +20,7 @@ import functools
 import itertools
 import time
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,7 +93,9 @@ class EngineConfig:
     the batch's longest sequence) through SDPA with a mask. "flex": each row reads only its own positions, through
     FlexAttention's block sparsity (`llama.decode_block_mask`): a batch of mixed lengths then reads what its
     sequences hold, not the longest one's bucket for every row (at 256 rows of 2048-token slots a step read all
-    of them in 7.8 ms against 3.1 ms for 256 positions). Off by default until measured on a GPU."""
+    of them in 7.8 ms against 3.1 ms for 256 positions). Experimental on CUDA, with a warning: at the TinyLlama-1.1B
+    shape its compiled kernel crashed with an illegal memory access on an H200 (torch 2.11), with G queries of a
+    key/value head and with one query and grouped heads alike (`bench/results/2026-12-02-engine-r6.md`)."""
     overlap: bool | None = None
     """Launch each step before the host reads the last one's tokens: the host's work on step k (appending tokens,
     stops, releasing slots, streaming) then runs while the device computes k + 1, instead of the device waiting for
@@ -375,6 +378,14 @@ class Engine:
                 f"EngineConfig: decode_attention='flex' compiles with Inductor only for heads of at least 16 "
                 f"dimensions (its Triton kernel), and this model's have {model.config.head_dim}: use "
                 "decode_attention='sdpa'"
+            )
+        if self.cache.kv.ragged and compiled and backend == "inductor":
+            warnings.warn(
+                "EngineConfig: decode_attention='flex' is experimental on CUDA: at the TinyLlama-1.1B shape its "
+                "compiled decoding kernel crashed with an illegal memory access on an H200 (torch 2.11; "
+                "bench/results/2026-12-02-engine-r6.md, pytorch#174923), while small models decode correctly; "
+                "decode_attention='sdpa' is the tested default",
+                stacklevel=2,
             )
         t0 = time.perf_counter()
         self.startup_s: dict[str, float] = {}

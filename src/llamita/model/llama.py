@@ -117,9 +117,9 @@ DECODE_BLOCK = 128
 """Key positions per block of `decode_block_mask` (FlexAttention's default block size)."""
 
 
-def decode_block_mask(positions: Tensor, attend: int, queries: int, block: int = DECODE_BLOCK) -> BlockMask:
-    """The FlexAttention mask of a decode step through a cache: row b's `queries` queries (the query heads that
-    share a key/value head, one token each) see cached positions 0 .. positions[b], within the `attend` read.
+def decode_block_mask(positions: Tensor, attend: int, block: int = DECODE_BLOCK) -> BlockMask:
+    """The FlexAttention mask of a decode step through a cache: row b's one query (every head's) sees cached
+    positions 0 .. positions[b], within the `attend` read.
 
     Built from block counts rather than by evaluating a mask everywhere (`create_block_mask`): a few small tensor
     ops, no host sync, so it goes into a captured CUDA graph. The blocks a row cannot see are skipped by the
@@ -129,11 +129,12 @@ def decode_block_mask(positions: Tensor, attend: int, queries: int, block: int =
     Args:
         positions: [B, 1] (or [B]) position of each row's one token.
         attend: Cached positions the step reads at most (the mask's key length).
-        queries: Queries per row and key/value head: n_heads // n_kv_heads.
         block: Key positions per block.
 
     Returns:
-        A BlockMask of shape (B, 1, queries, attend).
+        A BlockMask of shape (B, 1, 1, attend): one query a row, the same for every head. FlexAttention's decoding
+        kernel takes the query heads that share a key/value head together (`enable_gqa`), so each row's keys and
+        values are read once per key/value head.
     """
     pos = positions.reshape(-1)  # [B]
     B, n = pos.shape[0], -(-attend // block)
@@ -149,7 +150,7 @@ def decode_block_mask(positions: Tensor, attend: int, queries: int, block: int =
 
     return BlockMask.from_kv_blocks(
         partial, partial_at, full, blocks.expand(B, 1, 1, n), BLOCK_SIZE=block, mask_mod=visible,
-        seq_lengths=(queries, attend),
+        seq_lengths=(1, attend),
     )  # fmt: skip
 
 
@@ -322,13 +323,16 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if kv is not None:
             k_cache, v_cache = kv.update(k, v, write_at, mask.shape[-1])  # [B, KV, S, hd] each
-            # The G query heads that share a key/value head attend as G * T queries of that head, so SDPA's fused
-            # kernels take the mask; its grouped-query path would repeat the whole cache for every query head.
-            G, S = self.n_heads // self.n_kv_heads, k_cache.shape[2]
-            grouped = q.reshape(B, self.n_kv_heads, G * T, self.head_dim)  # [B, KV, G * T, hd]
             if isinstance(mask, BlockMask):  # one token a row, each row reading its own length (`decode_block_mask`)
-                y = flex_attention(grouped, k_cache, v_cache, block_mask=mask)  # [B, KV, G, hd]
+                # One query a row, the heads grouped by the kernel (`enable_gqa`), not G queries of a key/value
+                # head as below: with a query length of G the compiled kernel crashed on an H200 (an illegal memory
+                # access, TinyLlama-1.1B shape, torch 2.11), as pytorch#174923 reports for short queries.
+                y = flex_attention(q, k_cache, v_cache, block_mask=mask, enable_gqa=gqa)  # [B, H, 1, hd]
             else:
+                # The G query heads that share a key/value head attend as G * T queries of that head, so SDPA's
+                # fused kernels take the mask; its grouped-query path would repeat the whole cache for every head.
+                G, S = self.n_heads // self.n_kv_heads, k_cache.shape[2]
+                grouped = q.reshape(B, self.n_kv_heads, G * T, self.head_dim)  # [B, KV, G * T, hd]
                 mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)  # [B, 1, G * T, S]
                 # Several tokens a row (a prefill, a speculative verification): not cuDNN's kernel, which builds an
                 # execution plan for every new shape (55-400 ms each), and prefill shapes change with every batch
@@ -553,7 +557,7 @@ class Llama(nn.Module):
                 positions = torch.arange(start_pos, end, device=tokens.device).expand(B, T)  # [B, T]
             write_at = positions
             if cache.ragged and T == 1:
-                mask = decode_block_mask(positions, cache.attend, self.config.n_heads // self.config.n_kv_heads)
+                mask = decode_block_mask(positions, cache.attend)
             else:
                 keys = torch.arange(cache.attend, device=tokens.device)  # [S]: the positions attention reads
                 mask = (keys <= positions[:, :, None])[:, None]  # [B, 1, T, S]: each query sees its own past
