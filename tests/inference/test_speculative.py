@@ -100,6 +100,44 @@ def test_speculative_sampling_is_distributed_as_the_target():
     assert _chi_square_p(counts, probs) > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["draft", "ngram"])
+def test_speculative_forwards_run_the_compiled_blocks(model, kind):
+    """With the engine's blocks compiled (on a CPU through dynamo's eager backend), a speculative step's forwards go
+    through them: the target's verifying forward of gamma + 1 tokens a row through the target's compiled block, the
+    draft model's forwards (prefill, catch-up, drafting) through a compilation of their own. Eager blocks inside
+    the step's CUDA graphs made a step with n-gram drafts cost 4.5 ms on an H200 against 1.3 ms for a plain step.
+    The output stays plain greedy's."""
+    import functools
+
+    from llamita.inference.engine import cached_hidden
+
+    draft = tiny_model(ModelConfig(**{**TINY.__dict__, "n_layers": 1, "dim": 24, "n_heads": 2, "n_kv_heads": 1}))
+    config = EngineConfig(speculate=kind, gamma=3, max_batch=3, compile_backend="eager")
+    engine = Engine(model, config, draft=draft if kind == "draft" else None)
+    widths: dict[str, list[int]] = {"target": [], "draft": []}
+
+    def spy(name, layer_fn):  # noqa: ANN001, ANN202
+        assert layer_fn is not None, f"the {name}'s blocks are not compiled"
+
+        def run_block(block, x, *rest):  # noqa: ANN001, ANN202
+            widths[name].append(x.shape[-1] * 1000 + x.shape[1])  # the model's dim, then the tokens a row
+            return layer_fn(block, x, *rest)
+
+        return functools.partial(cached_hidden, layer_fn=run_block)
+
+    engine._hidden = spy("target", engine._hidden.keywords["layer_fn"])
+    if kind == "draft":
+        engine._draft_hidden = spy("draft", engine._draft_hidden.keywords["layer_fn"])
+    ps = prompts(2, seed=7) + [[5, 6, 7, 5, 6, 7, 5, 6]]
+    seqs, _ = run(engine, {0: [(p, SamplingParams(temperature=0.0, max_tokens=10)) for p in ps]})
+    for seq in seqs:
+        assert seq.output == greedy_by_recomputation(model, seq.prompt, seq.max_new)
+    assert engine.stats.target_steps > 0
+    assert TINY.dim * 1000 + 4 in widths["target"]  # a verifying forward: the current token and 3 drafts
+    if kind == "draft":
+        assert {w // 1000 for w in widths["draft"]} == {24} and 24 * 1000 + 1 in widths["draft"]
+
+
 def test_speculation_steps_aside_at_large_batches(model):
     engine = Engine(model, EngineConfig(speculate="ngram", speculate_max_batch=2, max_batch=4))
     seqs, _ = run(engine, {0: [(p, SamplingParams(temperature=0.0, max_tokens=6)) for p in prompts(4, seed=9)]})
@@ -130,8 +168,9 @@ def test_a_draft_must_match_the_target(model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile", [False, True], ids=["eager-blocks", "compiled-blocks"])
 @pytest.mark.parametrize("kind", ["draft", "ngram"])
-def test_captured_speculative_steps_decode_as_the_eager_ones(model, kind):
+def test_captured_speculative_steps_decode_as_the_eager_ones(model, kind, compile):
     import warnings
 
     cuda = model.to("cuda")
@@ -139,7 +178,7 @@ def test_captured_speculative_steps_decode_as_the_eager_ones(model, kind):
     if kind == "draft":
         config = ModelConfig(**{**TINY.__dict__, "n_layers": 1, "dim": 24, "n_heads": 2, "n_kv_heads": 1})
         draft = tiny_model(config, seed=1).to("cuda")
-    config = {"speculate": kind, "gamma": 3, "max_batch": 3, "compile": False}
+    config = {"speculate": kind, "gamma": 3, "max_batch": 3, "compile": compile}
     ps = prompts(4, seed=5) + [[5, 6, 7, 5, 6, 7, 5, 6]]
     arrivals = {0: [(p, SamplingParams(temperature=0.0, max_tokens=14)) for p in ps[:3]],
                 4: [(p, SamplingParams(temperature=0.0, max_tokens=14)) for p in ps[3:]]}  # fmt: skip
@@ -148,6 +187,6 @@ def test_captured_speculative_steps_decode_as_the_eager_ones(model, kind):
         engine = Engine(cuda, EngineConfig(**config), draft=draft)
         graphed, _ = run(engine, arrivals)
     assert engine.speculator.graphs is not None and engine.stats.target_steps > 0
-    eager, _ = run(Engine(cuda, EngineConfig(**config, cuda_graphs=False), draft=draft), arrivals)
+    eager, _ = run(Engine(cuda, EngineConfig(**{**config, "compile": False}, cuda_graphs=False), draft=draft), arrivals)
     assert [s.output for s in graphed] == [s.output for s in eager]  # eager: against the reference, on the CPU
     model.to("cpu")

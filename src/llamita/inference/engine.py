@@ -394,6 +394,10 @@ class Engine:
         block = _compile_own(block_step, backend) if compiled else None
         self._logits = functools.partial(model_logits, layer_fn=block)
         self._hidden = functools.partial(cached_hidden, layer_fn=block)
+        # The draft model's blocks compile apart (their shapes are the draft's); a speculative step's forwards
+        # (the draft's and the verifying one of the target) run the compiled blocks as the decode step does.
+        draft_block = _compile_own(block_step, backend) if compiled and draft is not None else None
+        self._draft_hidden = functools.partial(cached_hidden, layer_fn=draft_block)
         self._sample_plain = _static_vocabulary(_compile_own(sampling.sample, backend)) if compiled else sampling.sample
         # Read lengths of the decode step: each is a set of captured graphs on CUDA, so fewer there.
         self.buckets = attend_buckets(self.seq_len, 256 if weight.is_cuda and config.cuda_graphs else 16)

@@ -89,7 +89,10 @@ class Speculator:
     one-hot distributions; the verifying forward; acceptance; the slot state's update) has fixed shapes for a batch
     size, read length and sampling variant, so on CUDA it is captured in CUDA graphs like the plain decode step
     (`capture`) and replayed: eager, its ~gamma + 2 forwards would cost their operator launches, several times what
-    speculation saves. The host fills its inputs first: the prompt-lookup drafts, and for the draft model the token
+    speculation saves. Its forwards run the engine's compiled blocks (`Engine._hidden`, the draft's
+    `Engine._draft_hidden`, compiled apart): with eager blocks inside the graphs, a step with n-gram drafts cost 4.5
+    ms on an H200 against 1.3 ms for a plain step (`bench/results/2026-12-02-engine-r6.md`). The host fills its
+    inputs first: the prompt-lookup drafts, and for the draft model the token
     before each row's current one (the draft re-feeds it: after a step that kept every draft it has not seen it,
     otherwise it rewrites the same keys), after feeding eagerly whatever else it has fallen behind on (the steps
     in which speculation stood aside).
@@ -139,7 +142,7 @@ class Speculator:
     def prefill(self, slots: Tensor, attend: int, tokens: Tensor, positions: Tensor) -> None:
         """The draft model prefills the same prompt chunks as the target, into its own slots."""
         if self.draft is not None:
-            self.draft.hidden_states(tokens, self.cache.gather(slots, attend), positions=positions)
+            self.engine._draft_hidden(self.draft, self.cache.gather(slots, attend), tokens, positions)
 
     # ------------------------------------------------------------------------------------------ the step
     def step(self, decoders: list[Sequence]) -> list[Tensor]:
@@ -212,7 +215,7 @@ class Speculator:
             positions[slot, : len(feed)] = start + torch.arange(len(feed))
         reach = max(start + len(feed) for start, feed in behind.values())
         cache = self.cache.rows(0, b, e.attend(reach))
-        self.draft.hidden_states(e.upload(tokens), cache, positions=e.upload(positions))
+        e._draft_hidden(self.draft, cache, e.upload(tokens), e.upload(positions))
 
     def _device_step(self, b: int, attend: int, filters: bool) -> tuple[Tensor, Tensor]:
         """Draft (from the host-filled inputs), verify and accept for rows 0 .. b - 1, all on the device, in place
@@ -232,7 +235,7 @@ class Speculator:
         verify = torch.cat([e.tokens[:b, None], drafts], dim=1)  # [b, G + 1]
         at = (positions[:, None] + torch.arange(G + 1, device=e.device)).clamp_(max=e.seq_len - 1)  # [b, G + 1]
         cache = e.cache.rows(0, b, attend)
-        logits = e.model.lm_head(e.model.hidden_states(verify, cache, positions=at)).float()
+        logits = e.model.lm_head(e._hidden(e.model, cache, verify, at)).float()  # [b, G + 1, V]
         rows = torch.arange(b, device=e.device).repeat_interleave(G + 1)
         p = sampling.processed_logits(logits.flatten(0, 1), t.take(rows), None, filters).softmax(-1)  # [b(G+1), V]
         tokens, n = accept(p.view(b, G + 1, -1), q, drafts, t, positions + 1)
@@ -252,7 +255,7 @@ class Speculator:
         tokens = torch.stack([self.previous[:b], e.tokens[:b]], dim=1)  # [b, 2]
         positions = torch.stack([torch.where(at == scratch, at, at - 1), at], dim=1)  # [b, 2]
         cache = self.cache.rows(0, b, attend)
-        logits = self.draft.lm_head(self.draft.hidden_states(tokens, cache, positions=positions)[:, 1]).float()
+        logits = self.draft.lm_head(e._draft_hidden(self.draft, cache, tokens, positions)[:, 1]).float()
         drafts, q = [], []
         for i in range(G):
             processed = sampling.processed_logits(logits, t, None, filters)  # [b, V]
@@ -261,7 +264,6 @@ class Speculator:
             q.append(processed.softmax(-1))
             if i + 1 < G:
                 at = (at + 1).clamp(max=scratch)
-                logits = self.draft.lm_head(
-                    self.draft.hidden_states(token[:, None], cache, positions=at[:, None])[:, 0]
-                ).float()
+                hidden = e._draft_hidden(self.draft, cache, token[:, None], at[:, None])[:, 0]  # [b, D]
+                logits = self.draft.lm_head(hidden).float()
         return torch.stack(drafts, dim=1), torch.stack(q, dim=1)  # [b, G], [b, G, V]
