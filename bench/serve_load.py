@@ -50,9 +50,9 @@ Targets (issue 15): at concurrency 64 the server delivers >= 90% of the engine's
     PYTHONPATH=src python3 bench/serve_load.py --smoke --peers --out /tmp/serve   # ... with transformers serve
 
 On the GPU machine (no package index) the serving stack is carried as wheels in `.whl/`: fastapi, starlette, uvicorn,
-pydantic, pydantic-core, annotated-types, typing-inspection, opentelemetry-api (fastapi's), openai, jiter, sniffio,
-httpx2, httpcore2, truststore (openai's), anyio and typing-extensions (newer than the image may hold); `transformers
-serve` needs nothing more there (rich and accelerate are on the image).
+pydantic, pydantic-core, annotated-types, annotated-doc, typing-inspection, opentelemetry-api (fastapi's), openai,
+jiter, sniffio, httpx2, httpcore2, truststore (openai's), anyio, h11, idna, click and typing-extensions (newer than
+the image may hold); `transformers serve` needs nothing more there (rich and accelerate are on the image).
 Outputs under `--out`: `serve_load.json` (date, device, commit, command, shape, every level's numbers),
 `serve_load.md` (the same header and tables) and one log per server (`<system>.log`).
 """
