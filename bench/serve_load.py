@@ -21,7 +21,8 @@ Systems, each in its own process (`sft_throughput.run_systems`), one after the o
   added as one finishes (`Engine.add` / `Engine.step`), the closed loop the clients make; same `max_batch`.
   The cost of HTTP is the gap between this row and the next.
 - ``llamita-serve``: ``llamita serve --checkpoint DIR --max-batch 256`` (a subprocess, stopped with SIGTERM at the
-  end; ``--stream-interval N`` passes on). Clients: the official ``openai`` AsyncOpenAI, streaming `/v1/completions`
+  end; ``--stream-interval N`` passes on, and ``--engine-process``, which puts its engine in a process of its
+  own). Clients: the official ``openai`` AsyncOpenAI, streaming `/v1/completions`
   with token-id prompts and ``stream_options.include_usage``, no retries, a connection pool as large as the
   concurrency; c workers each send one request at a time until the level's requests are done or `--level-seconds` have
   passed (the requests in flight then finish; any still running `--grace-seconds` later are cancelled, and count with
@@ -512,6 +513,8 @@ def _server_command(spec: dict, port: int) -> tuple[list[str], str | None, dict 
         cmd += ["--decode-attention", spec["decode_attention"]]
         if spec.get("overlap") is not None:
             cmd.append("--overlap" if spec["overlap"] else "--no-overlap")
+        if spec.get("engine_process"):
+            cmd.append("--engine-process")
         if spec["prefill_graphs"] is not None:
             cmd.append("--prefill-graphs" if spec["prefill_graphs"] else "--no-prefill-graphs")
         return cmd, None, None
@@ -674,6 +677,8 @@ def main() -> None:
     )
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                         help="llamita's EngineConfig.overlap (default: the engine's)")  # fmt: skip
+    parser.add_argument("--engine-process", action="store_true",
+                        help="llamita serve --engine-process: its engine in a process of its own")  # fmt: skip
     args = parser.parse_args()
     shape = dict(SMOKE if args.smoke else SHAPE)
     if args.concurrency:
@@ -695,7 +700,8 @@ def main() -> None:
                 "level_s": args.level_seconds, "grace_s": args.grace_seconds,
                 "start_timeout": args.start_timeout, "prefill_interval": args.prefill_interval,
                 "stream_interval": args.stream_interval, "prefill_graphs": args.prefill_graphs,
-                "decode_attention": args.decode_attention, "overlap": args.overlap}  # fmt: skip
+                "decode_attention": args.decode_attention, "overlap": args.overlap,
+                "engine_process": args.engine_process}  # fmt: skip
         specs = {name: base | {"system": name, "log": str(args.out / f"{name}.log")} for name in names}
         record = run_systems(names, specs, _runner, shape, args.out / "serve_load.json")
     finally:

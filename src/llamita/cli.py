@@ -264,14 +264,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     device = pick_device(args.device, option="--device")
-    llm = LLM(
-        args.checkpoint, device=device, dtype=args.dtype, draft=args.draft, compile=args.compile,
+    settings = dict(
+        device=device, dtype=args.dtype, draft=args.draft, compile=args.compile,
         max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefix_cache=args.prefix_cache,
         quantize=args.quantize, fuse=args.fuse,
         prefill_interval=args.prefill_interval, prefill_graphs=args.prefill_graphs,
         decode_attention=args.decode_attention, **engine,
     )  # fmt: skip
-    serve(llm, config)
+    if args.engine_process:
+        from llamita.inference.engine_process import EngineProcess
+
+        serve(EngineProcess({"model": args.checkpoint, **settings}, stream_interval=args.stream_interval), config)
+    else:
+        serve(LLM(args.checkpoint, **settings), config)
 
 
 def _generate_one(llm: Any, params: Any, prompt: str) -> None:
@@ -651,6 +656,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=True, help="on a GPU, compile the decode step"
     )
+    p.add_argument(
+        "--engine-process", action=argparse.BooleanOptionalAction, default=False,
+        help="run the engine in a process of its own, so that HTTP and the engine do not share a GIL (off until it "
+        "is measured on a GPU: bench/serve_load.py --engine-process)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

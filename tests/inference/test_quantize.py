@@ -213,12 +213,15 @@ class _Loaded(Exception):
         ["generate", "--checkpoint", "run", "--prompt", "x", "--quantize", "int8", "--fuse"],
         ["chat", "--checkpoint", "run", "--prompt", "x", "--quantize", "int8", "--fuse"],
         ["serve", "--checkpoint", "run", "--quantize", "int8", "--fuse", "--prefill-graphs"],
+        ["serve", "--checkpoint", "run", "--engine-process", "--quantize", "int8", "--fuse", "--prefill-graphs"],
     ],
 )
 def test_the_commands_pass_quantize_to_the_llm(monkeypatch, argv):
     """--quantize and --fuse reach `LLM` (and serve's --prefill-graphs its engine settings); without them, their
-    defaults (None: `LLM` and the engine decide by the device); --no-fuse and --no-prefill-graphs turn them off."""
+    defaults (None: `LLM` and the engine decide by the device); --no-fuse and --no-prefill-graphs turn them off.
+    serve --engine-process passes them to the `LLM` of its engine process."""
     import llamita.inference
+    import llamita.inference.engine_process
     from llamita.cli import main
 
     seen = {}
@@ -227,7 +230,14 @@ def test_the_commands_pass_quantize_to_the_llm(monkeypatch, argv):
         seen.update(kwargs)
         raise _Loaded
 
+    def engine_process(llm, stream_interval):
+        settings = dict(llm)
+        record(settings.pop("model"), **settings)
+
+    if argv[0] == "serve":  # imported first, so that it keeps the real EngineProcess after the test
+        import llamita.inference.server  # noqa: F401
     monkeypatch.setattr(llamita.inference, "LLM", record)
+    monkeypatch.setattr(llamita.inference.engine_process, "EngineProcess", engine_process)
     with pytest.raises(_Loaded):
         main(argv)
     assert seen["quantize"] == "int8" and seen["fuse"] is True

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from live_server import server_thread, start_server
+from live_server import server_thread, start_server, wait_for
 from text_fixtures import llama_tokenizer, write_chat_model
 
 openai = pytest.importorskip("openai")
@@ -67,13 +67,6 @@ def sample(server, name: str) -> float:
     return sum(
         s.value for family in text_string_to_metric_families(body.decode()) for s in family.samples if s.name == name
     )
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
 
 
 # ------------------------------------------------------------------------------------------ refusals

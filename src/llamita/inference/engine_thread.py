@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,8 +60,9 @@ class Job:
     prompt: list[int]
     params: SamplingParams
     text: TextStream
-    outbox: asyncio.Queue
-    """The request's queue, on the event loop: every job of a request shares it."""
+    outbox: Any
+    """The request's asyncio queue, on the event loop: every job of a request shares it (in the engine process,
+    the request's key, which the server's process maps to its queue)."""
     arrived: float = field(default_factory=time.perf_counter)
     seq: Sequence | None = None
     last_token: float | None = None
@@ -72,7 +74,13 @@ class Job:
 class EngineThread:
     """The engine loop: a thread that owns an engine and serves the jobs of one event loop."""
 
-    def __init__(self, engine: Engine, metrics: ServerMetrics | None = None, stream_interval: int = 1) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: ServerMetrics | None = None,
+        stream_interval: int = 1,
+        deliver: Callable[[list[tuple[Any, Delta]]], None] | None = None,
+    ) -> None:
         """
         Args:
             engine: The engine the loop owns.
@@ -80,10 +88,14 @@ class EngineThread:
             stream_interval: Hand a sequence's tokens on once it has this many since the last hand-off (its first
                 token and its last go at once): fewer, larger chunks, and less work on the event loop, for burstier
                 streams (SGLang's and vLLM's --stream-interval; `ServerConfig` checks it is >= 1).
+            deliver: Where a step's (outbox, delta) pairs go, called on the engine thread; None: each delta into
+                its job's outbox, an asyncio queue of the loop given to `start`. The engine process
+                (`engine_process`) sends them to the server's process instead, its jobs' outboxes being keys.
         """
         self.engine = engine
         self.metrics = metrics
         self.stream_interval = stream_interval
+        self._deliver = deliver
         self.failure: str | None = None
         """Why the loop died (an exception in a step); None while it is fine."""
         self._commands: queue.SimpleQueue[tuple[str, list[Job]]] = queue.SimpleQueue()
@@ -94,8 +106,8 @@ class EngineThread:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------------------ event loop side
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start the engine loop; its deltas go to queues of `loop`."""
+    def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Start the engine loop; its deltas go to queues of `loop` (None: to `deliver`)."""
         self._loop = loop
         self._thread.start()
 
@@ -209,22 +221,15 @@ class EngineThread:
         if seq.params.logprobs is not None:
             logprobs = seq.logprobs[job.logprobs_sent :]
             job.logprobs_sent = len(seq.logprobs)
-        if self.metrics is not None:
-            m = self.metrics
-            if job.last_token is None:
-                m.time_to_first_token.observe(now - job.arrived)
-            else:
-                for _ in new:
-                    m.inter_token_latency.observe((now - job.last_token) / len(new))
-            if seq.finished:
-                m.request_latency.observe(now - job.arrived)
-        job.last_token = now
+        observe(self.metrics, job, len(new), seq.finished, now)
         finish = seq.finish_reason if seq.finished else None
         return Delta(job.index, text, list(new), logprobs, offsets, finish)
 
-    def _send(self, deltas: list[tuple[asyncio.Queue, Delta]]) -> None:
-        """Hand deltas to their requests' queues, all in one call on the event loop."""
-        if deltas and self._loop is not None and not self._loop.is_closed():
+    def _send(self, deltas: list[tuple[Any, Delta]]) -> None:
+        """Hand deltas to their requests' queues, all in one call on the event loop (or to `deliver`)."""
+        if self._deliver is not None:  # every step and command batch: the engine process's counts go with them
+            self._deliver(deltas)
+        elif deltas and self._loop is not None and not self._loop.is_closed():
             try:
                 self._loop.call_soon_threadsafe(_put_all, deltas)
             except RuntimeError:  # the event loop closed in between: nobody waits for them
@@ -240,6 +245,21 @@ class EngineThread:
                 return
             if kind == "add":
                 self._send([(job.outbox, Delta(job.index, "", [], error=reason)) for job in jobs])
+
+
+def observe(metrics: ServerMetrics | None, job: Job, new: int, finished: bool, now: float) -> None:
+    """A job's `new` tokens, landed at `now`, in the metrics: its time to first token, or the inter-token latency of
+    each; its whole latency once it has finished. Sets `job.last_token`."""
+    if metrics is not None and new:
+        if job.last_token is None:
+            metrics.time_to_first_token.observe(now - job.arrived)
+        else:
+            for _ in range(new):
+                metrics.inter_token_latency.observe((now - job.last_token) / new)
+    if metrics is not None and finished:
+        metrics.request_latency.observe(now - job.arrived)
+    if new:
+        job.last_token = now
 
 
 def _merged(held: Delta | None, new: Delta) -> Delta:

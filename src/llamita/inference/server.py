@@ -9,7 +9,9 @@ thousands of open streams), and with pydantic for the request bodies. Endpoints:
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (the checkpoint's chat template), ``GET /health``,
 ``GET /metrics`` (Prometheus) and the chat page at ``/``.
 
-One engine serves every request, driven by one thread (`EngineThread`); handlers only parse, queue and format. A
+One engine serves every request, driven by one thread (`EngineThread`), in the server's process or, with
+`llamita serve --engine-process`, in a process of its own (`EngineProcess`: the HTTP side and the engine then do not
+share a GIL); handlers only parse, queue and format. A
 request becomes one engine sequence per prompt and per ``n``; its deltas come back through an asyncio queue and go
 out as they are (``stream``: server-sent events in OpenAI's chunk format, ending ``data: [DONE]``; everything
 queued for a request since its last chunk goes out as one chunk) or as one JSON answer at the end.
@@ -45,6 +47,7 @@ from starlette.exceptions import HTTPException
 
 from llamita.chat.templates import stop_ids
 from llamita.config import ConfigError
+from llamita.inference.engine_process import EngineProcess
 from llamita.inference.engine_thread import Delta, EngineThread, Job
 from llamita.inference.llm import LLM
 from llamita.inference.protocol import (
@@ -113,15 +116,25 @@ class RequestTimeout(Exception):
 
 
 class Server:
-    """The routes' state: the model, its engine thread, the metrics."""
+    """The routes' state: the model's tokenizer, its engine (a thread here or a process of its own), the metrics."""
 
-    def __init__(self, llm: LLM, config: ServerConfig) -> None:
-        if llm.tokenizer is None:
-            raise ConfigError("the server needs the model's tokenizer")
-        self.llm, self.config, self.tokenizer = llm, config, llm.tokenizer
-        self.context = llm.engine.seq_len
-        self.engine = EngineThread(llm.engine, stream_interval=config.stream_interval)
-        self.metrics = ServerMetrics(self.engine.waiting, self.engine.running, llm.engine.n_slots)
+    def __init__(self, model: LLM | EngineProcess, config: ServerConfig) -> None:
+        """
+        Args:
+            model: An `LLM`, whose engine a thread of this process runs (`EngineThread`), or an engine process
+                already started (`EngineProcess`).
+            config: The server's settings.
+        """
+        self.config = config
+        if isinstance(model, EngineProcess):
+            self.engine: EngineThread | EngineProcess = model
+            self.tokenizer, self.context, slots = model.tokenizer, model.seq_len, model.n_slots
+        else:
+            if model.tokenizer is None:
+                raise ConfigError("the server needs the model's tokenizer")
+            self.engine = EngineThread(model.engine, stream_interval=config.stream_interval)
+            self.tokenizer, self.context, slots = model.tokenizer, model.engine.seq_len, model.engine.n_slots
+        self.metrics = ServerMetrics(self.engine.waiting, self.engine.running, slots)
         self.engine.metrics = self.metrics
         self.token_texts = TokenTexts(self.tokenizer)
         self.template = self.tokenizer.chat_template
@@ -217,9 +230,9 @@ class Server:
 
 
 # ------------------------------------------------------------------------------------------- app
-def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
-    """The ASGI app of one model; its engine thread runs while the app's lifespan does."""
-    server = Server(llm, config)
+def build_app(model: LLM | EngineProcess, config: ServerConfig) -> FastAPI:
+    """The ASGI app of one model; its engine runs while the app's lifespan does (`Server`)."""
+    server = Server(model, config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -326,6 +339,9 @@ async def _answer(server: Server, request: Request, req: Any, picks: list[Choice
         gone.cancel()
         if left:  # the client left (or the server stops): nobody will read the answer
             work.cancel()
+            # A time limit that runs out as it is cancelled ends it with RequestTimeout instead: retrieved here,
+            # not logged as a task exception never retrieved.
+            work.add_done_callback(lambda task: task.cancelled() or task.exception())
             server.engine.abort(jobs)
     if left:
         return Response(status_code=499)  # nginx's "client closed request", for the log: nobody receives it
@@ -588,13 +604,13 @@ def _finish_reason(reason: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- serve
-def serve(llm: LLM, config: ServerConfig) -> None:
-    """Serve `llm` until SIGTERM or Ctrl-C, then shut down gracefully (see the module's docstring)."""
+def serve(model: LLM | EngineProcess, config: ServerConfig) -> None:
+    """Serve `model` until SIGTERM or Ctrl-C, then shut down gracefully (see the module's docstring)."""
     import uvicorn
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    app = build_app(llm, config)
+    app = build_app(model, config)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -613,6 +629,8 @@ def serve(llm: LLM, config: ServerConfig) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if isinstance(model, EngineProcess):  # stopped with the app's lifespan, unless the app never started
+            model.stop()
     if not server.started:
         raise ConfigError(f"the server could not start on {config.host}:{config.port} (see the log above)")
 

@@ -1,0 +1,140 @@
+"""`llamita serve --engine-process`, its engine in a process of its own (`EngineProcess`): the same answers as the
+engine in the server's process, a clear error when the engine cannot start, 503 (never a hang) when the engine
+process dies, and no engine process left behind when the server dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from live_server import start_server, wait_for
+from text_fixtures import llama_tokenizer, write_chat_model
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
+
+MODEL = "tiny-chat"
+PROMPTS = [f"the {w} model {i}" for i, w in enumerate(["river", "loss", "café", "data"] * 4)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    return write_chat_model(root / "model", llama_tokenizer(root / "tokenizer"))
+
+
+def _client(live) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key="-", max_retries=0, timeout=60)
+
+
+def _ask(client, prompt: str, stream: bool) -> str:
+    kw = {"model": MODEL, "prompt": prompt, "max_tokens": 10, "temperature": 0, "stop": ["e"]}
+    if not stream:
+        return client.completions.create(**kw).choices[0].text
+    return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
+
+
+def _engine_pids(server_pid: int) -> list[int]:
+    """The server process's children that multiprocessing spawned (the engine process; not its resource tracker),
+    through Linux's /proc."""
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children")
+    pids = [int(p) for p in children.read_text().split()] if children.exists() else []
+    return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "zombie" in status.read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the engine process through /proc")
+def test_the_engine_process_answers_as_the_engine_in_the_servers_process(checkpoint, tmp_path):
+    """16 concurrent clients, streaming and not, with a stop string: the same text from both servers; the engine
+    process is the server's child, and the gauges return to 0 once the requests are done."""
+    inside = start_server(checkpoint, tmp_path / "inside.log")
+    try:
+        assert _engine_pids(inside.process.pid) == []
+        client = _client(inside)
+        expected = [_ask(client, p, stream=i % 2 == 1) for i, p in enumerate(PROMPTS)]
+    finally:
+        assert inside.stop() == 0, inside.output()
+    apart = start_server(checkpoint, tmp_path / "apart.log", "--engine-process")
+    try:
+        assert len(_engine_pids(apart.process.pid)) == 1
+        client = _client(apart)
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda i: _ask(client, PROMPTS[i], stream=i % 2 == 1), range(len(PROMPTS))))
+        assert got == expected
+        assert len(set(got)) > 4
+
+        def idle() -> bool:
+            body = apart.request("GET", "/metrics")[1].decode()
+            return "llamita_requests_running 0.0" in body and "llamita_requests_waiting 0.0" in body
+
+        wait_for(idle, timeout=10)
+        body = apart.request("GET", "/metrics")[1].decode()
+        assert "llamita_generation_tokens_total" in body and "llamita_time_to_first_token_seconds_count 16.0" in body
+    finally:
+        assert apart.stop() == 0, apart.output()
+    assert "Traceback" not in apart.output(), apart.output()
+
+
+def test_an_engine_that_cannot_start_is_a_clear_error(tmp_path):
+    """The engine process's reason (here: no checkpoint at the path) is the command's error, and it exits."""
+    missing = tmp_path / "no-such-run"
+    done = subprocess.run(
+        [sys.executable, "-m", "llamita.cli", "serve", "--checkpoint", str(missing), "--device", "cpu",
+         "--port", "0", "--log-level", "warning", "--engine-process"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert str(missing) in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the engine process through /proc")
+def test_a_dead_engine_process_fails_requests_with_503_and_the_server_still_exits_0(checkpoint, tmp_path):
+    live = start_server(checkpoint, tmp_path / "server.log", "--engine-process")
+    try:
+        client = _client(live)
+        stream = client.completions.create(
+            model=MODEL, prompt=PROMPTS[0], max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+        )
+        chunks = iter(stream)
+        next(chunks)
+        (engine,) = _engine_pids(live.process.pid)
+        os.kill(engine, signal.SIGKILL)
+        with pytest.raises(Exception):  # noqa: B017 - an error event ends the stream: the client raises
+            for _ in chunks:
+                pass
+        wait_for(lambda: live.request("GET", "/health")[0] == 503, timeout=10)
+        status, body = live.request("GET", "/health")
+        assert b"engine process exited" in body
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=4)
+        assert refused.value.status_code == 503 and "engine process exited" in str(refused.value)
+        assert live.process.poll() is None  # the server itself stays up, and says why
+    finally:
+        assert live.stop() == 0, live.output()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the engine process through /proc")
+def test_the_engine_process_ends_when_the_server_is_killed(checkpoint, tmp_path):
+    live = start_server(checkpoint, tmp_path / "server.log", "--engine-process")
+    (engine,) = _engine_pids(live.process.pid)
+    live.process.kill()
+    live.process.wait(10)
+    deadline = time.monotonic() + 20
+    while not _gone(engine) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(engine)
