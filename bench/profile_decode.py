@@ -49,9 +49,9 @@ def main() -> None:
                              "all 128: what a serving batch reads, where flex reads each row's own")  # fmt: skip
     parser.add_argument("--single-row", action=argparse.BooleanOptionalAction, default=None,
                         help="EngineConfig.single_row: a graph of one row (default: the engine's)")  # fmt: skip
-    parser.add_argument("--decode-attention", choices=["sdpa", "flex"], default="sdpa",
-                        help="EngineConfig.decode_attention; with flex a row reads its own positions, whatever the "
-                             "read length (the 'all reads' column)")  # fmt: skip
+    parser.add_argument("--decode-attention", choices=["sdpa", "flex", "triton"], default="sdpa",
+                        help="EngineConfig.decode_attention; with flex or triton a row reads its own positions, "
+                             "whatever the read length (the 'all reads' column)")  # fmt: skip
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                         help="EngineConfig.overlap, for the whole steps (default: the engine's)")  # fmt: skip
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))

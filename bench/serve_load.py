@@ -673,7 +673,10 @@ def main() -> None:
         help="llamita's EngineConfig.prefill_graphs (default: the engine's, on with CUDA graphs)",
     )
     parser.add_argument(
-        "--decode-attention", choices=["sdpa", "flex"], default="sdpa", help="llamita's EngineConfig.decode_attention"
+        "--decode-attention",
+        choices=["sdpa", "flex", "triton"],
+        default="sdpa",
+        help="llamita's EngineConfig.decode_attention",
     )
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                         help="llamita's EngineConfig.overlap (default: the engine's)")  # fmt: skip

@@ -533,8 +533,32 @@ def test_flex_decode_attention_decodes_as_the_reference(model, backend, dynamo_c
         arrivals[[0, 2, 5][i % 3]].append((p, SamplingParams(temperature=0.0, max_tokens=n)))
     arrivals[6] = [(list(range(30)), SamplingParams(temperature=0.0, max_tokens=17))]
     engine = Engine(model, EngineConfig(max_batch=4, decode_attention="flex", compile_backend=backend))
-    assert engine.cache.kv.ragged and engine.cache.rows(0, 2).ragged
+    assert engine.cache.kv.decode == "flex" and engine.cache.rows(0, 2).decode == "flex"
     if backend:  # (eager FlexAttention on a CPU runs dynamo graphs of its own)
+        assert dynamo_counters["stats"]["unique_graphs"] == 3
+    seqs, most = run(engine, arrivals)
+    assert most == 4
+    for seq in seqs:
+        assert seq.output == greedy_by_recomputation(model, seq.prompt, seq.max_new), seq.prompt
+    if backend:
+        assert dynamo_counters["stats"]["unique_graphs"] == 5
+
+
+@pytest.mark.parametrize("backend", [None, "eager"])
+def test_triton_decode_attention_decodes_as_the_reference(model, backend, dynamo_counters):
+    """`decode_attention="triton"`: each decode row attends through `llamita::decode_attention` to its own positions
+    (on a CPU the op's reference; on CUDA the kernel, tested in tests/model/test_decode_attention.py). Greedy
+    outputs are the reference's, eagerly and through dynamo's compiled path, with requests joining and leaving
+    and one reading past the first bucket; compiled, the op is a node of the block's graph: SDPA's 3 graphs at
+    start-up and 5 after, no graph breaks."""
+    ps, lengths = prompts(9), [3, 12, 7, 1, 9, 12, 5, 10, 2]
+    arrivals: dict[int, list] = {0: [], 2: [], 5: []}
+    for i, (p, n) in enumerate(zip(ps, lengths)):
+        arrivals[[0, 2, 5][i % 3]].append((p, SamplingParams(temperature=0.0, max_tokens=n)))
+    arrivals[6] = [(list(range(30)), SamplingParams(temperature=0.0, max_tokens=17))]
+    engine = Engine(model, EngineConfig(max_batch=4, decode_attention="triton", compile_backend=backend))
+    assert engine.cache.kv.decode == "triton" and engine.cache.rows(0, 2).layer(0).decode == "triton"
+    if backend:
         assert dynamo_counters["stats"]["unique_graphs"] == 3
     seqs, most = run(engine, arrivals)
     assert most == 4
@@ -547,7 +571,7 @@ def test_flex_decode_attention_decodes_as_the_reference(model, backend, dynamo_c
 def test_flex_decode_attention_is_refused_where_it_cannot_compile():
     """Inductor's C++ FlexAttention template does not compile with dynamic shapes (torch 2.13): on a CPU, flex
     with Inductor is refused at once, naming what to use; an unknown value names the choices."""
-    with pytest.raises(ConfigError, match="decode_attention is sdpa or flex"):
+    with pytest.raises(ConfigError, match="decode_attention is sdpa, flex or triton"):
         EngineConfig(decode_attention="paged")
     with pytest.raises(ConfigError, match="compile_backend='eager'"):
         Engine(tiny_model().float(), EngineConfig(max_batch=2, decode_attention="flex", compile_backend="inductor"))
@@ -572,6 +596,25 @@ def test_flex_decode_graphs_decode_as_the_sdpa_engine(model):
     flex, _ = run(engine, arrivals)
     assert engine.graphs is not None and engine.graphs.uncaptured == 0
     assert [s.output for s in flex] == [s.output for s in eager]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_decode_graphs_decode_as_the_sdpa_engine(model):
+    """On CUDA, the compiled block with llamita's decode kernel, replayed from CUDA graphs, gives the eager SDPA
+    engine's outputs (float32; heads of 16 dimensions: fewer, or not a power of 2, are a config error)."""
+    import copy
+    import dataclasses
+
+    with pytest.raises(ConfigError, match="power of 2 of at least 16"):
+        Engine(copy.deepcopy(model).to("cuda", torch.float32), EngineConfig(max_batch=2, decode_attention="triton"))
+    cuda = tiny_model(dataclasses.replace(TINY, dim=96)).to("cuda", torch.float32)  # 6 heads of 16
+    ps = prompts(6, seed=5)
+    arrivals = {0: [(p, GREEDY) for p in ps[:4]], 3: [(p, GREEDY) for p in ps[4:]]}
+    eager, _ = run(Engine(cuda, EngineConfig(max_batch=5, cuda_graphs=False)), arrivals)
+    engine = Engine(cuda, EngineConfig(max_batch=5, decode_attention="triton"))
+    kernel, _ = run(engine, arrivals)
+    assert engine.graphs is not None and engine.graphs.uncaptured == 0
+    assert [s.output for s in kernel] == [s.output for s in eager]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -279,7 +279,7 @@ def test_misuse_raises_clear_errors():
 
 
 def test_a_decode_block_mask_reads_each_rows_own_blocks_and_attends_as_the_dense_mask():
-    """`KVCache.ragged`: a decode step's rows see positions 0 .. their own through FlexAttention's block mask
+    """`KVCache.decode = "flex"`: a decode step's rows see positions 0 .. their own through FlexAttention's block mask
     (`decode_block_mask`), the dense mask's outputs (float64); a row past the read length (an idle row at its
     scratch position) sees all of it. The mask lists, for each row, the blocks it sees whole and the one it sees
     in part, and no other: what FlexAttention's kernel reads (on a CPU, eager FlexAttention scores every
@@ -297,7 +297,7 @@ def test_a_decode_block_mask_reads_each_rows_own_blocks_and_attends_as_the_dense
     for buf in cache.k + cache.v:
         buf.normal_()
     ragged = copy.copy(cache)
-    ragged.ragged = True
+    ragged.decode = "flex"
     with torch.no_grad():
         dense = model.hidden_states(tokens, cache.view(slice(0, 5), attend=attend), positions=positions)
         got = model.hidden_states(tokens, ragged.view(slice(0, 5), attend=attend), positions=positions)

@@ -87,13 +87,14 @@ class SlotCache:
         *,
         device: torch.device,
         dtype: torch.dtype,
-        ragged: bool = False,
+        decode: str = "sdpa",
     ) -> None:
-        """`ragged`: decode steps read each row's own positions (`KVCache.ragged`), not the whole read length."""
+        """`decode`: how decode steps attend (`KVCache.decode`): "flex" and "triton" read each row's own
+        positions, "sdpa" the whole read length."""
         self.n_slots = n_slots
         self.seq_len = seq_len
         self.kv = KVCache(config, n_slots, seq_len, device=device, dtype=dtype)
-        self.kv.ragged = ragged
+        self.kv.decode = decode
 
     def rows(self, start: int, stop: int, attend: int | None = None) -> KVCache:
         """Slots start .. stop - 1 as the model's cache, a view; attention reads their first `attend` positions

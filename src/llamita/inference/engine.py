@@ -95,7 +95,10 @@ class EngineConfig:
     sequences hold, not the longest one's bucket for every row (at 256 rows of 2048-token slots a step read all
     of them in 7.8 ms against 3.1 ms for 256 positions). Experimental on CUDA, with a warning: at the TinyLlama-1.1B
     shape its compiled kernel crashed with an illegal memory access on an H200 (torch 2.11), with G queries of a
-    key/value head and with one query and grouped heads alike (`bench/results/2026-12-02-engine-r6.md`)."""
+    key/value head and with one query and grouped heads alike (`bench/results/2026-12-02-engine-r6.md`). "triton":
+    each row reads only its own positions, through llamita's split-KV decode kernel
+    (`llamita.model.decode_attention`; on a CPU its reference runs); not yet timed on a GPU against SDPA's
+    (`bench/profile_decode.py --decode-attention triton`), so not the default."""
     overlap: bool | None = None
     """Launch each step before the host reads the last one's tokens: the host's work on step k (appending tokens,
     stops, releasing slots, streaming) then runs while the device computes k + 1, instead of the device waiting for
@@ -142,8 +145,8 @@ class EngineConfig:
                 "read); turn one off",
             ),
             (
-                self.decode_attention in ("sdpa", "flex"),
-                f"decode_attention is sdpa or flex, not {self.decode_attention!r}",
+                self.decode_attention in ("sdpa", "flex", "triton"),
+                f"decode_attention is sdpa, flex or triton, not {self.decode_attention!r}",
             ),
             (self.gamma >= 1, f"gamma must be >= 1, got {self.gamma}"),
             (self.ngram >= 1, f"ngram must be >= 1, got {self.ngram}"),
@@ -332,7 +335,7 @@ class Engine:
         )  # fmt: skip
         self.n_slots = n_slots
         self.cache = SlotCache(model.config, n_slots, self.seq_len, device=self.device, dtype=self.dtype,
-                               ragged=config.decode_attention == "flex")  # fmt: skip
+                               decode=config.decode_attention)  # fmt: skip
         self.scheduler = Scheduler(
             n_slots, self.seq_len, prefill_tokens, config.prefix_block if config.prefix_cache else None,
             prefill_interval=config.prefill_interval,
@@ -367,19 +370,26 @@ class Engine:
         # CUDA graph they cost nothing more, and a prefill forward pays their launches only.
         compiled = config.compile and (self.device.type == "cuda" or config.compile_backend is not None)
         backend = config.compile_backend or "inductor"
-        if self.cache.kv.ragged and compiled and backend == "inductor" and self.device.type == "cpu":
+        flex = self.cache.kv.decode == "flex"
+        if flex and compiled and backend == "inductor" and self.device.type == "cpu":
             raise ConfigError(
                 "EngineConfig: decode_attention='flex' does not compile with Inductor on a CPU (its C++ "
                 "FlexAttention template fails with dynamic shapes, torch 2.13): use compile_backend='eager', or "
                 "decode_attention='sdpa'"
             )
-        if self.cache.kv.ragged and compiled and backend == "inductor" and model.config.head_dim < 16:
+        if flex and compiled and backend == "inductor" and model.config.head_dim < 16:
             raise ConfigError(
                 f"EngineConfig: decode_attention='flex' compiles with Inductor only for heads of at least 16 "
                 f"dimensions (its Triton kernel), and this model's have {model.config.head_dim}: use "
                 "decode_attention='sdpa'"
             )
-        if self.cache.kv.ragged and compiled and backend == "inductor":
+        hd = model.config.head_dim
+        if self.cache.kv.decode == "triton" and self.device.type == "cuda" and (hd < 16 or hd & (hd - 1)):
+            raise ConfigError(
+                f"EngineConfig: decode_attention='triton' takes heads of a power of 2 of at least 16 dimensions, and "
+                f"this model's have {hd}: use decode_attention='sdpa'"
+            )
+        if flex and compiled and backend == "inductor":
             warnings.warn(
                 "EngineConfig: decode_attention='flex' is experimental on CUDA: at the TinyLlama-1.1B shape its "
                 "compiled decoding kernel crashed with an illegal memory access on an H200 (torch 2.11; "

@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from llamita.model.config import ModelConfig
+from llamita.model.decode_attention import decode_attention
 from llamita.model.loss import chunked_cross_entropy, token_logprobs
 
 
@@ -193,9 +194,10 @@ class KVCache:
         self.max_len = max_len
         self.attend = max_len
         self.index: Tensor | None = None
-        self.ragged = False
-        """Decode steps (one token a row) read each row's own positions only, through FlexAttention's block
-        sparsity (`decode_block_mask`), instead of all `attend` positions of every row through SDPA with a mask."""
+        self.decode = "sdpa"
+        """How decode steps (one token a row) attend: "sdpa", all `attend` positions of every row through SDPA with
+        a mask; "flex", each row's own positions only, through FlexAttention's block sparsity (`decode_block_mask`);
+        "triton", each row's own positions only, through `decode_attention.decode_attention`."""
         shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
@@ -228,7 +230,7 @@ class KVCache:
 
     def layer(self, i: int) -> LayerKV:
         """Layer i's buffers and rows: what its attention writes and reads (`LayerKV.update`)."""
-        return LayerKV(self.k[i], self.v[i], self.index)
+        return LayerKV(self.k[i], self.v[i], self.index, self.decode)
 
 
 @dataclass
@@ -243,6 +245,8 @@ class LayerKV:
     """[B or all rows, KV, max_len, hd] values."""
     index: Tensor | None
     """[B] rows of the buffers that the batch's sequences are; None: all of them, in order."""
+    decode: str = "sdpa"
+    """`KVCache.decode`: how a forward of one token a row attends."""
 
     def update(self, k: Tensor, v: Tensor, write_at: Tensor, attend: int) -> tuple[Tensor, Tensor]:
         """Write the layer's new keys and values at their positions; return what attention reads.
@@ -323,7 +327,13 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if kv is not None:
             k_cache, v_cache = kv.update(k, v, write_at, mask.shape[-1])  # [B, KV, S, hd] each
-            if isinstance(mask, BlockMask):  # one token a row, each row reading its own length (`decode_block_mask`)
+            if kv.decode == "triton" and T == 1:  # one token a row, each row reading its own positions
+                # Row b sees positions 0 .. its own (the dense mask's rule): an idle row at its scratch position,
+                # past the read, sees all of it.
+                lengths = (write_at[:, 0] + 1).clamp(max=k_cache.shape[2])  # [B]
+                grouped = q.reshape(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
+                y = decode_attention(grouped, k_cache, v_cache, lengths, self.head_dim**-0.5)  # [B, KV, G, hd]
+            elif isinstance(mask, BlockMask):  # one token a row, each row reading its own length (`decode_block_mask`)
                 # One query a row, the heads grouped by the kernel (`enable_gqa`), not G queries of a key/value
                 # head as below: with a query length of G the compiled kernel crashed on an H200 (an illegal memory
                 # access, TinyLlama-1.1B shape, torch 2.11), as pytorch#174923 reports for short queries.
@@ -556,7 +566,7 @@ class Llama(nn.Module):
             if positions is None:
                 positions = torch.arange(start_pos, end, device=tokens.device).expand(B, T)  # [B, T]
             write_at = positions
-            if cache.ragged and T == 1:
+            if cache.decode == "flex" and T == 1:
                 mask = decode_block_mask(positions, cache.attend)
             else:
                 keys = torch.arange(cache.attend, device=tokens.device)  # [S]: the positions attention reads
