@@ -17,9 +17,10 @@ def partial_kernel(
     """Program (b, h, s): row b's queries of key/value head h over positions [s * split_len, (s + 1) * split_len)
     of the row's own lengths[b]; an online softmax over blocks of BLOCK_N positions. DIRECT (one split): the
     normalised result into the output (Acc, strides so*); else the split's unnormalised sum, running max and
-    denominator into Acc [B, KV, S, G_PAD, D], M and L [B, KV, S, G_PAD]."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+    denominator into Acc [B, KV, S, G_PAD, D], M and L [B, KV, S, G_PAD]. Offsets in int64: a cache of many
+    long slots passes 2**31 elements (vLLM's FlexAttention crash, vllm#50427)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2)
     length = tl.load(Lengths + b)
     start = s * split_len
@@ -71,8 +72,8 @@ def combine_kernel(
 ):  # fmt: skip
     """Program (b, h): the splits' partial softmaxes of row b and head h combined, normalised, into Out. A split
     past the row's length has a max of -inf and weighs nothing."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     first = (b * tl.num_programs(1) + h) * splits
