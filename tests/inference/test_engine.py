@@ -3,6 +3,8 @@ prefill, the prefix cache, back-pressure, seeds, stops and logprobs."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from inference_models import TINY, greedy_by_recomputation, tiny_model
@@ -520,45 +522,24 @@ def test_engines_of_other_models_in_one_process_each_compile_their_own_steps():
         assert seq.output == greedy_by_recomputation(model, [1, 2, 3], 3)
 
 
+@pytest.mark.parametrize("kind", ["flex", "triton"])
 @pytest.mark.parametrize("backend", [None, "eager"])
-def test_flex_decode_attention_decodes_as_the_reference(model, backend, dynamo_counters):
-    """`decode_attention="flex"`: each decode row reads its own positions (FlexAttention's block mask) instead of
-    its batch's bucket; greedy outputs are the reference's, eagerly and through dynamo's compiled path, with
-    requests joining and leaving and one reading past the first bucket. Compiled, the block mask (a new one, with
-    a new mask function, every step) compiles nothing more than SDPA's dense mask does: the same 3 graphs at
-    start-up and 5 after (`test_the_compiled_block_decodes_as_the_eager_engine_from_few_compilations`)."""
+def test_decoding_rows_that_read_their_own_positions_decodes_as_the_reference(model, backend, kind, dynamo_counters):
+    """`decode_attention="flex"` (FlexAttention's block mask) and `"triton"` (`llamita::decode_attention`: on a CPU
+    the op's reference, on CUDA the kernel of tests/model/test_decode_attention.py): each decode row reads its own
+    positions instead of its batch's bucket. Greedy outputs are the reference's, eagerly and through dynamo's
+    compiled path, with requests joining and leaving and one reading past the first bucket. Compiled, neither
+    compiles more than SDPA's dense mask: the same 3 graphs at start-up and 5 after
+    (`test_the_compiled_block_decodes_as_the_eager_engine_from_few_compilations`): flex's block mask (a new one,
+    with a new mask function, every step) and the custom op (a node of the block's graph) alike."""
     ps, lengths = prompts(9), [3, 12, 7, 1, 9, 12, 5, 10, 2]
     arrivals: dict[int, list] = {0: [], 2: [], 5: []}
     for i, (p, n) in enumerate(zip(ps, lengths)):
         arrivals[[0, 2, 5][i % 3]].append((p, SamplingParams(temperature=0.0, max_tokens=n)))
     arrivals[6] = [(list(range(30)), SamplingParams(temperature=0.0, max_tokens=17))]
-    engine = Engine(model, EngineConfig(max_batch=4, decode_attention="flex", compile_backend=backend))
-    assert engine.cache.kv.decode == "flex" and engine.cache.rows(0, 2).decode == "flex"
+    engine = Engine(model, EngineConfig(max_batch=4, decode_attention=kind, compile_backend=backend))
+    assert engine.cache.kv.decode == kind and engine.cache.rows(0, 2).layer(0).decode == kind
     if backend:  # (eager FlexAttention on a CPU runs dynamo graphs of its own)
-        assert dynamo_counters["stats"]["unique_graphs"] == 3
-    seqs, most = run(engine, arrivals)
-    assert most == 4
-    for seq in seqs:
-        assert seq.output == greedy_by_recomputation(model, seq.prompt, seq.max_new), seq.prompt
-    if backend:
-        assert dynamo_counters["stats"]["unique_graphs"] == 5
-
-
-@pytest.mark.parametrize("backend", [None, "eager"])
-def test_triton_decode_attention_decodes_as_the_reference(model, backend, dynamo_counters):
-    """`decode_attention="triton"`: each decode row attends through `llamita::decode_attention` to its own positions
-    (on a CPU the op's reference; on CUDA the kernel, tested in tests/model/test_decode_attention.py). Greedy
-    outputs are the reference's, eagerly and through dynamo's compiled path, with requests joining and leaving
-    and one reading past the first bucket; compiled, the op is a node of the block's graph: SDPA's 3 graphs at
-    start-up and 5 after, no graph breaks."""
-    ps, lengths = prompts(9), [3, 12, 7, 1, 9, 12, 5, 10, 2]
-    arrivals: dict[int, list] = {0: [], 2: [], 5: []}
-    for i, (p, n) in enumerate(zip(ps, lengths)):
-        arrivals[[0, 2, 5][i % 3]].append((p, SamplingParams(temperature=0.0, max_tokens=n)))
-    arrivals[6] = [(list(range(30)), SamplingParams(temperature=0.0, max_tokens=17))]
-    engine = Engine(model, EngineConfig(max_batch=4, decode_attention="triton", compile_backend=backend))
-    assert engine.cache.kv.decode == "triton" and engine.cache.rows(0, 2).layer(0).decode == "triton"
-    if backend:
         assert dynamo_counters["stats"]["unique_graphs"] == 3
     seqs, most = run(engine, arrivals)
     assert most == 4
@@ -578,43 +559,27 @@ def test_flex_decode_attention_is_refused_where_it_cannot_compile():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_flex_decode_graphs_decode_as_the_sdpa_engine(model):
-    """On CUDA, the compiled block with FlexAttention decoding (Inductor's Triton kernel), replayed from CUDA
-    graphs, gives the eager SDPA engine's outputs (float32: FlexAttention's kernels take no float64; heads of 16
-    dimensions, the least its Triton kernel takes: fewer are a config error)."""
+@pytest.mark.parametrize("kind", ["flex", "triton"])
+def test_own_position_decode_graphs_decode_as_the_sdpa_engine(model, kind):
+    """On CUDA, the compiled block with FlexAttention decoding (Inductor's Triton kernel) or llamita's decode kernel,
+    replayed from CUDA graphs, gives the eager SDPA engine's outputs (float32: FlexAttention's kernels take no
+    float64; heads of 16 dimensions, the least either kernel takes: fewer are a config error). Flex warns that it
+    is experimental: it crashed at the 1.1B shape (engine-r6)."""
     import copy
     import dataclasses
 
-    with pytest.raises(ConfigError, match="at least 16 dimensions"):
-        Engine(copy.deepcopy(model).to("cuda", torch.float32), EngineConfig(max_batch=2, decode_attention="flex"))
+    refusal = {"flex": "at least 16 dimensions", "triton": "power of 2 of at least 16"}[kind]
+    with pytest.raises(ConfigError, match=refusal):
+        Engine(copy.deepcopy(model).to("cuda", torch.float32), EngineConfig(max_batch=2, decode_attention=kind))
     cuda = tiny_model(dataclasses.replace(TINY, dim=96)).to("cuda", torch.float32)  # 6 heads of 16
     ps = prompts(6, seed=5)
     arrivals = {0: [(p, GREEDY) for p in ps[:4]], 3: [(p, GREEDY) for p in ps[4:]]}
     eager, _ = run(Engine(cuda, EngineConfig(max_batch=5, cuda_graphs=False)), arrivals)
-    with pytest.warns(UserWarning, match="experimental on CUDA"):  # it crashed at the 1.1B shape (engine-r6)
-        engine = Engine(cuda, EngineConfig(max_batch=5, decode_attention="flex"))
-    flex, _ = run(engine, arrivals)
+    with pytest.warns(UserWarning, match="experimental on CUDA") if kind == "flex" else contextlib.nullcontext():
+        engine = Engine(cuda, EngineConfig(max_batch=5, decode_attention=kind))
+    own, _ = run(engine, arrivals)
     assert engine.graphs is not None and engine.graphs.uncaptured == 0
-    assert [s.output for s in flex] == [s.output for s in eager]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_triton_decode_graphs_decode_as_the_sdpa_engine(model):
-    """On CUDA, the compiled block with llamita's decode kernel, replayed from CUDA graphs, gives the eager SDPA
-    engine's outputs (float32; heads of 16 dimensions: fewer, or not a power of 2, are a config error)."""
-    import copy
-    import dataclasses
-
-    with pytest.raises(ConfigError, match="power of 2 of at least 16"):
-        Engine(copy.deepcopy(model).to("cuda", torch.float32), EngineConfig(max_batch=2, decode_attention="triton"))
-    cuda = tiny_model(dataclasses.replace(TINY, dim=96)).to("cuda", torch.float32)  # 6 heads of 16
-    ps = prompts(6, seed=5)
-    arrivals = {0: [(p, GREEDY) for p in ps[:4]], 3: [(p, GREEDY) for p in ps[4:]]}
-    eager, _ = run(Engine(cuda, EngineConfig(max_batch=5, cuda_graphs=False)), arrivals)
-    engine = Engine(cuda, EngineConfig(max_batch=5, decode_attention="triton"))
-    kernel, _ = run(engine, arrivals)
-    assert engine.graphs is not None and engine.graphs.uncaptured == 0
-    assert [s.output for s in kernel] == [s.output for s in eager]
+    assert [s.output for s in own] == [s.output for s in eager]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

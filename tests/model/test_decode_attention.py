@@ -3,16 +3,11 @@ the op runs its reference (SDPA with the row's mask); on CUDA its split-KV Trito
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-
 import pytest
 import torch
-from test_llama import TINY
+from test_llama import decode_step_against_the_dense_mask
 
-from llamita.model import Llama
 from llamita.model.decode_attention import BLOCK_N, decode_attention, reference, splits_for
-from llamita.model.llama import KVCache
 
 
 def _inputs(B, KV, G, D, S, slot, dtype, device, seed=0):
@@ -45,22 +40,7 @@ def test_the_op_checks_as_a_custom_op_and_its_reference_masks_each_rows_position
 def test_a_decode_step_through_the_op_attends_as_the_dense_mask():
     """`KVCache.decode = "triton"`: the model's decode step (one token a row) through the op gives the dense mask's
     hidden states (float64), an idle row past the read length (its scratch position) seeing all of it."""
-    config = dataclasses.replace(TINY, max_seq_len=4 * BLOCK_N)
-    torch.manual_seed(0)
-    model = Llama(config).double()
-    model.init_weights()
-    attend = 3 * BLOCK_N + 40
-    positions = torch.tensor([[0], [BLOCK_N - 1], [BLOCK_N], [2 * BLOCK_N + 5], [4 * BLOCK_N - 1]])
-    tokens = torch.randint(0, config.vocab_size, (5, 1))
-    cache = KVCache(config, 5, dtype=torch.float64)
-    for buf in cache.k + cache.v:
-        buf.normal_()
-    kernel = copy.copy(cache)
-    kernel.decode = "triton"
-    with torch.no_grad():
-        dense = model.hidden_states(tokens, cache.view(slice(0, 5), attend=attend), positions=positions)
-        got = model.hidden_states(tokens, kernel.view(slice(0, 5), attend=attend), positions=positions)
-    torch.testing.assert_close(got, dense, atol=1e-12, rtol=0)
+    decode_step_against_the_dense_mask("triton", BLOCK_N)
 
 
 def test_a_row_is_split_where_the_batch_leaves_sms_idle():

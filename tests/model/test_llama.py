@@ -278,6 +278,29 @@ def test_misuse_raises_clear_errors():
         KVCache(TINY, batch_size=1, max_len=TINY.max_seq_len + 1)
 
 
+def decode_step_against_the_dense_mask(decode: str, block: int) -> tuple[torch.Tensor, int]:
+    """A decode step of five rows (one token each) through a cache whose `decode` reads each row's own positions,
+    against the dense mask's (float64), at positions around blocks of `block` keys, the last row an idle one past
+    the read length (its scratch position, seeing all of it). Returns the positions and the read length."""
+    config = dataclasses.replace(TINY, max_seq_len=4 * block)
+    torch.manual_seed(0)
+    model = Llama(config).double()
+    model.init_weights()
+    attend = 3 * block + 40  # the last block in part
+    positions = torch.tensor([[0], [block - 1], [block], [2 * block + 5], [4 * block - 1]])
+    tokens = torch.randint(0, config.vocab_size, (5, 1))
+    cache = KVCache(config, 5, dtype=torch.float64)
+    for buf in cache.k + cache.v:
+        buf.normal_()
+    own = copy.copy(cache)
+    own.decode = decode
+    with torch.no_grad():
+        dense = model.hidden_states(tokens, cache.view(slice(0, 5), attend=attend), positions=positions)
+        got = model.hidden_states(tokens, own.view(slice(0, 5), attend=attend), positions=positions)
+    torch.testing.assert_close(got, dense, atol=1e-12, rtol=0)
+    return positions, attend
+
+
 def test_a_decode_block_mask_reads_each_rows_own_blocks_and_attends_as_the_dense_mask():
     """`KVCache.decode = "flex"`: a decode step's rows see positions 0 .. their own through FlexAttention's block mask
     (`decode_block_mask`), the dense mask's outputs (float64); a row past the read length (an idle row at its
@@ -286,22 +309,7 @@ def test_a_decode_block_mask_reads_each_rows_own_blocks_and_attends_as_the_dense
     position and masks them, as the dense mask does)."""
     from llamita.model.llama import DECODE_BLOCK, decode_block_mask
 
-    config = dataclasses.replace(TINY, max_seq_len=4 * DECODE_BLOCK)
-    torch.manual_seed(0)
-    model = Llama(config).double()
-    model.init_weights()
-    attend = 3 * DECODE_BLOCK + 40  # the last block in part
-    positions = torch.tensor([[0], [DECODE_BLOCK - 1], [DECODE_BLOCK], [2 * DECODE_BLOCK + 5], [4 * DECODE_BLOCK - 1]])
-    tokens = torch.randint(0, config.vocab_size, (5, 1))
-    cache = KVCache(config, 5, dtype=torch.float64)
-    for buf in cache.k + cache.v:
-        buf.normal_()
-    ragged = copy.copy(cache)
-    ragged.decode = "flex"
-    with torch.no_grad():
-        dense = model.hidden_states(tokens, cache.view(slice(0, 5), attend=attend), positions=positions)
-        got = model.hidden_states(tokens, ragged.view(slice(0, 5), attend=attend), positions=positions)
-    torch.testing.assert_close(got, dense, atol=1e-12, rtol=0)
+    positions, attend = decode_step_against_the_dense_mask("flex", DECODE_BLOCK)
     mask = decode_block_mask(positions, attend)
     assert mask.shape == (5, 1, 1, attend)
     # Keys seen: 1, 128 (one whole block), 129, 262, and all 424 of the read (the last block's 40 in part).
