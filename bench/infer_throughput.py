@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -308,14 +309,24 @@ def _held_out_code(data: Path, n: int, length: int, bos: int) -> list[list[int]]
 
 
 def run_speculative(args: argparse.Namespace, shape: dict, out: Path) -> dict:
-    import torch
-
-    from llamita.inference import LLM, SamplingParams
     from llamita.tokenizer import Tokenizer
 
     data = Path(args.data) if args.data else _smoke_data(out / "data")
     tokenizer = Tokenizer.load(data / "tokenizer")
-    runs = out / "runs"
+    # The trained runs (4.4 GB of target checkpoint) go outside --out, whose files a GPU call brings back.
+    runs = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="infer-speculative-"))
+    try:
+        return _speculative(args, shape, data, tokenizer, runs)
+    finally:
+        if not args.runs:
+            shutil.rmtree(runs, ignore_errors=True)
+
+
+def _speculative(args: argparse.Namespace, shape: dict, data: Path, tokenizer: Any, runs: Path) -> dict:
+    import torch
+
+    from llamita.inference import LLM, SamplingParams
+
     t0 = time.perf_counter()
     _pretrain(runs / "target", shape, data, shape["target_steps"], None)
     t1 = time.perf_counter()
@@ -442,6 +453,7 @@ def main() -> None:
     parser.add_argument("--gpt-fast", default="", help="a checkout of github.com/pytorch-labs/gpt-fast")
     parser.add_argument("--data", default="", help="prepared corpus (bench/train_throughput.py --prepare-data)")
     parser.add_argument("--gamma", type=int, default=4, help="tokens drafted per speculative step")
+    parser.add_argument("--runs", default="", help="keep the speculative group's trained runs here (default: deleted)")
     parser.add_argument("--bandwidth", type=float, default=4.3e12, help="memory bandwidth in bytes/s (H200: 4.3e12)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"), help="results folder")
     parser.add_argument("--timeout", type=float, default=400.0, help="seconds for one system")
