@@ -11,7 +11,7 @@ their answers), where SDPA reads every row to the read length and the kernel eac
 captured in a CUDA graph and replayed (as the engine's step is), timed with CUDA events; GB/s counts the keys and
 values each kernel must read (the kernel: each row's own positions; SDPA: the whole read length).
 
-    python bench/decode_attention.py --out $OUT
+    python bench/decode_attention.py [--sweep] --out $OUT
 """
 
 from __future__ import annotations
@@ -31,11 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llamita.model.decode_attention import decode_attention, reference  # noqa: E402
+from llamita.model.decode_attention import BLOCK_N, _triton, decode_attention, reference  # noqa: E402
 
 KV, G, D = 4, 8, 64
 SCALE = D**-0.5
 CASES = [(1, 384, "full"), (64, 384, "full"), (256, 384, "full"), (64, 2048, "mixed"), (256, 2048, "mixed")]
+SWEEP = [(n, w, 2) for n in (32, 64, 128) for w in (2, 4, 8) if (n, w) != (BLOCK_N, 4)] + [
+    (BLOCK_N, 4, 1),
+    (BLOCK_N, 4, 3),
+]
+"""`--sweep`: the kernel's other tunings (positions per block, warps, stages), 10 of them; the default is
+(BLOCK_N, 4, 2)."""
 
 
 def _lengths(batch: int, read: int, kind: str) -> torch.Tensor:
@@ -73,6 +79,8 @@ def _graphed_us(fn, iters: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--sweep", action="store_true",
+                        help="also the kernel at 10 other tunings: positions per block, warps, stages")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("out/decode_attention"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -95,6 +103,13 @@ def main() -> None:
             "sdpa (efficient)": lambda: sdpa([SDPBackend.EFFICIENT_ATTENTION]),
             "llamita triton": lambda q=q, k=k, v=v, lengths=lengths: decode_attention(q, k, v, lengths, SCALE),
         }
+        if args.sweep:
+            for block_n, warps, stages in SWEEP:
+                variants[f"llamita triton n{block_n} w{warps} s{stages}"] = (
+                    lambda q=q, k=k, v=v, lengths=lengths, t=(block_n, warps, stages): _triton(
+                        q, k, v, lengths, SCALE, *t
+                    )
+                )
         expected = reference(q.float(), k.float(), v.float(), lengths, SCALE)
         own_bytes = int(lengths.sum()) * KV * D * 2 * 2  # keys and values, bf16
         all_bytes = batch * read * KV * D * 2 * 2

@@ -60,17 +60,28 @@ def reference(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) ->
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None], scale=scale).contiguous()
 
 
-def splits_for(batch: int, kv_heads: int, positions: int, sms: int) -> int:
-    """Programs per row and key/value head: enough for two per SM across the batch, at most one per BLOCK_N
+def splits_for(batch: int, kv_heads: int, positions: int, sms: int, block_n: int = BLOCK_N) -> int:
+    """Programs per row and key/value head: enough for two per SM across the batch, at most one per `block_n`
     positions."""
-    return max(1, min(_cdiv(2 * sms, batch * kv_heads), _cdiv(positions, BLOCK_N)))
+    return max(1, min(_cdiv(2 * sms, batch * kv_heads), _cdiv(positions, block_n)))
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _triton(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> Tensor:
+def _triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lengths: Tensor,
+    scale: float,
+    block_n: int = BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> Tensor:
+    """The op on CUDA; `block_n`, `num_warps` and `num_stages` are the kernel's tuning (`bench/decode_attention.py
+    --sweep` times the alternatives)."""
     import triton
 
     from llamita.model._decode_kernels import combine_kernel, partial_kernel
@@ -81,17 +92,17 @@ def _triton(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> T
         raise ValueError(f"decode_attention: heads of a power of 2 of at least 16 dimensions, contiguous, not {D}")
     g_pad = max(16, triton.next_power_of_2(G))
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    splits = splits_for(B, KV, S, sms)
-    split_len = _cdiv(_cdiv(S, splits), BLOCK_N) * BLOCK_N  # positions per split, whole blocks
+    splits = splits_for(B, KV, S, sms, block_n)
+    split_len = _cdiv(_cdiv(S, splits), block_n) * block_n  # positions per split, whole blocks
     splits = _cdiv(S, split_len)
     out = torch.empty(B, KV, G, D, device=q.device, dtype=q.dtype)
     lengths = lengths.to(torch.int32)
     ieee = q.dtype == torch.float32  # no TF32 for float32 caches (the tests')
-    common = dict(G=G, G_PAD=g_pad, D=D, BLOCK_N=BLOCK_N, IEEE=ieee)
+    common = dict(G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, IEEE=ieee, num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         partial_kernel[(B, KV, 1)](
             q, k, v, lengths, out, out, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            split_len, scale, DIRECT=True, num_warps=4, num_stages=2, **common,
+            split_len, scale, DIRECT=True, **common,
         )  # fmt: skip
         return out
     acc = torch.empty(B, KV, splits, g_pad, D, device=q.device, dtype=torch.float32)
@@ -99,7 +110,7 @@ def _triton(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> T
     l = torch.empty_like(m)  # noqa: E741
     partial_kernel[(B, KV, splits)](
         q, k, v, lengths, acc, m, l, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 0, 0, 0,
-        split_len, scale, DIRECT=False, num_warps=4, num_stages=2, **common,
+        split_len, scale, DIRECT=False, **common,
     )  # fmt: skip
-    combine_kernel[(B, KV)](acc, m, l, out, *out.stride()[:3], splits, G=G, G_PAD=g_pad, D=D, num_warps=4)
+    combine_kernel[(B, KV)](acc, m, l, out, *out.stride()[:3], splits, G=G, G_PAD=g_pad, D=D, num_warps=num_warps)
     return out
