@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from llamita.inference.graphs import capture  # noqa: E402
 from llamita.model.decode_attention import BLOCK_N, _triton, decode_attention, reference  # noqa: E402
 
 KV, G, D = 4, 8, 64
@@ -54,16 +55,8 @@ def _lengths(batch: int, read: int, kind: str) -> torch.Tensor:
 
 
 def _graphed_us(fn, iters: int) -> float:
-    """Microseconds of one replay of fn's CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """Microseconds of one replay of fn's CUDA graph, captured as the engine captures its steps."""
+    graph, _ = capture(fn, torch.cuda.graph_pool_handle(), torch.cuda.Stream())
     for _ in range(5):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
