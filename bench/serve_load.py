@@ -653,6 +653,8 @@ def tables(record: dict) -> str:
 
 
 def main() -> None:
+    from llamita.inference.engine import DECODE_ATTENTION
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="the debug preset on a CPU, concurrency 1 and 4")
@@ -673,10 +675,7 @@ def main() -> None:
         help="llamita's EngineConfig.prefill_graphs (default: the engine's, on with CUDA graphs)",
     )
     parser.add_argument(
-        "--decode-attention",
-        choices=["sdpa", "flex", "triton"],
-        default="sdpa",
-        help="llamita's EngineConfig.decode_attention",
+        "--decode-attention", choices=DECODE_ATTENTION, default="sdpa", help="llamita's EngineConfig.decode_attention"
     )
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                         help="llamita's EngineConfig.overlap (default: the engine's)")  # fmt: skip

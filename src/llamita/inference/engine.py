@@ -38,6 +38,9 @@ from llamita.inference.scheduler import Chunk, Scheduler, Sequence
 from llamita.inference.speculative import Speculator
 from llamita.model.llama import Block, KVCache, LayerKV, Llama
 
+DECODE_ATTENTION = ("sdpa", "flex", "triton")
+"""The values of `EngineConfig.decode_attention`."""
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -145,7 +148,7 @@ class EngineConfig:
                 "read); turn one off",
             ),
             (
-                self.decode_attention in ("sdpa", "flex", "triton"),
+                self.decode_attention in DECODE_ATTENTION,
                 f"decode_attention is sdpa, flex or triton, not {self.decode_attention!r}",
             ),
             (self.gamma >= 1, f"gamma must be >= 1, got {self.gamma}"),

@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from llamita.config import ConfigError
-from llamita.inference.engine_thread import Delta, EngineThread, Job, _put_all, observe
+from llamita.inference.engine_thread import Delta, EngineThread, Job, hand_to_loop, observe
 from llamita.inference.sampling import SamplingParams
 from llamita.inference.server_metrics import ServerMetrics
 from llamita.tokenizer import Tokenizer
@@ -101,11 +101,10 @@ class EngineProcess:
         self._reader = threading.Thread(target=self._read, name="llamita-engine-reader", daemon=True)
 
     def _first_message(self) -> dict[str, Any]:
-        while not self._events.poll(0.5):
-            if not self._process.is_alive():
-                raise ConfigError(f"the engine process exited with code {self._process.exitcode} before its engine "
-                                  "was ready (see the log above)")  # fmt: skip
         try:
+            while not self._events.poll(0.5):
+                if not self._process.is_alive():
+                    raise EOFError
             kind, *payload = self._events.recv()
         except EOFError:
             self._process.join(10)
@@ -195,7 +194,7 @@ class EngineProcess:
             requests, self._requests = list(self._requests.values()), {}
             self._key_of.clear()
         reason = self.failure or "the server is shutting down"
-        self._deliver([(r.outbox, Delta(i, "", [], error=reason)) for r in requests for i in r.jobs])
+        hand_to_loop(self._loop, [(r.outbox, Delta(i, "", [], error=reason)) for r in requests for i in r.jobs])
 
     def _hand_on(self, deltas: list[tuple[int, Delta]]) -> None:
         now = time.perf_counter()
@@ -218,15 +217,7 @@ class EngineProcess:
                 self._command("abort", done)
         if self.metrics is not None:
             self.metrics.generation_tokens.inc(tokens)
-        self._deliver(out)
-
-    def _deliver(self, deltas: list[tuple[asyncio.Queue, Delta]]) -> None:
-        loop = self._loop
-        if deltas and loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(_put_all, deltas)
-            except RuntimeError:  # the event loop closed in between
-                pass
+        hand_to_loop(self._loop, out)
 
 
 # ------------------------------------------------------------------------------------ the child

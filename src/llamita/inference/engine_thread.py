@@ -229,11 +229,8 @@ class EngineThread:
         """Hand deltas to their requests' queues, all in one call on the event loop (or to `deliver`)."""
         if self._deliver is not None:  # every step and command batch: the engine process's counts go with them
             self._deliver(deltas)
-        elif deltas and self._loop is not None and not self._loop.is_closed():
-            try:
-                self._loop.call_soon_threadsafe(_put_all, deltas)
-            except RuntimeError:  # the event loop closed in between: nobody waits for them
-                pass
+        else:
+            hand_to_loop(self._loop, deltas)
 
     def _drain_after_stop(self) -> None:
         """Commands that come after the loop ended: their requests fail at once instead of waiting."""
@@ -273,6 +270,15 @@ def _merged(held: Delta | None, new: Delta) -> Delta:
         held.offsets = (held.offsets or []) + (new.offsets or [])
     held.finish_reason = new.finish_reason
     return held
+
+
+def hand_to_loop(loop: asyncio.AbstractEventLoop | None, deltas: list[tuple[asyncio.Queue, Delta]]) -> None:
+    """Put deltas into their requests' queues, all in one call on `loop` (from another thread)."""
+    if deltas and loop is not None and not loop.is_closed():
+        try:
+            loop.call_soon_threadsafe(_put_all, deltas)
+        except RuntimeError:  # the event loop closed in between: nobody waits for them
+            pass
 
 
 def _put_all(deltas: list[tuple[asyncio.Queue, Delta]]) -> None:
