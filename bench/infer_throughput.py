@@ -13,8 +13,9 @@ llamita runs as `LLM` runs a loaded checkpoint: on a GPU with q/k/v and gate/up 
 (`LLM(fuse=True)`); `--systems llamita-unfused` adds it without (`fuse=False`), the A/B of that fusion, and
 `llamita-in-order` with the engine's former defaults, steps in order (`overlap=False`) and batch 1 in the graph
 of two rows (`single_row=False`), the A/B of both; `llamita-flex` decodes with `decode_attention="flex"` (each row
-reads its own positions through FlexAttention) and `llamita-triton` with `decode_attention="triton"` (the same
-through llamita's split-KV kernel), the A/Bs of the decode attention.
+reads its own positions through FlexAttention) and `llamita-sdpa` with `decode_attention="sdpa"` (every row the
+batch's longest, through SDPA; the engine's default on a GPU is llamita's split-KV kernel), the A/Bs of the decode
+attention.
 `--systems llamita-int8-tuned` adds llamita-int8 built under Inductor's coordinate-descent tuning, with which
 Inductor turns a matrix-vector product (batch 1) into a reduction that reads the int8 weights directly instead of
 casting them to bf16 in a kernel of their own (`torch/_inductor/decomposition.py`, `mm`); it compiles longer.
@@ -52,7 +53,7 @@ SMOKE = {"preset": "debug", "prompt": 12, "new": 8, "batches": [1, 4], "device":
          "spec_prompts": 2, "spec_new": 8, "draft": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
          "intermediate_size": 64}}  # fmt: skip
 SYSTEMS = ["llamita", "llamita-int8", "hf-eager", "hf-static-compile", "gpt-fast"]
-EXTRA_SYSTEMS = ["llamita-int8-tuned", "llamita-unfused", "llamita-in-order", "llamita-flex", "llamita-triton"]
+EXTRA_SYSTEMS = ["llamita-int8-tuned", "llamita-unfused", "llamita-in-order", "llamita-flex", "llamita-sdpa"]
 """Run only when `--systems` names them."""
 REPEAT = "\n\n# The same code again, unchanged:\n"
 
@@ -217,7 +218,7 @@ def run_worker(spec: dict, result_path: str = "") -> dict:
         tuned, fuse = system.endswith("-tuned"), system != "llamita-unfused" and shape["device"] == "cuda"
         settings = {"llamita-in-order": {"overlap": False, "single_row": False},
                     "llamita-flex": {"decode_attention": "flex"},
-                    "llamita-triton": {"decode_attention": "triton"}}.get(system, {})  # fmt: skip
+                    "llamita-sdpa": {"decode_attention": "sdpa"}}.get(system, {})  # fmt: skip
         result = _llamita(shape, model, prompts.cpu(), progress, quantize, tuned=tuned, fuse=fuse, settings=settings)
     elif system in ("hf-eager", "hf-static-compile"):
         result = _hf(shape, model, prompts, system == "hf-static-compile", progress)

@@ -51,7 +51,7 @@ def main() -> None:
                              "all 128: what a serving batch reads, where flex reads each row's own")  # fmt: skip
     parser.add_argument("--single-row", action=argparse.BooleanOptionalAction, default=None,
                         help="EngineConfig.single_row: a graph of one row (default: the engine's)")  # fmt: skip
-    parser.add_argument("--decode-attention", choices=DECODE_ATTENTION, default="sdpa",
+    parser.add_argument("--decode-attention", choices=DECODE_ATTENTION, default=None,
                         help="EngineConfig.decode_attention; with flex or triton a row reads its own positions, "
                              "whatever the read length (the 'all reads' column)")  # fmt: skip
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,

@@ -510,7 +510,8 @@ def _server_command(spec: dict, port: int) -> tuple[list[str], str | None, dict 
                "--device", shape["device"], "--dtype", shape["dtype"], "--log-level", "warning",
                "--prefill-interval", str(spec["prefill_interval"]),
                "--stream-interval", str(spec["stream_interval"])]  # fmt: skip
-        cmd += ["--decode-attention", spec["decode_attention"]]
+        if spec.get("decode_attention"):
+            cmd += ["--decode-attention", spec["decode_attention"]]
         if spec.get("overlap") is not None:
             cmd.append("--overlap" if spec["overlap"] else "--no-overlap")
         if spec.get("engine_process"):
@@ -675,7 +676,10 @@ def main() -> None:
         help="llamita's EngineConfig.prefill_graphs (default: the engine's, on with CUDA graphs)",
     )
     parser.add_argument(
-        "--decode-attention", choices=DECODE_ATTENTION, default="sdpa", help="llamita's EngineConfig.decode_attention"
+        "--decode-attention",
+        choices=DECODE_ATTENTION,
+        default=None,
+        help="llamita's EngineConfig.decode_attention (default: the engine's)",
     )
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                         help="llamita's EngineConfig.overlap (default: the engine's)")  # fmt: skip

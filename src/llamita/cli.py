@@ -636,10 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay small prefill forwards from CUDA graphs, by padded bucket (default: on a GPU with CUDA graphs)",
     )  # fmt: skip
     p.add_argument(
-        "--decode-attention", choices=["sdpa", "flex", "triton"], default="sdpa",
-        help="flex: each decoding sequence reads only its own positions (FlexAttention), not its batch's longest; "
-        "experimental on CUDA (it crashed at the TinyLlama-1.1B shape on torch 2.11); triton: the same through "
-        "llamita's split-KV kernel (not yet timed on a GPU)",
+        "--decode-attention", choices=["sdpa", "flex", "triton"], default=None,
+        help="triton: each decoding sequence reads only its own positions, through llamita's split-KV kernel; "
+        "sdpa: its batch's longest, through SDPA; flex: its own, through FlexAttention, experimental on CUDA (it "
+        "crashed at the TinyLlama-1.1B shape on torch 2.11) (default: triton on a GPU, sdpa on a CPU)",
     )  # fmt: skip
     p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default: 256 GPU, 16 CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="positions per sequence (default: the model's)")

@@ -11,7 +11,7 @@ from inference_models import TINY, greedy_by_recomputation, tiny_model
 
 from llamita.config import ConfigError
 from llamita.inference import LLM, Engine, EngineConfig, SamplingParams
-from llamita.inference.cache import SlotCache
+from llamita.inference.cache import SlotCache, decode_attention_for
 from llamita.inference.engine import block_step, model_logits
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
@@ -549,10 +549,23 @@ def test_decoding_rows_that_read_their_own_positions_decodes_as_the_reference(mo
         assert dynamo_counters["stats"]["unique_graphs"] == 5
 
 
+def test_unset_decode_attention_is_the_kernel_on_cuda_where_it_takes_the_heads(model):
+    """`decode_attention=None` (the default): llamita's kernel on CUDA for heads of a power of 2 of at least 16
+    dimensions (it beat cuDNN's on an H200, engine-r7), SDPA for other heads and on a CPU; a setting is kept."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [decode_attention_for(None, cuda, hd) for hd in (8, 16, 48, 64, 128)] == [
+        "sdpa", "triton", "sdpa", "triton", "triton"
+    ]  # fmt: skip
+    assert decode_attention_for(None, cpu, 64) == "sdpa"
+    assert decode_attention_for("flex", cuda, 64) == "flex" and decode_attention_for("triton", cpu, 8) == "triton"
+    engine = Engine(model, EngineConfig(max_batch=2))
+    assert engine.cache.kv.decode == "sdpa"
+
+
 def test_flex_decode_attention_is_refused_where_it_cannot_compile():
     """Inductor's C++ FlexAttention template does not compile with dynamic shapes (torch 2.13): on a CPU, flex
     with Inductor is refused at once, naming what to use; an unknown value names the choices."""
-    with pytest.raises(ConfigError, match="decode_attention is sdpa, flex or triton"):
+    with pytest.raises(ConfigError, match="decode_attention is sdpa, flex, triton or unset"):
         EngineConfig(decode_attention="paged")
     with pytest.raises(ConfigError, match="compile_backend='eager'"):
         Engine(tiny_model().float(), EngineConfig(max_batch=2, decode_attention="flex", compile_backend="inductor"))
@@ -574,7 +587,7 @@ def test_own_position_decode_graphs_decode_as_the_sdpa_engine(model, kind):
     cuda = tiny_model(dataclasses.replace(TINY, dim=96)).to("cuda", torch.float32)  # 6 heads of 16
     ps = prompts(6, seed=5)
     arrivals = {0: [(p, GREEDY) for p in ps[:4]], 3: [(p, GREEDY) for p in ps[4:]]}
-    eager, _ = run(Engine(cuda, EngineConfig(max_batch=5, cuda_graphs=False)), arrivals)
+    eager, _ = run(Engine(cuda, EngineConfig(max_batch=5, cuda_graphs=False, decode_attention="sdpa")), arrivals)
     with pytest.warns(UserWarning, match="experimental on CUDA") if kind == "flex" else contextlib.nullcontext():
         engine = Engine(cuda, EngineConfig(max_batch=5, decode_attention=kind))
     own, _ = run(engine, arrivals)

@@ -44,8 +44,9 @@ def test_a_decode_step_through_the_op_attends_as_the_dense_mask():
 
 
 def test_a_row_is_split_where_the_batch_leaves_sms_idle():
-    assert splits_for(1, 4, 384, 132) == 6  # batch 1: a split per block of positions, at most
-    assert splits_for(1, 4, 2048, 132) == 32
+    assert splits_for(1, 4, 384, 132) == 3  # batch 1: a split per block of 128 positions, at most
+    assert splits_for(1, 4, 2048, 132) == 16
+    assert splits_for(1, 4, 2048, 132, block_n=64) == 32
     assert splits_for(64, 4, 384, 132) == 2
     assert splits_for(256, 4, 2048, 132) == 1  # 1,024 programs already
 

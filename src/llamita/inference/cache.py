@@ -76,6 +76,15 @@ def _free_memory(device: torch.device) -> int | None:
         return None
 
 
+def decode_attention_for(setting: str | None, device: torch.device, head_dim: int) -> str:
+    """`EngineConfig.decode_attention` resolved: the setting, or where unset the split-KV kernel on CUDA for
+    the heads it takes (a power of 2 of at least 16 dimensions) and SDPA elsewhere."""
+    if setting is not None:
+        return setting
+    kernel_takes = head_dim >= 16 and not head_dim & (head_dim - 1)
+    return "triton" if device.type == "cuda" and kernel_takes else "sdpa"
+
+
 class SlotCache:
     """`n_slots` sequences of `seq_len` positions of keys and values for one model (a `KVCache` underneath)."""
 
@@ -87,14 +96,14 @@ class SlotCache:
         *,
         device: torch.device,
         dtype: torch.dtype,
-        decode: str = "sdpa",
+        decode: str | None = None,
     ) -> None:
         """`decode`: how decode steps attend (`KVCache.decode`): "flex" and "triton" read each row's own
-        positions, "sdpa" the whole read length."""
+        positions, "sdpa" the whole read length; None: `decode_attention_for`'s choice."""
         self.n_slots = n_slots
         self.seq_len = seq_len
         self.kv = KVCache(config, n_slots, seq_len, device=device, dtype=dtype)
-        self.kv.decode = decode
+        self.kv.decode = decode_attention_for(decode, device, config.head_dim)
 
     def rows(self, start: int, stop: int, attend: int | None = None) -> KVCache:
         """Slots start .. stop - 1 as the model's cache, a view; attention reads their first `attend` positions

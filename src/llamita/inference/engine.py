@@ -91,17 +91,17 @@ class EngineConfig:
     It costs one more compilation, with autotuning, at start-up. None: on wherever the decode step is compiled and
     captured; measured on an H200, TinyLlama-1.1B shape, a step of one row took 1.62 ms against 2.31 ms for the
     graph of two (`bench/results/2026-12-02-engine-r5.md`)."""
-    decode_attention: str = "sdpa"
-    """How a decode step attends. "sdpa": every row reads the first `attend` positions of its slot (the bucket of
-    the batch's longest sequence) through SDPA with a mask. "flex": each row reads only its own positions, through
-    FlexAttention's block sparsity (`llama.decode_block_mask`): a batch of mixed lengths then reads what its
-    sequences hold, not the longest one's bucket for every row (at 256 rows of 2048-token slots a step read all
-    of them in 7.8 ms against 3.1 ms for 256 positions). Experimental on CUDA, with a warning: at the TinyLlama-1.1B
-    shape its compiled kernel crashed with an illegal memory access on an H200 (torch 2.11), with G queries of a
-    key/value head and with one query and grouped heads alike (`bench/results/2026-12-02-engine-r6.md`). "triton":
-    each row reads only its own positions, through llamita's split-KV decode kernel
-    (`llamita.model.decode_attention`; on a CPU its reference runs); not yet timed on a GPU against SDPA's
-    (`bench/profile_decode.py --decode-attention triton`), so not the default."""
+    decode_attention: str | None = None
+    """How a decode step attends. "triton": each row reads only its own positions, through llamita's split-KV
+    decode kernel (`llamita.model.decode_attention`; on a CPU its reference, SDPA with the mask, runs). "sdpa": every
+    row reads the first `attend` positions of its slot (the bucket of the batch's longest sequence) through SDPA
+    with a mask. "flex": each row reads its own positions through FlexAttention's block sparsity
+    (`llama.decode_block_mask`); experimental on CUDA, with a warning: at the TinyLlama-1.1B shape its compiled
+    kernel crashed with an illegal memory access on an H200 (torch 2.11, `bench/results/2026-12-02-engine-r6.md`).
+    None: "triton" on CUDA for heads of a power of 2 of at least 16 dimensions, else "sdpa". Measured on an H200 at
+    the TinyLlama-1.1B shape (`bench/results/2026-12-03-engine-r7.md`), a layer's decode attention took 31 µs
+    against cuDNN's 69 µs at 256 rows of 384 positions, 40 µs against 267 µs with serving's mixed lengths in
+    2048-position slots; end to end, batch 256 decoded 83,950 tokens/s against 66,624 with SDPA."""
     overlap: bool | None = None
     """Launch each step before the host reads the last one's tokens: the host's work on step k (appending tokens,
     stops, releasing slots, streaming) then runs while the device computes k + 1, instead of the device waiting for
@@ -148,8 +148,8 @@ class EngineConfig:
                 "read); turn one off",
             ),
             (
-                self.decode_attention in DECODE_ATTENTION,
-                f"decode_attention is sdpa, flex or triton, not {self.decode_attention!r}",
+                self.decode_attention in (None, *DECODE_ATTENTION),
+                f"decode_attention is sdpa, flex, triton or unset, not {self.decode_attention!r}",
             ),
             (self.gamma >= 1, f"gamma must be >= 1, got {self.gamma}"),
             (self.ngram >= 1, f"ngram must be >= 1, got {self.ngram}"),

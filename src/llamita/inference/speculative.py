@@ -105,7 +105,14 @@ class Speculator:
         self.cache = (
             None
             if draft is None
-            else SlotCache(draft.config, engine.n_slots, engine.seq_len, device=engine.device, dtype=engine.dtype)
+            else SlotCache(
+                draft.config,
+                engine.n_slots,
+                engine.seq_len,
+                device=engine.device,
+                dtype=engine.dtype,
+                decode=engine.config.decode_attention,
+            )  # fmt: skip
         )
         self.draft_cached: dict[int, int] = {}  # sequence id -> positions of it the draft's cache holds
         # The device step's host-filled inputs: lookup drafts, and the token before each row's current one.

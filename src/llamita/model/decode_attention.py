@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BLOCK_N = 64
+BLOCK_N = 128
 """Key positions per iteration of a program."""
 
 
