@@ -17,6 +17,7 @@ from torch import Tensor
 
 from llamita.config import ConfigError
 from llamita.model.config import ModelConfig
+from llamita.model.decode_attention import kernel_takes
 from llamita.model.llama import KVCache
 
 
@@ -81,8 +82,7 @@ def decode_attention_for(setting: str | None, device: torch.device, head_dim: in
     the heads it takes (a power of 2 of at least 16 dimensions) and SDPA elsewhere."""
     if setting is not None:
         return setting
-    kernel_takes = head_dim >= 16 and not head_dim & (head_dim - 1)
-    return "triton" if device.type == "cuda" and kernel_takes else "sdpa"
+    return "triton" if device.type == "cuda" and kernel_takes(head_dim) else "sdpa"
 
 
 class SlotCache:

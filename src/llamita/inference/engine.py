@@ -36,6 +36,7 @@ from llamita.inference.graphs import CapturedSteps, LazyGraphs, capture_sizes
 from llamita.inference.sampling import SamplingParams, SamplingTensors
 from llamita.inference.scheduler import Chunk, Scheduler, Sequence
 from llamita.inference.speculative import Speculator
+from llamita.model.decode_attention import kernel_takes
 from llamita.model.llama import Block, KVCache, LayerKV, Llama
 
 DECODE_ATTENTION = ("sdpa", "flex", "triton")
@@ -387,7 +388,7 @@ class Engine:
                 "decode_attention='sdpa'"
             )
         hd = model.config.head_dim
-        if self.cache.kv.decode == "triton" and self.device.type == "cuda" and (hd < 16 or hd & (hd - 1)):
+        if self.cache.kv.decode == "triton" and self.device.type == "cuda" and not kernel_takes(hd):
             raise ConfigError(
                 f"EngineConfig: decode_attention='triton' takes heads of a power of 2 of at least 16 dimensions, and "
                 f"this model's have {hd}: use decode_attention='sdpa'"
@@ -397,7 +398,7 @@ class Engine:
                 "EngineConfig: decode_attention='flex' is experimental on CUDA: at the TinyLlama-1.1B shape its "
                 "compiled decoding kernel crashed with an illegal memory access on an H200 (torch 2.11; "
                 "bench/results/2026-12-02-engine-r6.md, pytorch#174923), while small models decode correctly; "
-                "decode_attention='sdpa' is the tested default",
+                "the default on CUDA is llamita's kernel, decode_attention='triton'",
                 stacklevel=2,
             )
         t0 = time.perf_counter()

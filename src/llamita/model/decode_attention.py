@@ -31,6 +31,11 @@ BLOCK_N = 128
 """Key positions per iteration of a program."""
 
 
+def kernel_takes(head_dim: int) -> bool:
+    """Whether the kernel takes heads of `head_dim` dimensions: a power of 2 of at least 16 (Triton's dot)."""
+    return head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
 @torch.library.custom_op("llamita::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> Tensor:
     """Attention of one query per row and head to the first lengths[b] cached positions of row b.
@@ -90,7 +95,7 @@ def _triton(
 
     B, KV, G, D = q.shape
     S = k.shape[2]
-    if D < 16 or D & (D - 1) or k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1:
+    if not kernel_takes(D) or k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError(f"decode_attention: heads of a power of 2 of at least 16 dimensions, contiguous, not {D}")
     g_pad = max(16, triton.next_power_of_2(G))
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
