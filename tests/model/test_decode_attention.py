@@ -65,3 +65,38 @@ def test_the_kernel_equals_the_reference(B, KV, G, D, S, slot, dtype):
     expected = reference(q.double(), k.double(), v.double(), lengths, D**-0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
+
+
+def _packed(device, dtype, D=64, slots=3, S=96, seed=1):
+    """Rows of a packed prefill: queries that read slots through an index, rows repeating (a prompt's tokens, each
+    reading its slot up to its own position), and padding rows reading one position."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.tensor([2, 2, 2, 0, 1, 1, 2, 0, 0])
+    lengths = torch.tensor([5, 6, 7, 1, 40, 41, S, 1, 1])
+    q = torch.randn(len(rows), 4, 8, D, generator=g)
+    k, v = torch.randn(2, slots, 4, S, D, generator=g)
+    to = dict(device=device, dtype=dtype)
+    return q.to(**to), k.to(**to), v.to(**to), lengths.to(device), rows.to(device)
+
+
+def test_the_op_reads_cache_rows_through_an_index():
+    """`rows`: query b reads cache row rows[b] (rows repeat), to its own length, as float64 attention one query at
+    a time; the op's schema, fake tensor and dispatch with the index (opcheck)."""
+    q, k, v, lengths, rows = _packed("cpu", torch.float64, D=16)
+    torch.library.opcheck(decode_attention, (q, k, v, lengths, 0.25, rows))
+    got = decode_attention(q, k, v, lengths, 0.25, rows)
+    for b in range(len(rows)):
+        n, r = int(lengths[b]), int(rows[b])
+        p = (q[b] @ k[r, :, :n].transpose(-1, -2) * 0.25).softmax(-1)  # [KV, G, n]
+        torch.testing.assert_close(got[b], p @ v[r, :, :n], atol=1e-12, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_reads_cache_rows_through_an_index(dtype):
+    """The kernel with `rows` (split: 9 rows leave SMs idle) against the reference."""
+    q, k, v, lengths, rows = _packed("cuda", dtype)
+    got = decode_attention(q, k, v, lengths, 0.125, rows)
+    expected = reference(q.double(), k.double(), v.double(), lengths, 0.125, rows)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)

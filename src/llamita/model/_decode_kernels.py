@@ -8,14 +8,15 @@ import triton.language as tl
 
 @triton.jit
 def partial_kernel(
-    Q, K, V, Lengths, Acc, M, L,
+    Q, K, V, Lengths, Rows, Acc, M, L,
     sqb, sqh, sqg, skb, skh, skn, svb, svh, svn, sob, soh, sog,
     split_len, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):  # fmt: skip
     """Program (b, h, s): row b's queries of key/value head h over positions [s * split_len, (s + 1) * split_len)
-    of the row's own lengths[b]; an online softmax over blocks of BLOCK_N positions. DIRECT (one split): the
+    of the row's own lengths[b], in cache row b or with HAS_ROWS in cache row Rows[b]; an online softmax over
+    blocks of BLOCK_N positions. DIRECT (one split): the
     normalised result into the output (Acc, strides so*); else the split's unnormalised sum, running max and
     denominator into Acc [B, KV, S, G_PAD, D], M and L [B, KV, S, G_PAD]. Offsets in int64: a cache of many
     long slots passes 2**31 elements (vLLM's FlexAttention crash, vllm#50427)."""
@@ -32,8 +33,12 @@ def partial_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    k_row = K + b * skb + h * skh
-    v_row = V + b * svb + h * svh
+    if HAS_ROWS:
+        kb = tl.load(Rows + b).to(tl.int64)
+    else:
+        kb = b
+    k_row = K + kb * skb + h * skh
+    v_row = V + kb * svb + h * svh
     for n0 in tl.range(start, end, BLOCK_N):
         n = n0 + offs_n
         inside = n < end

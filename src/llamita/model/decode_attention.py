@@ -37,31 +37,38 @@ def kernel_takes(head_dim: int) -> bool:
 
 
 @torch.library.custom_op("llamita::decode_attention", mutates_args=())
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> Tensor:
-    """Attention of one query per row and head to the first lengths[b] cached positions of row b.
+def decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float, rows: Tensor | None = None
+) -> Tensor:
+    """Attention of one query per row and head to the first lengths[b] cached positions of its cache row.
 
     Args:
         q: [B, KV, G, hd] the queries, the G heads that share key/value head h at [:, h].
-        k: [B, KV, S, hd] the cached keys (any strides; the last dimension contiguous).
-        v: [B, KV, S, hd] the cached values.
+        k: [B, KV, S, hd] the cached keys (any strides; the last dimension contiguous), or with `rows` [N, KV, S,
+            hd], the rows of every slot.
+        v: likewise, the cached values.
         lengths: [B] positions each row sees, 1 .. S.
         scale: Multiplies the scores (1 / sqrt(hd)).
+        rows: [B] the cache row each query reads (rows may repeat: the tokens of a packed prefill, each reading its
+            own slot up to its own position); None: query b reads cache row b.
 
     Returns:
         [B, KV, G, hd], contiguous, in q's dtype.
     """
     if q.is_cuda:
-        return _triton(q, k, v, lengths, scale)
-    return reference(q, k, v, lengths, scale)
+        return _triton(q, k, v, lengths, scale, rows)
+    return reference(q, k, v, lengths, scale, rows)
 
 
 @decode_attention.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> Tensor:
+def _(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float, rows: Tensor | None = None) -> Tensor:
     return q.new_empty(q.shape)
 
 
-def reference(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> Tensor:
+def reference(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float, rows: Tensor | None = None) -> Tensor:
     """The op's result through SDPA with the dense mask (what `decode_attention="sdpa"` computes)."""
+    if rows is not None:
+        k, v = k.index_select(0, rows), v.index_select(0, rows)
     S = k.shape[2]
     mask = torch.arange(S, device=k.device) < lengths[:, None]  # [B, S]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None], scale=scale).contiguous()
@@ -83,6 +90,7 @@ def _triton(
     v: Tensor,
     lengths: Tensor,
     scale: float,
+    rows: Tensor | None = None,
     block_n: int = BLOCK_N,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -104,19 +112,21 @@ def _triton(
     splits = _cdiv(S, split_len)
     out = torch.empty(B, KV, G, D, device=q.device, dtype=q.dtype)
     lengths = lengths.to(torch.int32)
+    index = lengths if rows is None else rows  # a pointer the kernel ignores without HAS_ROWS
     ieee = q.dtype == torch.float32  # no TF32 for float32 caches (the tests')
-    common = dict(G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, IEEE=ieee, num_warps=num_warps, num_stages=num_stages)
+    common = dict(G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, IEEE=ieee, HAS_ROWS=rows is not None, num_warps=num_warps,
+                  num_stages=num_stages)  # fmt: skip
     if splits == 1:
         partial_kernel[(B, KV, 1)](
-            q, k, v, lengths, out, out, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            split_len, scale, DIRECT=True, **common,
+            q, k, v, lengths, index, out, out, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *out.stride()[:3], split_len, scale, DIRECT=True, **common,
         )  # fmt: skip
         return out
     acc = torch.empty(B, KV, splits, g_pad, D, device=q.device, dtype=torch.float32)
     m = torch.empty(B, KV, splits, g_pad, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)  # noqa: E741
     partial_kernel[(B, KV, splits)](
-        q, k, v, lengths, acc, m, l, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 0, 0, 0,
+        q, k, v, lengths, index, acc, m, l, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 0, 0, 0,
         split_len, scale, DIRECT=False, **common,
     )  # fmt: skip
     combine_kernel[(B, KV)](acc, m, l, out, *out.stride()[:3], splits, G=G, G_PAD=g_pad, D=D, num_warps=num_warps)

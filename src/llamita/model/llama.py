@@ -258,7 +258,9 @@ class LayerKV:
             attend: Positions attention reads (the cache view's `attend`, its mask's last size).
 
         Returns:
-            The layer's keys and values at positions 0 .. attend - 1 of the rows, [B, KV, attend, hd] each.
+            The layer's keys and values at positions 0 .. attend - 1 of the rows, [B, KV, attend, hd] each; for one
+            token a row through an index with the "triton" decode, all the buffers' rows and positions instead (the
+            kernel reads each row's own slot and positions: no gathered copy).
         """
         k_buf, v_buf = self.k, self.v  # [B or all rows, KV, max_len, hd]
         # An index_put_, not a scatter_: Inductor writes an index_put_ into a compiled graph's input in place,
@@ -270,6 +272,8 @@ class LayerKV:
         v_buf[rows, :, write_at] = v.transpose(1, 2)
         if self.index is None:
             return k_buf[:, :, :attend], v_buf[:, :, :attend]
+        if self.decode == "triton" and k.shape[2] == 1:  # the kernel reads each row's slot through the index
+            return k_buf, v_buf
         return k_buf[:, :, :attend].index_select(0, self.index), v_buf[:, :, :attend].index_select(0, self.index)
 
 
@@ -331,8 +335,13 @@ class Attention(nn.Module):
                 # Row b sees positions 0 .. its own (the dense mask's rule): an idle row at its scratch position,
                 # past the read, sees all of it.
                 lengths = (write_at[:, 0] + 1).clamp(max=k_cache.shape[2])  # [B]
+                if kv.index is not None:
+                    # Rows of any slots (a packed prefill's tokens, each in its sequence's slot): the kernel reads
+                    # through the index. Padding rows sit at the scratch position and read one position, not all.
+                    lengths = torch.where(write_at[:, 0] == k_cache.shape[2] - 1, 1, lengths)
                 grouped = q.reshape(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
-                y = decode_attention(grouped, k_cache, v_cache, lengths, self.head_dim**-0.5)  # [B, KV, G, hd]
+                scale = self.head_dim**-0.5
+                y = decode_attention(grouped, k_cache, v_cache, lengths, scale, kv.index)  # [B, KV, G, hd]
             elif isinstance(mask, BlockMask):  # one token a row, each row reading its own length (`decode_block_mask`)
                 # One query a row, the heads grouped by the kernel (`enable_gqa`), not G queries of a key/value
                 # head as below: with a query length of G the compiled kernel crashed on an H200 (an illegal memory
