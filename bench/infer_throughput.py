@@ -15,7 +15,8 @@ llamita runs as `LLM` runs a loaded checkpoint: on a GPU with q/k/v and gate/up 
 of two rows (`single_row=False`), the A/B of both; `llamita-flex` decodes with `decode_attention="flex"` (each row
 reads its own positions through FlexAttention) and `llamita-sdpa` with `decode_attention="sdpa"` (every row the
 batch's longest, through SDPA; the engine's default on a GPU is llamita's split-KV kernel), the A/Bs of the decode
-attention.
+attention; `llamita-unpacked` prefills prompts in padded groups (`packed_prefill=False`), the A/B of the packed
+prefill.
 `--systems llamita-int8-tuned` adds llamita-int8 built under Inductor's coordinate-descent tuning, with which
 Inductor turns a matrix-vector product (batch 1) into a reduction that reads the int8 weights directly instead of
 casting them to bf16 in a kernel of their own (`torch/_inductor/decomposition.py`, `mm`); it compiles longer.
@@ -53,7 +54,14 @@ SMOKE = {"preset": "debug", "prompt": 12, "new": 8, "batches": [1, 4], "device":
          "spec_prompts": 2, "spec_new": 8, "draft": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
          "intermediate_size": 64}}  # fmt: skip
 SYSTEMS = ["llamita", "llamita-int8", "hf-eager", "hf-static-compile", "gpt-fast"]
-EXTRA_SYSTEMS = ["llamita-int8-tuned", "llamita-unfused", "llamita-in-order", "llamita-flex", "llamita-sdpa"]
+EXTRA_SYSTEMS = [
+    "llamita-int8-tuned",
+    "llamita-unfused",
+    "llamita-in-order",
+    "llamita-flex",
+    "llamita-sdpa",
+    "llamita-unpacked",
+]
 """Run only when `--systems` names them."""
 REPEAT = "\n\n# The same code again, unchanged:\n"
 
@@ -218,7 +226,8 @@ def run_worker(spec: dict, result_path: str = "") -> dict:
         tuned, fuse = system.endswith("-tuned"), system != "llamita-unfused" and shape["device"] == "cuda"
         settings = {"llamita-in-order": {"overlap": False, "single_row": False},
                     "llamita-flex": {"decode_attention": "flex"},
-                    "llamita-sdpa": {"decode_attention": "sdpa"}}.get(system, {})  # fmt: skip
+                    "llamita-sdpa": {"decode_attention": "sdpa"},
+                    "llamita-unpacked": {"packed_prefill": False}}.get(system, {})  # fmt: skip
         result = _llamita(shape, model, prompts.cpu(), progress, quantize, tuned=tuned, fuse=fuse, settings=settings)
     elif system in ("hf-eager", "hf-static-compile"):
         result = _hf(shape, model, prompts, system == "hf-static-compile", progress)
@@ -341,15 +350,18 @@ def _speculative(args: argparse.Namespace, shape: dict, data: Path, tokenizer: A
     params = SamplingParams(temperature=0.0, max_tokens=shape["spec_new"])
     seq = shape["train_seq"]
     cuda = shape["device"] == "cuda"
-    configs = {"plain": {}, "draft": {"draft": runs / "draft", "gamma": args.gamma},
-               "ngram": {"speculate": "ngram", "gamma": args.gamma}}  # fmt: skip
+    configs: dict[str, dict] = {"plain": {}}
+    for kind in args.speculators.split(","):
+        for i, gamma in enumerate(args.gamma):  # the first gamma's runs are named plainly, the others by it
+            engine = {"draft": runs / "draft"} if kind == "draft" else {"speculate": "ngram"}
+            configs[kind if i == 0 else f"{kind}-g{gamma}"] = engine | {"gamma": gamma}
     results: dict[str, Any] = {"train_s": {"target": t1 - t0, "draft": t2 - t1}}
     outputs: dict[tuple[str, str], list[list[int]]] = {}
     for name, engine in configs.items():
         llm = LLM(runs / "target", device=device, dtype=shape["dtype"], max_batch=8, max_seq_len=seq, compile=cuda,
                   **engine)  # fmt: skip
         for kind, ps in (("code", prompts), ("repeat", repeat)):
-            if name == "draft" and kind == "repeat" or name == "ngram" and kind == "code":
+            if name.startswith("draft") and kind == "repeat" or name.startswith("ngram") and kind == "code":
                 continue
             llm.generate(ps[0], params)  # warm-up
             before = llm.engine.stats.__dict__.copy()
@@ -372,7 +384,10 @@ def _speculative(args: argparse.Namespace, shape: dict, data: Path, tokenizer: A
             t = time.perf_counter()
             total = sum(len(c.token_ids) for c in llm.generate(ps, params))
             results[f"{name}/{kind}"][f"batch_{len(ps)}_tokens_per_s"] = total / (time.perf_counter() - t)
-    for name, kind in (("draft", "code"), ("ngram", "repeat")):
+    for name in configs:
+        if name == "plain":
+            continue
+        kind = "code" if name.startswith("draft") else "repeat"
         plain = results.get(f"plain/{kind}")
         r = results[f"{name}/{kind}"]
         r["speedup"] = r["tokens_per_s"] / plain["tokens_per_s"] if plain else None
@@ -453,7 +468,9 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ", ".join(known))
     parser.add_argument("--gpt-fast", default="", help="a checkout of github.com/pytorch-labs/gpt-fast")
     parser.add_argument("--data", default="", help="prepared corpus (bench/train_throughput.py --prepare-data)")
-    parser.add_argument("--gamma", type=int, default=4, help="tokens drafted per speculative step")
+    parser.add_argument("--gamma", type=int, nargs="+", default=[4],
+                        help="tokens drafted per speculative step; several: a run of each drafter for each")  # fmt: skip
+    parser.add_argument("--speculators", default="draft,ngram", help="comma list of draft, ngram")
     parser.add_argument("--runs", default="", help="keep the speculative group's trained runs here (default: deleted)")
     parser.add_argument("--bandwidth", type=float, default=4.3e12, help="memory bandwidth in bytes/s (H200: 4.3e12)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"), help="results folder")

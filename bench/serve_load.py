@@ -378,7 +378,7 @@ def run_offline(spec: dict) -> dict:
     llm = LLM(spec["model"], device=shape["device"], dtype=shape["dtype"], max_batch=max(shape["concurrency"]),
               compile=shape["device"] == "cuda", prefill_interval=spec["prefill_interval"],
               prefill_graphs=spec["prefill_graphs"], decode_attention=spec["decode_attention"],
-              overlap=spec.get("overlap"))  # fmt: skip
+              overlap=spec.get("overlap"), packed_prefill=spec.get("packed_prefill"))  # fmt: skip
     out: dict[str, Any] = {"start_s": time.perf_counter() - t}
     # Where a level's time goes: the prefill forwards, timed between syncs (the step syncs once anyway).
     prefill, untimed = {"s": 0.0}, llm.engine._prefill
@@ -518,6 +518,8 @@ def _server_command(spec: dict, port: int) -> tuple[list[str], str | None, dict 
             cmd.append("--engine-process")
         if spec["prefill_graphs"] is not None:
             cmd.append("--prefill-graphs" if spec["prefill_graphs"] else "--no-prefill-graphs")
+        if spec.get("packed_prefill") is not None:
+            cmd.append("--packed-prefill" if spec["packed_prefill"] else "--no-packed-prefill")
         return cmd, None, None
     # transformers' CLI; offline, so huggingface_hub looks for no update and no remote files.
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -683,6 +685,8 @@ def main() -> None:
     )
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                         help="llamita's EngineConfig.overlap (default: the engine's)")  # fmt: skip
+    parser.add_argument("--packed-prefill", action=argparse.BooleanOptionalAction, default=None,
+                        help="llamita's EngineConfig.packed_prefill (default: the engine's)")  # fmt: skip
     parser.add_argument("--engine-process", action="store_true",
                         help="llamita serve --engine-process: its engine in a process of its own")  # fmt: skip
     args = parser.parse_args()
@@ -707,7 +711,7 @@ def main() -> None:
                 "start_timeout": args.start_timeout, "prefill_interval": args.prefill_interval,
                 "stream_interval": args.stream_interval, "prefill_graphs": args.prefill_graphs,
                 "decode_attention": args.decode_attention, "overlap": args.overlap,
-                "engine_process": args.engine_process}  # fmt: skip
+                "engine_process": args.engine_process, "packed_prefill": args.packed_prefill}  # fmt: skip
         specs = {name: base | {"system": name, "log": str(args.out / f"{name}.log")} for name in names}
         record = run_systems(names, specs, _runner, shape, args.out / "serve_load.json")
     finally:

@@ -269,7 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefix_cache=args.prefix_cache,
         quantize=args.quantize, fuse=args.fuse,
         prefill_interval=args.prefill_interval, prefill_graphs=args.prefill_graphs,
-        decode_attention=args.decode_attention, **engine,
+        packed_prefill=args.packed_prefill, decode_attention=args.decode_attention, **engine,
     )  # fmt: skip
     if args.engine_process:
         from llamita.inference.engine_process import EngineProcess
@@ -634,6 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
         help="replay small prefill forwards from CUDA graphs, by padded bucket (default: on a GPU with CUDA graphs)",
+    )  # fmt: skip
+    p.add_argument(
+        "--packed-prefill", action=argparse.BooleanOptionalAction, default=None,
+        help="prefill a step's prompts as one forward of one token a row, each in its own slot, through llamita's "
+        "decode kernel: no padding between prompts (default: on with --decode-attention triton, the GPU's default)",
     )  # fmt: skip
     p.add_argument(
         "--decode-attention", choices=["sdpa", "flex", "triton"], default=None,

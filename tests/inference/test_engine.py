@@ -12,7 +12,7 @@ from inference_models import TINY, greedy_by_recomputation, tiny_model
 from llamita.config import ConfigError
 from llamita.inference import LLM, Engine, EngineConfig, SamplingParams
 from llamita.inference.cache import SlotCache, decode_attention_for
-from llamita.inference.engine import block_step, model_logits
+from llamita.inference.engine import block_step, model_logits, packed_rows
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 
@@ -195,6 +195,62 @@ def test_padded_prefill_buckets_decode_as_the_reference(model, settings):
     assert widths and any(w not in (1, 2, 4, 8, 16) for _, w in widths)  # padded, not only a power of two already
     if settings.get("prefix_cache"):
         assert engine.stats.reused_tokens > 0
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"max_batch": 4},
+        {"max_batch": 3, "prefill_tokens": 5},
+        {"max_batch": 4, "prefix_cache": True, "prefix_block": 4},
+        {"max_batch": 4, "prefill_graphs": True},
+    ],
+    ids=["joining", "chunked", "prefix", "padded"],
+)
+def test_packed_prefill_decodes_as_the_reference(model, settings):
+    """`packed_prefill` (with decode_attention="triton", on a CPU the kernel's reference): a step's prompt chunks
+    go through one forward of one token a row, each token in its sequence's slot, whatever their lengths (padded to
+    a bucket of rows with `prefill_graphs`, as a CUDA graph replays it). Greedy outputs equal the reference's, with
+    requests joining, prompts in chunks and a shared prefix."""
+    ps, lengths = prompts(9, seed=11), [3, 12, 7, 1, 9, 12, 5, 10, 2]
+    ps[1] = list(range(3, 15))
+    ps[5] = ps[1][:8] + [5, 6, 7]  # its first 8 tokens are in ps[1]'s slot (prefix cache)
+    arrivals: dict[int, list] = {0: [], 2: [], 5: []}
+    for i, (p, n) in enumerate(zip(ps, lengths)):
+        arrivals[[0, 2, 5][i % 3]].append((p, SamplingParams(temperature=0.0, max_tokens=n)))
+    engine = Engine(model, EngineConfig(decode_attention="triton", **settings))
+    assert engine.packed_prefill
+    forwards, packed = [], engine._packed_logits
+
+    def recording(tokens, positions, slots, last):
+        forwards.append((tokens.shape[0], last.shape[0]))
+        return packed(tokens, positions, slots, last)
+
+    engine._packed_logits = recording
+    seqs, _ = run(engine, arrivals)
+    for seq in seqs:
+        assert seq.output == greedy_by_recomputation(model, seq.prompt, seq.max_new), seq.prompt
+    assert len(forwards) == engine.stats.prefill_steps  # one forward a step, whatever the prompts' lengths
+    assert any(chunks > 1 for _, chunks in forwards)
+    if settings.get("prefill_graphs"):
+        assert all(rows in (16, 32, 64) for rows, _ in forwards)  # padded to a bucket
+    else:
+        assert sum(rows for rows, _ in forwards) == engine.stats.prefill_tokens
+    if settings.get("prefix_cache"):
+        assert engine.stats.reused_tokens > 0
+
+
+def test_packed_prefill_rows_and_its_requirement(model):
+    """A packed prefill's rows: a power of two from 16 to 512, then multiples of 256, at most the step's budget.
+    It needs the kernel's decode attention (its default there: on with "triton", off with "sdpa")."""
+    assert [packed_rows(n, 8192) for n in (1, 16, 17, 300, 512, 513, 1000, 8000)] == [
+        16, 16, 32, 512, 512, 768, 1024, 8192
+    ]  # fmt: skip
+    assert packed_rows(9, 10) == 10 and packed_rows(700, 700) == 700
+    assert not Engine(model, EngineConfig(max_batch=2)).packed_prefill  # sdpa on a CPU
+    assert not Engine(model, EngineConfig(max_batch=2, decode_attention="triton", packed_prefill=False)).packed_prefill
+    with pytest.raises(ConfigError, match="packed_prefill needs decode_attention='triton'"):
+        Engine(model, EngineConfig(max_batch=2, packed_prefill=True))
 
 
 def test_a_prefill_group_pads_to_a_bucket_only_up_to_prefill_graph_tokens(model):
@@ -576,8 +632,9 @@ def test_flex_decode_attention_is_refused_where_it_cannot_compile():
 def test_own_position_decode_graphs_decode_as_the_sdpa_engine(model, kind):
     """On CUDA, the compiled block with FlexAttention decoding (Inductor's Triton kernel) or llamita's decode kernel,
     replayed from CUDA graphs, gives the eager SDPA engine's outputs (float32: FlexAttention's kernels take no
-    float64; heads of 16 dimensions, the least either kernel takes: fewer are a config error). Flex warns that it
-    is experimental: it crashed at the 1.1B shape (engine-r6)."""
+    float64; heads of 16 dimensions, the least either kernel takes: fewer are a config error); with the kernel, the
+    prompts are prefilled packed (its default) from graphs too. Flex warns that it is experimental: it crashed at
+    the 1.1B shape (engine-r6)."""
     import copy
     import dataclasses
 
@@ -593,6 +650,9 @@ def test_own_position_decode_graphs_decode_as_the_sdpa_engine(model, kind):
     own, _ = run(engine, arrivals)
     assert engine.graphs is not None and engine.graphs.uncaptured == 0
     assert [s.output for s in own] == [s.output for s in eager]
+    if kind == "triton":  # its default prefill: packed, replayed from the graphs of its buckets of rows
+        assert engine.packed_prefill and engine.prefill_graphs.graphs
+        assert all(rows in (16, 32, 64, 128) for rows, _ in engine.prefill_graphs.graphs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
