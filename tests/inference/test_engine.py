@@ -148,8 +148,12 @@ def test_engine_logits_equal_the_training_forward(model):
             torch.testing.assert_close(got.double(), full[torch.arange(3), pos[:, 0]], atol=1e-5, rtol=0)
 
 
-def test_logprobs_equal_the_training_forward(model):
-    llm = LLM(model)
+@pytest.mark.parametrize("decode", [None, "triton"], ids=["default", "kernel-packed-prefill"])
+def test_logprobs_equal_the_training_forward(model, decode):
+    """The first token's logprobs come from the prefill (grouped, or packed with the kernel), the rest from decode
+    steps."""
+    llm = LLM(model, decode_attention=decode)
+    assert llm.engine.packed_prefill == (decode == "triton")
     prompt = [4, 8, 15, 16, 23, 42]
     out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6, logprobs=3))[0]
     with torch.no_grad():

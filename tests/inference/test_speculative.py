@@ -47,18 +47,21 @@ def test_the_acceptance_rule_samples_the_target_distribution():
     assert float(kept.ge(1).double().mean()) == pytest.approx(float(p[0, 2]), abs=0.01)
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["prefill", "padded-prefill"])
+@pytest.mark.parametrize("prefill", ["grouped", "padded", "packed"])
 @pytest.mark.parametrize("kind", ["draft", "self-draft", "ngram"])
-def test_speculative_greedy_equals_plain_greedy(model, kind, padded):
+def test_speculative_greedy_equals_plain_greedy(model, kind, prefill):
     """A weak draft (mostly rejected), the target as its own draft (always accepted) and prompt lookup; with the
-    prompts prefilled as they come or padded to buckets (`prefill_graphs`: the draft prefills the same padding)."""
+    prompts prefilled in groups as they come, padded to buckets (`prefill_graphs`: the draft prefills the same
+    padding), or packed one token a row with the decode kernel (`packed_prefill`: the draft's cache too)."""
     draft = {"draft": tiny_model(ModelConfig(**{**TINY.__dict__, "n_layers": 1, "dim": 24, "n_heads": 2,
                                                 "n_kv_heads": 1}), seed=1),
              "self-draft": model, "ngram": None}[kind]  # fmt: skip
     config = EngineConfig(
-        speculate="ngram" if kind == "ngram" else "draft", gamma=3, max_batch=3, prefill_graphs=padded
-    )
+        speculate="ngram" if kind == "ngram" else "draft", gamma=3, max_batch=3, prefill_graphs=prefill == "padded",
+        decode_attention="triton" if prefill == "packed" else None,
+    )  # fmt: skip
     engine = Engine(model, config, draft=draft)
+    assert engine.packed_prefill == (prefill == "packed")
     ps = prompts(5, seed=7) + [[5, 6, 7, 5, 6, 7, 5, 6]]  # the last one repeats itself: lookup drafts get kept
     arrivals = {
         0: [(p, SamplingParams(temperature=0.0, max_tokens=14)) for p in ps[:3]],
