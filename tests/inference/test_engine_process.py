@@ -41,6 +41,20 @@ def _ask(client, prompt: str, stream: bool) -> str:
     return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
 
 
+def _logprobs(client) -> tuple:
+    """A streamed answer's text, tokens, text offsets, logprobs and finish reason, over all its chunks (how many
+    tokens a chunk holds depends on timing)."""
+    chunks = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0, logprobs=2,
+                                       stream=True)  # fmt: skip
+    text, fields, finish = "", ([], [], [], []), None
+    for c in chunks:
+        if c.choices:
+            text, finish, lp = text + c.choices[0].text, c.choices[0].finish_reason or finish, c.choices[0].logprobs
+            for all_of, part in zip(fields, (lp.tokens, lp.text_offset, lp.token_logprobs, lp.top_logprobs)):
+                all_of.extend(part)
+    return text, fields, finish
+
+
 def _engine_pids(server_pid: int) -> list[int]:
     """The server process's children that multiprocessing spawned (the engine process; not its resource tracker),
     through Linux's /proc."""
@@ -67,6 +81,7 @@ def test_the_engine_process_answers_as_the_engine_in_the_servers_process(checkpo
         assert _engine_pids(inside.process.pid) == []
         client = _client(inside)
         expected = [_ask(client, p, stream=i % 2 == 1) for i, p in enumerate(PROMPTS)]
+        expected_logprobs = _logprobs(client)
     finally:
         assert inside.stop() == 0, inside.output()
     apart = start_server(checkpoint, tmp_path / "apart.log", "--engine-process")
@@ -85,6 +100,7 @@ def test_the_engine_process_answers_as_the_engine_in_the_servers_process(checkpo
         wait_for(idle, timeout=10)
         body = apart.request("GET", "/metrics")[1].decode()
         assert "llamita_generation_tokens_total" in body and "llamita_time_to_first_token_seconds_count 16.0" in body
+        assert _logprobs(client) == expected_logprobs  # the fields a delta carries across the pipe, all of them
     finally:
         assert apart.stop() == 0, apart.output()
     assert "Traceback" not in apart.output(), apart.output()

@@ -183,7 +183,7 @@ class EngineProcess:
                 if failure is not None:
                     self.failure = failure
                 if deltas:
-                    self._hand_on(deltas)
+                    self._hand_on([(key, Delta(*fields)) for key, *fields in deltas])
         except (EOFError, OSError):
             pass
         if not self._stopping and self.failure is None:
@@ -245,8 +245,11 @@ def _engine_main(commands: Connection, events: Connection, llm: dict[str, Any], 
     jobs: dict[int, list[Job]] = {}
 
     def deliver(deltas: list[tuple[int, Delta]]) -> None:
+        # As plain tuples: pickling 256 slotted dataclasses took 0.4 ms a step on this repository's CPU machine,
+        # tuples of the same fields 0.05 ms (the engine process's host time is the steps' when it exceeds the GPU's).
+        wire = [(k, d.index, d.text, d.token_ids, d.logprobs, d.offsets, d.finish_reason, d.error) for k, d in deltas]
         with lock:
-            events.send(("deltas", deltas, (received, thread.waiting(), thread.running()), thread.failure))
+            events.send(("deltas", wire, (received, thread.waiting(), thread.running()), thread.failure))
 
     thread = EngineThread(model.engine, stream_interval=stream_interval, deliver=deliver)
     events.send(("ready", {"tokenizer": model.tokenizer, "seq_len": model.engine.seq_len,
