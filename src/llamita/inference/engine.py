@@ -444,10 +444,12 @@ class Engine:
         if self.padded_prefill and graphed:
             # Where a replayed prefill leaves its rows' last logits.
             self.prefill_logits = torch.empty(n_slots, self.vocab_size, dtype=torch.float32, device=self.device)
-            if self.packed_prefill:  # keyed (rows, chunks)
-                step = lambda key, *inputs: self.prefill_logits[: key[1]].copy_(self._packed_logits(*inputs))  # noqa: E731
-            else:  # keyed (rows, width, read length)
-                step = lambda key, *inputs: self.prefill_logits[: key[0]].copy_(self._last_logits(key[2], *inputs))  # noqa: E731
+
+            def step(key: tuple, *inputs: Tensor) -> Tensor:  # key: (rows, chunks) packed, else (rows, width, reads)
+                if self.packed_prefill:
+                    return self.prefill_logits[: key[1]].copy_(self._packed_logits(*inputs))
+                return self.prefill_logits[: key[0]].copy_(self._last_logits(key[2], *inputs))
+
             self.prefill_graphs = LazyGraphs(step)
         # Everything compiles now, before any sequence holds a slot (every row touched is idle: it writes its
         # scratch position), and without duck sizing: dynamo would otherwise give sizes that happen to be equal
