@@ -469,7 +469,7 @@ def main() -> None:
     parser.add_argument("--gpt-fast", default="", help="a checkout of github.com/pytorch-labs/gpt-fast")
     parser.add_argument("--data", default="", help="prepared corpus (bench/train_throughput.py --prepare-data)")
     parser.add_argument("--gamma", type=int, nargs="+", default=[4],
-                        help="tokens drafted per speculative step; several: a run of each drafter for each")  # fmt: skip
+                        help="tokens drafted per speculative step; several: each drafter runs at each")  # fmt: skip
     parser.add_argument("--speculators", default="draft,ngram", help="comma list of draft, ngram")
     parser.add_argument("--runs", default="", help="keep the speculative group's trained runs here (default: deleted)")
     parser.add_argument("--bandwidth", type=float, default=4.3e12, help="memory bandwidth in bytes/s (H200: 4.3e12)")

@@ -221,6 +221,14 @@ class EngineProcess:
 
 
 # ------------------------------------------------------------------------------------ the child
+def wire(deltas: list[tuple[int, Delta]]) -> list[tuple]:
+    """A step's (request key, delta) pairs as the pipe carries them: plain tuples of the key and the delta's fields,
+    which the server's process makes deltas again (`Delta(*fields)`). Pickling 256 slotted dataclasses took 0.4 ms
+    a step on this repository's CPU machine, tuples of the same fields 0.05 ms; the engine process's host time is
+    the steps' own wherever it exceeds the GPU's (`bench/serve_host.py`)."""
+    return [(k, d.index, d.text, d.token_ids, d.logprobs, d.offsets, d.finish_reason, d.error) for k, d in deltas]
+
+
 def _engine_main(commands: Connection, events: Connection, llm: dict[str, Any], stream_interval: int) -> None:
     """The engine process: build the engine, then run its loop until told to stop or the server's process is gone."""
     import signal
@@ -245,11 +253,8 @@ def _engine_main(commands: Connection, events: Connection, llm: dict[str, Any], 
     jobs: dict[int, list[Job]] = {}
 
     def deliver(deltas: list[tuple[int, Delta]]) -> None:
-        # As plain tuples: pickling 256 slotted dataclasses took 0.4 ms a step on this repository's CPU machine,
-        # tuples of the same fields 0.05 ms (the engine process's host time is the steps' when it exceeds the GPU's).
-        wire = [(k, d.index, d.text, d.token_ids, d.logprobs, d.offsets, d.finish_reason, d.error) for k, d in deltas]
         with lock:
-            events.send(("deltas", wire, (received, thread.waiting(), thread.running()), thread.failure))
+            events.send(("deltas", wire(deltas), (received, thread.waiting(), thread.running()), thread.failure))
 
     thread = EngineThread(model.engine, stream_interval=stream_interval, deliver=deliver)
     events.send(("ready", {"tokenizer": model.tokenizer, "seq_len": model.engine.seq_len,
