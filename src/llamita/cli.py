@@ -638,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--packed-prefill", action=argparse.BooleanOptionalAction, default=None,
         help="prefill a step's prompts as one forward of one token a row, each in its own slot, through llamita's "
-        "decode kernel: no padding between prompts (default: on with --decode-attention triton, the GPU's default)",
+        "decode kernel: no padding between prompts (default: on a GPU with the kernel, --decode-attention's default)",
     )  # fmt: skip
     p.add_argument(
         "--decode-attention", choices=["sdpa", "flex", "triton"], default=None,

@@ -152,7 +152,7 @@ def test_engine_logits_equal_the_training_forward(model):
 def test_logprobs_equal_the_training_forward(model, decode):
     """The first token's logprobs come from the prefill (grouped, or packed with the kernel), the rest from decode
     steps."""
-    llm = LLM(model, decode_attention=decode)
+    llm = LLM(model, decode_attention=decode, packed_prefill=decode == "triton")
     assert llm.engine.packed_prefill == (decode == "triton")
     prompt = [4, 8, 15, 16, 23, 42]
     out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6, logprobs=3))[0]
@@ -222,7 +222,7 @@ def test_packed_prefill_decodes_as_the_reference(model, settings):
     arrivals: dict[int, list] = {0: [], 2: [], 5: []}
     for i, (p, n) in enumerate(zip(ps, lengths)):
         arrivals[[0, 2, 5][i % 3]].append((p, SamplingParams(temperature=0.0, max_tokens=n)))
-    engine = Engine(model, EngineConfig(decode_attention="triton", **settings))
+    engine = Engine(model, EngineConfig(decode_attention="triton", packed_prefill=True, **settings))
     assert engine.packed_prefill
     forwards, packed = [], engine._packed_logits
 
@@ -246,13 +246,15 @@ def test_packed_prefill_decodes_as_the_reference(model, settings):
 
 def test_packed_prefill_rows_and_its_requirement(model):
     """A packed prefill's rows: a power of two from 16 to 512, then multiples of 256, at most the step's budget.
-    It needs the kernel's decode attention (its default there: on with "triton", off with "sdpa")."""
+    It needs the kernel's decode attention; by default it is on with the kernel on CUDA only (on a CPU the kernel's
+    op is its reference, which copies every token's slot)."""
     assert [packed_rows(n, 8192) for n in (1, 16, 17, 300, 512, 513, 1000, 8000)] == [
         16, 16, 32, 512, 512, 768, 1024, 8192
     ]  # fmt: skip
     assert packed_rows(9, 10) == 10 and packed_rows(700, 700) == 700
     assert not Engine(model, EngineConfig(max_batch=2)).packed_prefill  # sdpa on a CPU
-    assert not Engine(model, EngineConfig(max_batch=2, decode_attention="triton", packed_prefill=False)).packed_prefill
+    assert not Engine(model, EngineConfig(max_batch=2, decode_attention="triton")).packed_prefill  # a CPU
+    assert Engine(model, EngineConfig(max_batch=2, decode_attention="triton", packed_prefill=True)).packed_prefill
     with pytest.raises(ConfigError, match="packed_prefill needs decode_attention='triton'"):
         Engine(model, EngineConfig(max_batch=2, packed_prefill=True))
 

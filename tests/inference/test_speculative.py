@@ -58,7 +58,7 @@ def test_speculative_greedy_equals_plain_greedy(model, kind, prefill):
              "self-draft": model, "ngram": None}[kind]  # fmt: skip
     config = EngineConfig(
         speculate="ngram" if kind == "ngram" else "draft", gamma=3, max_batch=3, prefill_graphs=prefill == "padded",
-        decode_attention="triton" if prefill == "packed" else None,
+        decode_attention="triton" if prefill == "packed" else None, packed_prefill=prefill == "packed",
     )  # fmt: skip
     engine = Engine(model, config, draft=draft)
     assert engine.packed_prefill == (prefill == "packed")

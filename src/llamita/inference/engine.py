@@ -89,8 +89,9 @@ class EngineConfig:
     (vLLM's flattened varlen batch): no padding between prompts of different lengths, and one forward for all of
     them, not one per group of similar lengths. Each token attends to its slot's positions up to its own through
     llamita's decode kernel (`decode_attention="triton"`, which reads the slots through an index), and the rows are
-    padded to a bucket (`packed_rows`) for a CUDA graph. None: on wherever decode attention is "triton" (on CUDA,
-    the default); it needs it (a ConfigError otherwise). Measured on an H200 at the TinyLlama-1.1B shape with
+    padded to a bucket (`packed_rows`) for a CUDA graph. None: on on CUDA wherever decode attention is "triton"
+    (the default there); it needs it (a ConfigError otherwise). On a CPU, where the kernel's op runs its reference
+    (a gathered copy of every token's slot), only when set. Measured on an H200 at the TinyLlama-1.1B shape with
     ShareGPT-like requests (`bench/serve_load.py`, `bench/results/2026-12-04-engine-r8.md`), the engine offline at
     256 in flight made 31,240 tokens/s against 24,669 with padded groups, p99 time to first token 405 ms against
     773."""
@@ -439,7 +440,9 @@ class Engine:
                 f"token's slot) for the model and any draft, and this engine's are {sorted(decodes)}: set "
                 "decode_attention='triton', or packed_prefill=False"
             )
-        self.packed_prefill = triton if config.packed_prefill is None else config.packed_prefill
+        # Not by default on a CPU, where the op runs its reference: a gathered copy of every token's slot.
+        packed = triton and self.device.type == "cuda"
+        self.packed_prefill = packed if config.packed_prefill is None else config.packed_prefill
         """Whether a step's prompt chunks go through one packed forward (`EngineConfig.packed_prefill`)."""
         if self.padded_prefill and graphed:
             # Where a replayed prefill leaves its rows' last logits.

@@ -67,8 +67,9 @@ def _(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float, rows: Tens
 
 def reference(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float, rows: Tensor | None = None) -> Tensor:
     """The op's result through SDPA with the dense mask (what `decode_attention="sdpa"` computes)."""
-    if rows is not None:
-        k, v = k.index_select(0, rows), v.index_select(0, rows)
+    if rows is not None:  # each query's cache row, read up to the longest length only
+        longest = int(lengths.max())
+        k, v = k[:, :, :longest].index_select(0, rows), v[:, :, :longest].index_select(0, rows)
     S = k.shape[2]
     mask = torch.arange(S, device=k.device) < lengths[:, None]  # [B, S]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None], scale=scale).contiguous()
