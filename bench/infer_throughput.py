@@ -353,7 +353,9 @@ def _speculative(args: argparse.Namespace, shape: dict, data: Path, tokenizer: A
     configs: dict[str, dict] = {"plain": {}}
     for kind in args.speculators.split(","):
         for i, gamma in enumerate(args.gamma):  # the first gamma's runs are named plainly, the others by it
-            engine = {"draft": runs / "draft"} if kind == "draft" else {"speculate": "ngram"}
+            engine = {"draft": runs / "draft"} if kind.startswith("draft") else {"speculate": "ngram"}
+            if kind == "draft-overlap":  # draft steps launched ahead of the host (EngineConfig.overlap)
+                engine["overlap"] = True
             configs[kind if i == 0 else f"{kind}-g{gamma}"] = engine | {"gamma": gamma}
     results: dict[str, Any] = {"train_s": {"target": t1 - t0, "draft": t2 - t1}}
     outputs: dict[tuple[str, str], list[list[int]]] = {}
@@ -470,7 +472,8 @@ def main() -> None:
     parser.add_argument("--data", default="", help="prepared corpus (bench/train_throughput.py --prepare-data)")
     parser.add_argument("--gamma", type=int, nargs="+", default=[4],
                         help="tokens drafted per speculative step; several: each drafter runs at each")  # fmt: skip
-    parser.add_argument("--speculators", default="draft,ngram", help="comma list of draft, ngram")
+    parser.add_argument("--speculators", default="draft,ngram",
+                        help="comma list of draft, draft-overlap (its steps launched ahead), ngram")  # fmt: skip
     parser.add_argument("--runs", default="", help="keep the speculative group's trained runs here (default: deleted)")
     parser.add_argument("--bandwidth", type=float, default=4.3e12, help="memory bandwidth in bytes/s (H200: 4.3e12)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"), help="results folder")

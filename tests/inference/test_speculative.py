@@ -47,18 +47,21 @@ def test_the_acceptance_rule_samples_the_target_distribution():
     assert float(kept.ge(1).double().mean()) == pytest.approx(float(p[0, 2]), abs=0.01)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-order", "overlap"])
 @pytest.mark.parametrize("prefill", ["grouped", "padded", "packed"])
 @pytest.mark.parametrize("kind", ["draft", "self-draft", "ngram"])
-def test_speculative_greedy_equals_plain_greedy(model, kind, prefill):
+def test_speculative_greedy_equals_plain_greedy(model, kind, prefill, overlap):
     """A weak draft (mostly rejected), the target as its own draft (always accepted) and prompt lookup; with the
     prompts prefilled in groups as they come, padded to buckets (`prefill_graphs`: the draft prefills the same
-    padding), or packed one token a row with the decode kernel (`packed_prefill`: the draft's cache too)."""
+    padding), or packed one token a row with the decode kernel (`packed_prefill`: the draft's cache too); steps in
+    order, or launched ahead (`overlap`: a draft step after a draft step drafts from the device's tokens)."""
     draft = {"draft": tiny_model(ModelConfig(**{**TINY.__dict__, "n_layers": 1, "dim": 24, "n_heads": 2,
                                                 "n_kv_heads": 1}), seed=1),
              "self-draft": model, "ngram": None}[kind]  # fmt: skip
     config = EngineConfig(
         speculate="ngram" if kind == "ngram" else "draft", gamma=3, max_batch=3, prefill_graphs=prefill == "padded",
         decode_attention="triton" if prefill == "packed" else None, packed_prefill=prefill == "packed",
+        overlap=overlap,
     )  # fmt: skip
     engine = Engine(model, config, draft=draft)
     assert engine.packed_prefill == (prefill == "packed")
@@ -72,6 +75,8 @@ def test_speculative_greedy_equals_plain_greedy(model, kind, prefill):
         assert seq.output == greedy_by_recomputation(model, seq.prompt, seq.max_new)
     stats = engine.stats
     assert stats.target_steps > 0 and stats.acceptance_rate is not None
+    if overlap and kind != "ngram":  # draft steps launched ahead; lookup steps land the step before first
+        assert stats.ahead_steps > 0
     if kind == "self-draft":
         assert stats.acceptance_rate == 1.0 and stats.tokens_per_target_step > 3
     if kind == "draft":
@@ -149,11 +154,14 @@ def test_speculation_steps_aside_at_large_batches(model):
         assert seq.output == greedy_by_recomputation(model, seq.prompt, 6)
 
 
-def test_a_draft_catches_up_after_steps_without_speculation(model):
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-order", "overlap"])
+def test_a_draft_catches_up_after_steps_without_speculation(model, overlap):
     """Four requests decode without speculation (more rows than speculate_max_batch); as the longer ones are left
-    in slots 0 and 1, the draft model feeds what it missed and speculation resumes, with plain greedy's output."""
+    in slots 0 and 1, the draft model feeds what it missed and speculation resumes, with plain greedy's output;
+    with steps launched ahead too (plain steps ahead of plain ones, the first draft step after them in order)."""
     draft = tiny_model(ModelConfig(**{**TINY.__dict__, "n_layers": 1, "dim": 24, "n_heads": 2, "n_kv_heads": 1}))
-    engine = Engine(model, EngineConfig(speculate="draft", gamma=3, speculate_max_batch=2, max_batch=4), draft=draft)
+    config = EngineConfig(speculate="draft", gamma=3, speculate_max_batch=2, max_batch=4, overlap=overlap)
+    engine = Engine(model, config, draft=draft)
     lengths = [16, 14, 3, 2]  # slots 0 .. 3; the two short ones end first
     seqs, _ = run(engine, {0: [(p, SamplingParams(temperature=0.0, max_tokens=n))
                                for p, n in zip(prompts(4, seed=11), lengths)]})  # fmt: skip

@@ -119,9 +119,12 @@ class EngineConfig:
     stops, releasing slots, streaming) then runs while the device computes k + 1, instead of the device waiting for
     it. The next token is fed on the device (a decode step's and a prefill's first token alike), so nothing needs
     the host's copy first. A sequence that finished in step k is decoded once more in k + 1 and that token is
-    dropped, and its slot is free one step later. While a request asks for logprobs, steps run in order; it does
-    not combine with speculative decoding. The outputs are the same (tested). None: on on CUDA without
-    speculation (whole steps 4-14% shorter on an H200 at batch 1 to 256, `bench/results/2026-12-02-engine-r5.md`),
+    dropped, and its slot is free one step later. While a request asks for logprobs, steps run in order. With
+    speculative decoding, a draft model's step is launched ahead of the draft step before it (it drafts from the
+    tokens on the device: the token before each row's current one is kept there too); a step of prompt lookup,
+    which drafts from the host's tokens, or the first speculative step after plain ones, lands the step pending
+    first. The outputs are the same (tested). None: on on CUDA without speculation (whole steps 4-14% shorter on
+    an H200 at batch 1 to 256, `bench/results/2026-12-02-engine-r5.md`), off with it (not yet measured on a GPU),
     off on a CPU, where a step's work is done by the time it is launched."""
     compile: bool = True
     """On CUDA, compile the model's transformer block (`block_step`, which the decode step and the prefill forward
@@ -154,11 +157,6 @@ class EngineConfig:
             (self.prefill_graph_tokens >= 16, f"prefill_graph_tokens must be >= 16, got {self.prefill_graph_tokens}"),
             (self.prefill_interval >= 1, f"prefill_interval must be >= 1, got {self.prefill_interval}"),
             (self.speculate in (None, "draft", "ngram"), f"speculate is draft, ngram or unset, not {self.speculate!r}"),
-            (
-                not (self.overlap and self.speculate),
-                "overlap does not combine with speculate (a speculative step drafts from the tokens the host "
-                "read); turn one off",
-            ),
             (
                 self.decode_attention in (None, *DECODE_ATTENTION),
                 f"decode_attention is sdpa, flex, triton or unset, not {self.decode_attention!r}",
@@ -375,7 +373,9 @@ class Engine:
         pinned = self.device.type == "cuda"
         self.overlap = config.overlap if config.overlap is not None else pinned and not config.speculate
         """Whether steps are launched ahead (`EngineConfig.overlap`, resolved)."""
-        self._landing = [torch.empty(2 * n_slots, dtype=torch.long, pin_memory=pinned) for _ in range(2 * self.overlap)]
+        # A step's tokens: a plain step's (batch) or a speculative one's (rows x (gamma + 2)), and the first tokens.
+        most = n_slots + max(n_slots, min(config.speculate_max_batch, n_slots) * (config.gamma + 2))
+        self._landing = [torch.empty(most, dtype=torch.long, pin_memory=pinned) for _ in range(2 * self.overlap)]
         self._logprob_requests: set[int] = set()
 
         # Compiled on CUDA: the model's transformer block, and the sampling without top-k/top-p. The sampling with
@@ -540,7 +540,7 @@ class Engine:
             Each sequence that got tokens in this step, with them; a finished sequence has its finish_reason and
             has already left its slot. With `overlap`, a step run ahead returns the tokens of the step before.
         """
-        ahead = self.overlap and not self._logprob_requests
+        ahead = self.overlap and not self._logprob_requests and not self._lands_first()
         emitted = [] if ahead else self._take_ahead()
         launch = self._launch()
         if launch.tokens is None:  # nothing launched (no sequence decodes or completes its prompt): none pending
@@ -579,9 +579,9 @@ class Engine:
             pieces += self.speculator.step(decoders)
         elif decoders:
             filters = any(s.params.filters for s in decoders)
-            # With a step pending (`overlap`), each sequence's token of it is not in its length yet: this step
-            # feeds that token, and reads it.
-            longest = min(self.seq_len, max(s.length for s in decoders) + (self._ahead is not None))
+            # With a step pending (`overlap`), each sequence's tokens of it are not in its length yet: this step
+            # feeds the last, and reads them.
+            longest = min(self.seq_len, max(s.length for s in decoders) + self.pending_tokens())
             new, logits = self._decode(batch, self.attend(longest), filters)
             pieces.append(new)
             logprob_rows += [(s, logits[s.slot], new[s.slot]) for s in decoders if s.params.logprobs is not None]
@@ -607,8 +607,8 @@ class Engine:
         logprobs = self._logprobs(launch.logprob_rows)
         out: list[tuple[Sequence, list[int]]] = []
         if launch.speculating:
-            out += self.speculator.accept(launch.decoders, host)  # type: ignore[union-attr]
-            del host[: self.speculator.host_len(launch.decoders)]  # type: ignore[union-attr]
+            out += self.speculator.accept(launch.decoders, launch.slots, host)  # type: ignore[union-attr]
+            del host[: self.speculator.host_len(launch.batch)]  # type: ignore[union-attr]
         elif launch.decoders:
             out += [(s, [host[slot]]) for s, slot in zip(launch.decoders, launch.slots) if not s.finished]
             del host[: launch.batch]
@@ -627,6 +627,21 @@ class Engine:
                 self._release(seq)
             emitted.append((seq, kept))
         return emitted
+
+    def pending_tokens(self) -> int:
+        """Tokens a row may get from the step pending (`overlap`), which the host has not read: 0 without one."""
+        if self._ahead is None:
+            return 0
+        return self.config.gamma + 1 if self._ahead[0].speculating else 1
+
+    def _lands_first(self) -> bool:
+        """Whether the step pending must land before the next is launched: that one speculates (as the decoding
+        sequences now say), and either drafts from the host's tokens (prompt lookup) or follows a plain step (the
+        draft model then catches up from the host's tokens)."""
+        if self._ahead is None or self.speculator is None:
+            return False
+        follows = self.speculator.draft is not None and self._ahead[0].speculating
+        return not follows and self.speculator.applies(self.scheduler.decoding())
 
     def _take_ahead(self) -> list[tuple[Sequence, list[int]]]:
         """Wait for the step launched ahead (`overlap`), if any, and apply its tokens."""
@@ -738,6 +753,8 @@ class Engine:
         filters = any(s.params.filters for s in done)
         # The first token: no output yet, so no frequency or presence penalty.
         new = sampling.sample(logits, self.sampling.take(slots), self.seen[slots], draw_at, filters)  # [K]
+        if self.speculator is not None:
+            self.speculator.prompts_done(slots, [s.prompt[-1] for s in done])
         self.tokens[slots] = new
         self.positions[slots] = draw_at
         self.seen[slots, new] = True

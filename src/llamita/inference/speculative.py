@@ -92,10 +92,11 @@ class Speculator:
     speculation saves. Its forwards run the engine's compiled blocks (`Engine._hidden`, the draft's
     `Engine._draft_hidden`, compiled apart): with eager blocks inside the graphs, a step with n-gram drafts cost 4.5
     ms on an H200 against 1.3 ms for a plain step (`bench/results/2026-12-02-engine-r6.md`). The host fills its
-    inputs first: the prompt-lookup drafts, and for the draft model the token
-    before each row's current one (the draft re-feeds it: after a step that kept every draft it has not seen it,
-    otherwise it rewrites the same keys), after feeding eagerly whatever else it has fallen behind on (the steps
-    in which speculation stood aside).
+    inputs first: the prompt-lookup drafts; for the draft model, after feeding it eagerly whatever it has fallen
+    behind on (the steps in which speculation stood aside), the token before each row's current one (the draft
+    re-feeds it: after a step that kept every draft it has not seen it, otherwise it rewrites the same keys). The
+    device step keeps that token too, so that a draft step can be launched before the host has read the one before
+    (`EngineConfig.overlap`): it then needs nothing from the host.
     """
 
     def __init__(self, engine: Engine, draft: Llama | None) -> None:
@@ -146,6 +147,11 @@ class Speculator:
         if self.cache is not None:
             self.cache.copy_prefix(src, dst, n)
 
+    def prompts_done(self, slots: Tensor, last: list[int]) -> None:
+        """Sequences whose prompts are prefilled: the token before their first one is the prompt's last."""
+        if self.draft is not None:
+            self.previous[slots] = self.engine.upload(last)
+
     def prefill(self, slots: Tensor, attend: int, tokens: Tensor, positions: Tensor) -> None:
         """The draft model prefills the same prompt chunks as the target, into its own slots."""
         if self.draft is not None:
@@ -161,14 +167,14 @@ class Speculator:
         e, G = self.engine, self.gamma
         b = decoders[-1].slot + 1
         filters = any(s.params.filters for s in decoders)
-        # Reads reach the last verified position, length - 1 + G.
-        attend = e.attend(min(max(s.length for s in decoders) + G, e.seq_len))
+        # Reads reach the last verified position, length - 1 + G, and past the tokens of a step pending.
+        attend = e.attend(min(max(s.length for s in decoders) + G + e.pending_tokens(), e.seq_len))
         if self.draft is None:
             drafts = torch.zeros(b, G, dtype=torch.long)
             for seq in decoders:
                 drafts[seq.slot] = torch.tensor(ngram_draft(seq.prompt + seq.output, G, e.config.ngram))
             self.lookup[:b].copy_(e.upload(drafts), non_blocking=True)
-        else:
+        elif not e.pending_tokens():  # with a draft step pending the device holds all the draft needs
             self._catch_up(decoders, b)
         if self.graphs is not None:
             tokens, n = self.graphs(b, (attend, filters))
@@ -176,19 +182,22 @@ class Speculator:
             tokens, n = self._device_step(b, attend, filters)
         return [tokens.flatten(), n]
 
-    def host_len(self, decoders: list[Sequence]) -> int:
-        b = decoders[-1].slot + 1
+    def host_len(self, b: int) -> int:
+        """Tokens the host copies of a step of rows 0 .. b - 1."""
         return b * (self.gamma + 2)
 
-    def accept(self, decoders: list[Sequence], host: list[int]) -> list[tuple[Sequence, list[int]]]:
-        """Each row's kept tokens from the host copy; the drafter's bookkeeping and the statistics."""
-        G, b = self.gamma, decoders[-1].slot + 1
+    def accept(self, decoders: list[Sequence], slots: list[int], host: list[int]) -> list[tuple[Sequence, list[int]]]:
+        """Each row's kept tokens from the host copy (`slots`: the decoders' at launch); the drafter's bookkeeping
+        and the statistics."""
+        G, b = self.gamma, slots[-1] + 1
         counts = host[b * (G + 1) : b * (G + 2)]
         out = []
         stats = self.engine.stats
-        for seq in decoders:
-            n = counts[seq.slot]
-            start = seq.slot * (G + 1)
+        for seq, slot in zip(decoders, slots):
+            if seq.finished:  # in the step before (`overlap`: it was decoded once more), or aborted
+                continue
+            n = counts[slot]
+            start = slot * (G + 1)
             out.append((seq, host[start : start + n + 1]))
             # The draft fed positions up to length - 1 + G - 1; those up to its last kept draft hold the right keys.
             self.draft_cached[seq.id] = seq.length + min(n, G - 1)
@@ -246,7 +255,10 @@ class Speculator:
         rows = torch.arange(b, device=e.device).repeat_interleave(G + 1)
         p = sampling.processed_logits(logits.flatten(0, 1), t.take(rows), None, filters).softmax(-1)  # [b(G+1), V]
         tokens, n = accept(p.view(b, G + 1, -1), q, drafts, t, positions + 1)
-        e.tokens[:b] = tokens[torch.arange(b, device=e.device), n]
+        each = torch.arange(b, device=e.device)
+        if self.draft is not None:  # the token before each row's next one: its last kept draft, or its current
+            self.previous[:b] = torch.where(n > 0, tokens[each, (n - 1).clamp(min=0)], e.tokens[:b])
+        e.tokens[:b] = tokens[each, n]
         e.positions[:b] = (positions + n + 1).clamp_(max=e.seq_len - 1)
         return tokens, n
 
