@@ -487,18 +487,17 @@ class Engine:
                     t1 = time.perf_counter()
                     self.speculator.capture()
                     self.startup_s["speculative_graphs"] = time.perf_counter() - t1
-            if compiled and self.packed_prefill:  # 16 tokens of one slot, never specialised to 1 row
-                slots = torch.zeros(16, dtype=torch.long, device=self.device)
-                tokens = torch.zeros(16, 1, dtype=torch.long, device=self.device)
-                positions = torch.arange(16, device=self.device)[:, None]
-                self._hidden(self.model, self.cache.gather(slots, self.seq_len), tokens, positions)
-                self.startup_s["prefill_compile"] = time.perf_counter() - t0 - self.startup_s.get("decode_graphs", 0.0)
-            elif compiled:  # a batch or chunk is padded to at least 2 (see `_prefill`): never specialised to 1
-                slots = torch.arange(min(2, n_slots), device=self.device)
-                tokens = torch.zeros(2, 16, dtype=torch.long, device=self.device)
-                # Not expanded: a stride of 0 would be compiled apart from the prefill's real positions.
-                positions = torch.arange(16, device=self.device).repeat(2, 1)
-                self._hidden(self.model, self.cache.gather(slots[[0, -1]], 16), tokens, positions)
+            if compiled:  # the prefill's shape, never specialised to one row
+                if self.packed_prefill:  # 16 tokens of one slot, one a row
+                    slots, attend = torch.zeros(16, dtype=torch.long, device=self.device), self.seq_len
+                    tokens = torch.zeros(16, 1, dtype=torch.long, device=self.device)
+                    positions = torch.arange(16, device=self.device)[:, None]
+                else:  # a batch or chunk is padded to at least 2 (see `_prefill`)
+                    slots, attend = torch.arange(min(2, n_slots), device=self.device)[[0, -1]], 16
+                    tokens = torch.zeros(2, 16, dtype=torch.long, device=self.device)
+                    # Not expanded: a stride of 0 would be compiled apart from the prefill's real positions.
+                    positions = torch.arange(16, device=self.device).repeat(2, 1)
+                self._hidden(self.model, self.cache.gather(slots, attend), tokens, positions)
                 self.startup_s["prefill_compile"] = time.perf_counter() - t0 - self.startup_s.get("decode_graphs", 0.0)
 
     # ------------------------------------------------------------------------------------------ requests
@@ -737,11 +736,9 @@ class Engine:
             those were drawn from; (no sequences, None, None) when none completes.
         """
         done, logits = [], []
-        for group in [chunks] if self.packed_prefill else _batches(chunks, self.seq_len):
-            if self.packed_prefill:
-                last = self._prefill_packed(group)  # [len(group), V]
-            else:
-                last = self._prefill_padded(group, *self._shape(group))  # [len(group), V]
+        packed = self.packed_prefill
+        for group in [chunks] if packed else _batches(chunks, self.seq_len):
+            last = self._prefill_packed(group) if packed else self._prefill_padded(group, *self._shape(group))
             completing = [row for row, c in enumerate(group) if c.completes]
             if completing:
                 logits.append(last[self.upload(completing)])  # [k, V], a copy (the next group reuses the buffer)
