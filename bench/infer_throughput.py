@@ -318,7 +318,9 @@ def _held_out_code(data: Path, n: int, length: int, bos: int) -> list[list[int]]
     return prompts[:n]
 
 
-def run_speculative(args: argparse.Namespace, shape: dict, out: Path) -> dict:
+def run_speculative(args: argparse.Namespace, shape: dict, out: Path, save: Any = None) -> dict:
+    """The speculative group; `save(partial)` is called after the training and after each run, so that a call stopped
+    from outside keeps what finished."""
     from llamita.tokenizer import Tokenizer
 
     data = Path(args.data) if args.data else _smoke_data(out / "data")
@@ -326,13 +328,13 @@ def run_speculative(args: argparse.Namespace, shape: dict, out: Path) -> dict:
     # The trained runs (4.4 GB of target checkpoint) go outside --out, whose files a GPU call brings back.
     runs = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="infer-speculative-"))
     try:
-        return _speculative(args, shape, data, tokenizer, runs)
+        return _speculative(args, shape, data, tokenizer, runs, save or (lambda partial: None))
     finally:
         if not args.runs:
             shutil.rmtree(runs, ignore_errors=True)
 
 
-def _speculative(args: argparse.Namespace, shape: dict, data: Path, tokenizer: Any, runs: Path) -> dict:
+def _speculative(args: argparse.Namespace, shape: dict, data: Path, tokenizer: Any, runs: Path, save: Any) -> dict:
     import torch
 
     from llamita.inference import LLM, SamplingParams
@@ -352,12 +354,13 @@ def _speculative(args: argparse.Namespace, shape: dict, data: Path, tokenizer: A
     cuda = shape["device"] == "cuda"
     configs: dict[str, dict] = {"plain": {}}
     for kind in args.speculators.split(","):
-        for i, gamma in enumerate(args.gamma):  # the first gamma's runs are named plainly, the others by it
+        for i, gamma in enumerate(args.gamma or [None]):  # the first gamma's runs are named plainly, the others by it
             engine = {"draft": runs / "draft"} if kind.startswith("draft") else {"speculate": "ngram"}
-            if kind == "draft-overlap":  # draft steps launched ahead of the host (EngineConfig.overlap)
-                engine["overlap"] = True
-            configs[kind if i == 0 else f"{kind}-g{gamma}"] = engine | {"gamma": gamma}
+            if kind == "draft-in-order":  # draft steps not launched ahead of the host (EngineConfig.overlap)
+                engine["overlap"] = False
+            configs[kind if i == 0 else f"{kind}-g{gamma}"] = engine | ({"gamma": gamma} if gamma else {})
     results: dict[str, Any] = {"train_s": {"target": t1 - t0, "draft": t2 - t1}}
+    save(results)
     outputs: dict[tuple[str, str], list[list[int]]] = {}
     for name, engine in configs.items():
         llm = LLM(runs / "target", device=device, dtype=shape["dtype"], max_batch=8, max_seq_len=seq, compile=cuda,
@@ -382,18 +385,16 @@ def _speculative(args: argparse.Namespace, shape: dict, data: Path, tokenizer: A
                 "tokens_per_target_step": made / steps if steps else None,
             }
             outputs[name, kind] = outs
+            if name != "plain":
+                plain = results.get(f"plain/{kind}")
+                r = results[f"{name}/{kind}"]
+                r["speedup"] = r["tokens_per_s"] / plain["tokens_per_s"] if plain else None
+                r["greedy_identical"] = outs == outputs.get(("plain", kind))
             # All prompts at once: past speculate_max_batch the engine decodes plainly by itself.
             t = time.perf_counter()
             total = sum(len(c.token_ids) for c in llm.generate(ps, params))
             results[f"{name}/{kind}"][f"batch_{len(ps)}_tokens_per_s"] = total / (time.perf_counter() - t)
-    for name in configs:
-        if name == "plain":
-            continue
-        kind = "code" if name.startswith("draft") else "repeat"
-        plain = results.get(f"plain/{kind}")
-        r = results[f"{name}/{kind}"]
-        r["speedup"] = r["tokens_per_s"] / plain["tokens_per_s"] if plain else None
-        r["greedy_identical"] = outputs[name, kind] == outputs.get(("plain", kind))
+            save(results)
     return results
 
 
@@ -470,10 +471,11 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ", ".join(known))
     parser.add_argument("--gpt-fast", default="", help="a checkout of github.com/pytorch-labs/gpt-fast")
     parser.add_argument("--data", default="", help="prepared corpus (bench/train_throughput.py --prepare-data)")
-    parser.add_argument("--gamma", type=int, nargs="+", default=[4],
-                        help="tokens drafted per speculative step; several: each drafter runs at each")  # fmt: skip
+    parser.add_argument("--gamma", type=int, nargs="+", default=None,
+                        help="tokens drafted per speculative step (default: the engine's); several: each drafter runs "
+                             "at each")  # fmt: skip
     parser.add_argument("--speculators", default="draft,ngram",
-                        help="comma list of draft, draft-overlap (its steps launched ahead), ngram")  # fmt: skip
+                        help="comma list of draft, draft-in-order (its steps not launched ahead), ngram")  # fmt: skip
     parser.add_argument("--runs", default="", help="keep the speculative group's trained runs here (default: deleted)")
     parser.add_argument("--bandwidth", type=float, default=4.3e12, help="memory bandwidth in bytes/s (H200: 4.3e12)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"), help="results folder")
@@ -511,7 +513,12 @@ def main() -> None:
     if "speculative" in groups:
         if not args.data and not args.smoke:
             parser.error("the speculative group trains on the prepared corpus: pass --data (see --help)")
-        results["speculative"] = run_speculative(args, shape, out)
+
+        def save(partial: dict) -> None:
+            results["speculative"] = partial
+            _write(out, results)
+
+        results["speculative"] = run_speculative(args, shape, out, save)
     print(_write(out, results))
 
 

@@ -723,11 +723,11 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     """The options of `generate` and `serve` that `_engine_settings` reads."""
     p.add_argument("--draft", help="speculative decoding with this draft model (same tokenizer; a smaller checkpoint)")
     p.add_argument("--speculate", choices=["ngram"], help="speculative decoding by prompt lookup, no draft model")
-    p.add_argument("--gamma", type=int, default=4, help="tokens drafted per speculative step")
+    p.add_argument("--gamma", type=int, default=6, help="tokens drafted per speculative step")
     p.add_argument(
         "--overlap", action=argparse.BooleanOptionalAction, default=None,
         help="launch each step before the host reads the last one's tokens (EngineConfig.overlap; default: on a "
-             "GPU without speculation)",
+             "GPU, but with --speculate ngram)",
     )  # fmt: skip
     p.add_argument(
         "--single-row", action=argparse.BooleanOptionalAction, default=None,

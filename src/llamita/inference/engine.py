@@ -124,8 +124,10 @@ class EngineConfig:
     tokens on the device: the token before each row's current one is kept there too); a step of prompt lookup,
     which drafts from the host's tokens, or the first speculative step after plain ones, lands the step pending
     first. The outputs are the same (tested). None: on on CUDA without speculation (whole steps 4-14% shorter on
-    an H200 at batch 1 to 256, `bench/results/2026-12-02-engine-r5.md`), off with it (not yet measured on a GPU),
-    off on a CPU, where a step's work is done by the time it is launched."""
+    an H200 at batch 1 to 256, `bench/results/2026-12-02-engine-r5.md`) and with a draft model (1,119 tokens/s
+    against 1,098 in order at batch 1 on an H100, `bench/results/2026-12-06-engine-r9.md`), off with prompt lookup
+    (each of its steps lands the one pending first) and on a CPU, where a step's work is done by the time it is
+    launched."""
     compile: bool = True
     """On CUDA, compile the model's transformer block (`block_step`, which the decode step and the prefill forward
     run for every layer) and the decode step's sampling, with dynamic shapes (but the sampling's vocabulary,
@@ -136,8 +138,10 @@ class EngineConfig:
     generation), which is how the tests check it."""
     speculate: str | None = None
     """Speculative decoding: "draft" (a draft model, given to the engine) or "ngram" (prompt lookup); None: off."""
-    gamma: int = 4
-    """Tokens drafted per speculative step."""
+    gamma: int = 6
+    """Tokens drafted per speculative step. With a trained 2-layer draft of a TinyLlama-1.1B-shaped target at batch
+    1 on an H100, 6 made 1.97x plain decoding's tokens/s against 1.78x with 4 (acceptance 77% and 82%,
+    `bench/results/2026-12-06-engine-r9.md`)."""
     ngram: int = 3
     """Longest n-gram prompt lookup matches (it tries n, n - 1, ..., 1)."""
     speculate_max_batch: int = 4
@@ -371,7 +375,7 @@ class Engine:
         # (while any runs, steps run in order).
         self._ahead: tuple[_Launch, Tensor, torch.cuda.Event | None] | None = None
         pinned = self.device.type == "cuda"
-        self.overlap = config.overlap if config.overlap is not None else pinned and not config.speculate
+        self.overlap = config.overlap if config.overlap is not None else pinned and config.speculate != "ngram"
         """Whether steps are launched ahead (`EngineConfig.overlap`, resolved)."""
         # A step's tokens: a plain step's (batch) or a speculative one's (rows x (gamma + 2)), and the first tokens.
         most = n_slots + max(n_slots, min(config.speculate_max_batch, n_slots) * (config.gamma + 2))
