@@ -22,7 +22,8 @@ Systems, each in its own process (`sft_throughput.run_systems`), one after the o
   The cost of HTTP is the gap between this row and the next.
 - ``llamita-serve``: ``llamita serve --checkpoint DIR --max-batch 256`` (a subprocess, stopped with SIGTERM at the
   end; ``--stream-interval N`` passes on, and ``--engine-process``, which puts its engine in a process of its
-  own). Clients: the official ``openai`` AsyncOpenAI, streaming `/v1/completions`
+  own; ``--api-server-count N [M ...]`` runs it with N HTTP processes on one engine process, then M, ..., the runs
+  past the first named ``llamita-serve-xM``). Clients: the official ``openai`` AsyncOpenAI, streaming `/v1/completions`
   with token-id prompts and ``stream_options.include_usage``, no retries, a connection pool as large as the
   concurrency; c workers each send one request at a time until the level's requests are done or `--level-seconds` have
   passed (the requests in flight then finish; any still running `--grace-seconds` later are cancelled, and count with
@@ -504,7 +505,7 @@ def server(cmd: list[str], port: int, log: Path, start_timeout: float, env: dict
 def _server_command(spec: dict, port: int) -> tuple[list[str], str | None, dict | None]:
     """The server's command line, the model name its requests carry (None: ask /v1/models) and its environment."""
     shape = spec["shape"]
-    if spec["system"] == "llamita-serve":
+    if spec["system"].startswith("llamita-serve"):
         cmd = [sys.executable, "-m", "llamita.cli", "serve", "--checkpoint", spec["model"], "--host", "127.0.0.1",
                "--port", str(port), "--max-batch", str(max(shape["concurrency"])), "--max-queue", str(spec["n"]),
                "--device", shape["device"], "--dtype", shape["dtype"], "--log-level", "warning",
@@ -516,6 +517,8 @@ def _server_command(spec: dict, port: int) -> tuple[list[str], str | None, dict 
             cmd.append("--overlap" if spec["overlap"] else "--no-overlap")
         if spec.get("engine_process"):
             cmd.append("--engine-process")
+        if spec.get("api_server_count", 1) > 1:
+            cmd += ["--api-server-count", str(spec["api_server_count"])]
         if spec["prefill_graphs"] is not None:
             cmd.append("--prefill-graphs" if spec["prefill_graphs"] else "--no-prefill-graphs")
         if spec.get("packed_prefill") is not None:
@@ -624,19 +627,22 @@ def tables(record: dict) -> str:
         x, y = at(a, c).get("output_tokens_per_s"), at(b, c).get("output_tokens_per_s")
         return x / y if x and y else None
 
-    ratios = ["| concurrency | serve / offline | serve / transformers serve |", "|---:|---:|---:|"]
-    for c in levels:
-        ratios.append(f"| {c} | {_fmt(ratio('llamita-serve', 'llamita-offline', c), '.3f')} | "
-                      f"{_fmt(ratio('llamita-serve', 'transformers-serve', c), '.1f')} |")  # fmt: skip
+    serves = [name for name in results if name.startswith("llamita-serve")]  # --api-server-count's runs
+    ratios = ["| server | concurrency | serve / offline | serve / transformers serve |", "|---|---:|---:|---:|"]
+    for name in serves:
+        for c in levels:
+            ratios.append(f"| {name} | {c} | {_fmt(ratio(name, 'llamita-offline', c), '.3f')} | "
+                          f"{_fmt(ratio(name, 'transformers-serve', c), '.1f')} |")  # fmt: skip
     targets = []
-    if 64 in levels:
-        targets.append(f"- serve / offline at 64: {_fmt(ratio('llamita-serve', 'llamita-offline', 64), '.3f')} "
-                       "(target >= 0.90)")  # fmt: skip
-    if 256 in levels:
-        x = at("llamita-serve", 256)
-        targets.append(f"- serve at 256: {_fmt(x.get('output_tokens_per_s'), ',.0f')} output tok/s (target >= 30,000), "
-                       f"TTFT p99 {_fmt(x.get('ttft_p99_ms'), ',.0f')} ms (target < 1,000), "
-                       f"errors {x.get('errors', '-')} (target 0)")  # fmt: skip
+    for name in serves:
+        if 64 in levels:
+            targets.append(f"- {name} / offline at 64: {_fmt(ratio(name, 'llamita-offline', 64), '.3f')} "
+                           "(target >= 0.90)")  # fmt: skip
+        if 256 in levels:
+            x = at(name, 256)
+            targets.append(f"- {name} at 256: {_fmt(x.get('output_tokens_per_s'), ',.0f')} output tok/s (target >= "
+                           f"30,000), TTFT p99 {_fmt(x.get('ttft_p99_ms'), ',.0f')} ms (target < 1,000), "
+                           f"errors {x.get('errors', '-')} (target 0)")  # fmt: skip
     peer = [ratio("llamita-serve", "transformers-serve", c) for c in levels]
     if any(p is not None for p in peer):
         low = min(p for p in peer if p is not None)
@@ -689,6 +695,9 @@ def main() -> None:
                         help="llamita's EngineConfig.packed_prefill (default: the engine's)")  # fmt: skip
     parser.add_argument("--engine-process", action="store_true",
                         help="llamita serve --engine-process: its engine in a process of its own")  # fmt: skip
+    parser.add_argument("--api-server-count", type=int, nargs="+", default=[1],
+                        help="llamita serve --api-server-count; several: llamita-serve runs with each, named "
+                             "llamita-serve-xN past the first")  # fmt: skip
     args = parser.parse_args()
     shape = dict(SMOKE if args.smoke else SHAPE)
     if args.concurrency:
@@ -712,8 +721,14 @@ def main() -> None:
                 "stream_interval": args.stream_interval, "prefill_graphs": args.prefill_graphs,
                 "decode_attention": args.decode_attention, "overlap": args.overlap,
                 "engine_process": args.engine_process, "packed_prefill": args.packed_prefill}  # fmt: skip
-        specs = {name: base | {"system": name, "log": str(args.out / f"{name}.log")} for name in names}
-        record = run_systems(names, specs, _runner, shape, args.out / "serve_load.json")
+        specs = {}
+        for name in names:
+            counts = args.api_server_count if name == "llamita-serve" else [1]
+            for i, count in enumerate(counts):
+                label = name if i == 0 else f"{name}-x{count}"
+                log = str(args.out / f"{label}.log")
+                specs[label] = base | {"system": label, "api_server_count": count, "log": log}
+        record = run_systems(list(specs), specs, _runner, shape, args.out / "serve_load.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     record["device"] = device_name(shape)

@@ -243,6 +243,26 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    if args.api_server_count < 1:
+        raise ConfigError(f"--api-server-count must be >= 1, got {args.api_server_count}")
+    if args.api_server_count == 1:
+        _serve(args)
+        return
+    import shutil
+    import tempfile
+
+    # The HTTP processes add their metrics up through files here (prometheus_client's multiprocess mode), which
+    # it reads when it is imported: before the server's modules are.
+    shared = tempfile.mkdtemp(prefix="llamita-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
+    try:
+        _serve(args)
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _serve(args: argparse.Namespace) -> None:
     try:
         from llamita.inference.server import ServerConfig, serve
     except ImportError as e:
@@ -271,10 +291,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         prefill_interval=args.prefill_interval, prefill_graphs=args.prefill_graphs,
         packed_prefill=args.packed_prefill, decode_attention=args.decode_attention, **engine,
     )  # fmt: skip
-    if args.engine_process:
+    if args.engine_process or args.api_server_count > 1:
         from llamita.inference.engine_process import EngineProcess
 
-        serve(EngineProcess({"model": args.checkpoint, **settings}, stream_interval=args.stream_interval), config)
+        llm = {"model": args.checkpoint, **settings}
+        serve(EngineProcess(llm, stream_interval=args.stream_interval, fronts=args.api_server_count), config)
     else:
         serve(LLM(args.checkpoint, **settings), config)
 
@@ -666,6 +687,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine-process", action=argparse.BooleanOptionalAction, default=False,
         help="run the engine in a process of its own, so that HTTP and the engine do not share a GIL (off until it "
         "is measured on a GPU: bench/serve_load.py --engine-process)",
+    )  # fmt: skip
+    p.add_argument(
+        "--api-server-count", type=int, default=1,
+        help="HTTP processes that share the port and one engine process (vLLM's option; above 1 the engine runs "
+        "in a process of its own, as with --engine-process): more streams than one event loop can send",
     )  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

@@ -1,9 +1,12 @@
 """`llamita serve --engine-process`, its engine in a process of its own (`EngineProcess`): the same answers as the
 engine in the server's process, a clear error when the engine cannot start, 503 (never a hang) when the engine
-process dies, and no engine process left behind when the server dies."""
+process dies, and no engine process left behind when the server dies. With `--api-server-count 2`, a second HTTP
+process on the same port and engine: the same answers, metrics added up, a clean shutdown, and a server that goes
+down (exit 1) when an HTTP process dies."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +24,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
 MODEL = "tiny-chat"
+JSON = "application/json"
 PROMPTS = [f"the {w} model {i}" for i, w in enumerate(["river", "loss", "café", "data"] * 4)]
 
 
@@ -72,18 +76,28 @@ def _gone(pid: int) -> bool:
     return status.exists() and "zombie" in status.read_text()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the engine process through /proc")
-def test_the_engine_process_answers_as_the_engine_in_the_servers_process(checkpoint, tmp_path):
-    """16 concurrent clients, streaming and not, with a stop string: the same text from both servers; the engine
-    process is the server's child, and the gauges return to 0 once the requests are done."""
-    inside = start_server(checkpoint, tmp_path / "inside.log")
+@pytest.fixture(scope="module")
+def answers(checkpoint, tmp_path_factory):
+    """The answers to PROMPTS (streamed for odd indices) and `_logprobs` of a server with its engine in a thread."""
+    inside = start_server(checkpoint, tmp_path_factory.mktemp("inside") / "server.log")
     try:
         assert _engine_pids(inside.process.pid) == []
         client = _client(inside)
-        expected = [_ask(client, p, stream=i % 2 == 1) for i, p in enumerate(PROMPTS)]
-        expected_logprobs = _logprobs(client)
+        return [_ask(client, p, stream=i % 2 == 1) for i, p in enumerate(PROMPTS)], _logprobs(client)
     finally:
         assert inside.stop() == 0, inside.output()
+
+
+def _has_socket(pid: int) -> bool:
+    fds = Path(f"/proc/{pid}/fd")
+    return any(os.readlink(fd).startswith("socket:") for fd in fds.iterdir() if fd.is_symlink())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the engine process through /proc")
+def test_the_engine_process_answers_as_the_engine_in_the_servers_process(checkpoint, answers, tmp_path):
+    """16 concurrent clients, streaming and not, with a stop string: the same text from both servers; the engine
+    process is the server's child, and the gauges return to 0 once the requests are done."""
+    expected, expected_logprobs = answers
     apart = start_server(checkpoint, tmp_path / "apart.log", "--engine-process")
     try:
         assert len(_engine_pids(apart.process.pid)) == 1
@@ -154,3 +168,53 @@ def test_the_engine_process_ends_when_the_server_is_killed(checkpoint, tmp_path)
     while not _gone(engine) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _gone(engine)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the processes through /proc")
+def test_two_http_processes_share_the_port_and_the_engine(checkpoint, answers, tmp_path):
+    """`--api-server-count 2`: an engine process and a second HTTP process, children of the server's; 16 concurrent
+    clients get the answers of the engine in a thread; with the server's own process stopped (SIGSTOP) the other
+    answers a new connection; the metrics of both add up whichever answers the scrape; SIGTERM ends all of them."""
+    expected, expected_logprobs = answers
+    live = start_server(checkpoint, tmp_path / "server.log", "--api-server-count", "2")
+    try:
+        children = _engine_pids(live.process.pid)
+        assert len(children) == 2
+        (http,) = [pid for pid in children if _has_socket(pid)]  # the other HTTP process listens too
+        client = _client(live)
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda i: _ask(client, PROMPTS[i], stream=i % 2 == 1), range(len(PROMPTS))))
+        assert got == expected
+        assert _logprobs(client) == expected_logprobs
+        body = json.dumps({"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 10, "temperature": 0, "stop": ["e"]})
+        os.kill(live.process.pid, signal.SIGSTOP)
+        try:  # a new connection: only the other HTTP process can take it
+            status, answer = live.request("POST", "/v1/completions", body.encode(), {"Content-Type": JSON})
+        finally:
+            os.kill(live.process.pid, signal.SIGCONT)
+        assert status == 200 and json.loads(answer)["choices"][0]["text"] == expected[2]
+
+        def counted() -> str:
+            return live.request("GET", "/metrics")[1].decode()
+
+        wait_for(lambda: "llamita_requests_running 0.0" in counted(), timeout=10)
+        for _ in range(4):  # new connections: scrapes answered by either process say the same
+            metrics = counted()
+            assert 'llamita_requests_total{endpoint="/v1/completions",status="200"} 18.0' in metrics, metrics
+            assert "llamita_time_to_first_token_seconds_count 18.0" in metrics
+    finally:
+        assert live.stop() == 0, live.output()
+    assert all(_gone(pid) for pid in children)
+    assert "Traceback" not in live.output(), live.output()
+    assert http
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the processes through /proc")
+def test_an_http_process_that_dies_takes_the_server_down(checkpoint, tmp_path):
+    live = start_server(checkpoint, tmp_path / "server.log", "--api-server-count", "2")
+    children = _engine_pids(live.process.pid)
+    (http,) = [pid for pid in children if _has_socket(pid)]
+    os.kill(http, signal.SIGKILL)
+    assert live.process.wait(60) == 1
+    assert f"HTTP process llamita-http-1 (pid {http}) exited with code -9" in live.output(), live.output()
+    wait_for(lambda: all(_gone(pid) for pid in children), timeout=20)

@@ -16,6 +16,14 @@ Commands go the other way: jobs to add (prompt ids and sampling settings), reque
 time limit, a request done), stop. The engine process ignores SIGINT and SIGTERM: the server shuts down first, then
 stops it; if the server's process dies, its pipe closes and the engine process ends. If the engine process dies,
 every request in flight fails with the reason and the server answers 503.
+
+Several HTTP processes can share the engine process (`llamita serve --api-server-count N`, vLLM's option of that
+name): the engine process then has a pair of pipes per HTTP process (`EngineProcess(fronts=N)`; the first pair is
+the server's own process's, the others are handed to the HTTP processes it starts, `EngineClient`), the keys of
+their requests apart, and each step's deltas go to the HTTP process whose request they belong to, with the counts
+of sequences waiting and running to every HTTP process whose view of them is out of date. An HTTP process that
+ends closes its pipes: its sequences are aborted and the engine serves the others; the server's own process
+closing its pipe ends the engine process, as before.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import multiprocessing
 import threading
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from llamita.config import ConfigError
@@ -59,30 +67,20 @@ class _Request:
     """Jobs not finished yet."""
 
 
-class EngineProcess:
-    """An engine in a child process, with the interface of `EngineThread` that the server uses."""
+class EngineClient:
+    """One HTTP process's end of the engine process's pipes, with the interface of `EngineThread` that the server
+    uses. `EngineProcess` is the server's own process's; the other HTTP processes (`--api-server-count`) make
+    theirs from the pipes and the engine's description that `EngineProcess.fronts` hands them."""
 
-    def __init__(self, llm: dict[str, Any], stream_interval: int = 1) -> None:
-        """Start the engine process and wait until its engine is ready (loaded, compiled, graphs captured).
-
-        Args:
-            llm: Keyword arguments of `LLM` (the checkpoint path first): what the engine process loads.
-            stream_interval: `EngineThread`'s.
-
-        Raises:
-            ConfigError: The engine process could not build its engine with these settings (a missing checkpoint,
-                settings that do not fit the model): its reason.
+    def __init__(self, commands: Connection, events: Connection, ready: dict[str, Any]) -> None:
         """
-        context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
-        commands_in, self._commands = context.Pipe(duplex=False)
-        self._events, events_out = context.Pipe(duplex=False)
-        self._process = context.Process(
-            target=_engine_main, args=(commands_in, events_out, llm, stream_interval), name="llamita-engine"
-        )
-        self._process.start()
-        commands_in.close()
-        events_out.close()
-        ready = self._first_message()
+        Args:
+            commands: The pipe to the engine process.
+            events: The pipe from it.
+            ready: The engine's description (its tokenizer, context length and slots), from the engine process.
+        """
+        self._commands, self._events = commands, events
+        self.ready = ready
         self.tokenizer: Tokenizer = ready["tokenizer"]
         self.seq_len: int = ready["seq_len"]
         self.n_slots: int = ready["n_slots"]
@@ -99,24 +97,6 @@ class EngineProcess:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader = threading.Thread(target=self._read, name="llamita-engine-reader", daemon=True)
-
-    def _first_message(self) -> dict[str, Any]:
-        try:
-            while not self._events.poll(0.5):
-                if not self._process.is_alive():
-                    raise EOFError
-            kind, *payload = self._events.recv()
-        except EOFError:
-            self._process.join(10)
-            raise ConfigError(f"the engine process exited with code {self._process.exitcode} before its engine "
-                              "was ready (see the log above)") from None  # fmt: skip
-        if kind == "failed":  # the exception itself where it pickles (a user error stays one), else its text
-            (error,) = payload
-            self._process.join(10)
-            if isinstance(error, Exception):
-                raise error
-            raise RuntimeError(f"the engine process could not start its engine: {error}")
-        return payload[0]
 
     # ------------------------------------------------------------------------------ event loop side
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -143,21 +123,16 @@ class EngineProcess:
                 self._command("abort", [key])
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the engine process (its sequences aborted) and wait for it to end."""
+        """Close this end of the pipes: the engine process aborts this process's sequences and serves the others."""
         with self._lock:
             self._stopping = True
-            self._command("stop", None)
-        self._process.join(timeout)
-        if self._process.is_alive():
-            log.warning("the engine process did not stop in %.0f s: terminating it", timeout)
-            self._process.terminate()
-            self._process.join(10)
+            self._commands.close()
         if self._reader.is_alive():
-            self._reader.join(5)
+            self._reader.join(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._process.is_alive() and self.failure is None and not self._stopping
+        return self.failure is None and not self._stopping
 
     def waiting(self) -> int:
         """Sequences waiting for a cache slot: those the engine process counted at its last message, and those
@@ -186,9 +161,11 @@ class EngineProcess:
                     self._hand_on([(key, Delta(*fields)) for key, *fields in deltas])
         except (EOFError, OSError):
             pass
+        except Exception as e:  # a bug: every request in flight fails with it, rather than wait for good
+            log.exception("llamita serve: reading the engine process's messages failed")
+            self.failure = f"reading the engine process's messages failed: {type(e).__name__}: {e}"
         if not self._stopping and self.failure is None:
-            self._process.join(5)
-            self.failure = f"the engine process exited (code {self._process.exitcode})"
+            self.failure = self._exited()
             log.error("llamita serve: %s", self.failure)
         with self._lock:
             requests, self._requests = list(self._requests.values()), {}
@@ -219,6 +196,105 @@ class EngineProcess:
             self.metrics.generation_tokens.inc(tokens)
         hand_to_loop(self._loop, out)
 
+    def _exited(self) -> str:
+        """Why the events pipe closed unasked."""
+        return "the engine process exited"
+
+
+class EngineProcess(EngineClient):
+    """An engine in a child process, and the server's own process's end of its pipes (`EngineClient`)."""
+
+    def __init__(self, llm: dict[str, Any], stream_interval: int = 1, fronts: int = 1) -> None:
+        """Start the engine process and wait until its engine is ready (loaded, compiled, graphs captured).
+
+        Args:
+            llm: Keyword arguments of `LLM` (the checkpoint path first): what the engine process loads.
+            stream_interval: `EngineThread`'s.
+            fronts: HTTP processes that share the engine: this one, and `fronts - 1` others, whose pipes are in
+                `fronts` (hand each pair to its process's `EngineClient`, then `close_fronts`).
+
+        Raises:
+            ConfigError: The engine process could not build its engine with these settings (a missing checkpoint,
+                settings that do not fit the model): its reason.
+        """
+        if fronts < 1:
+            raise ConfigError(f"--api-server-count must be >= 1, got {fronts}")
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+        pipes = [(context.Pipe(duplex=False), context.Pipe(duplex=False)) for _ in range(fronts)]
+        # Each pair: (commands: the engine's end, the HTTP side's), (events: the HTTP side's end, the engine's).
+        self._process = context.Process(
+            target=_engine_main, name="llamita-engine",
+            args=([(commands_in, events_out) for (commands_in, _), (_, events_out) in pipes], llm, stream_interval),
+        )  # fmt: skip
+        self._process.start()
+        for (commands_in, _), (_, events_out) in pipes:
+            commands_in.close()
+            events_out.close()
+        (_, commands), (events, _) = pipes[0]
+        self.fronts: list[tuple[Connection, Connection]] = [(c, e) for (_, c), (e, _) in pipes[1:]]
+        """The other HTTP processes' (commands, events) pipes."""
+        self._front_processes: list[Any] = []
+        self._front_grace = 0.0
+        super().__init__(commands, events, self._first_message(events))
+
+    def _first_message(self, events: Connection) -> dict[str, Any]:
+        try:
+            while not events.poll(0.5):
+                if not self._process.is_alive():
+                    raise EOFError
+            kind, *payload = events.recv()
+        except EOFError:
+            self._process.join(10)
+            raise ConfigError(f"the engine process exited with code {self._process.exitcode} before its engine "
+                              "was ready (see the log above)") from None  # fmt: skip
+        if kind == "failed":  # the exception itself where it pickles (a user error stays one), else its text
+            (error,) = payload
+            self._process.join(10)
+            if isinstance(error, Exception):
+                raise error
+            raise RuntimeError(f"the engine process could not start its engine: {error}")
+        return payload[0]
+
+    def close_fronts(self, processes: list[Any], grace: float) -> None:
+        """The other HTTP processes have started with their pipes (`fronts`): close this process's copies, so that
+        a process that ends closes its pipes for good; `stop` waits up to `grace` + 10 s for `processes` to end
+        first (then terminates them)."""
+        for commands, events in self.fronts:
+            commands.close()
+            events.close()
+        self.fronts = []
+        self._front_processes = processes
+        self._front_grace = grace
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the engine process (its sequences aborted) and wait for it to end, once the other HTTP processes
+        (`close_fronts`) have ended: they may still be finishing their requests."""
+        deadline = time.monotonic() + self._front_grace + 10
+        for process in self._front_processes:
+            process.join(max(deadline - time.monotonic(), 0))
+            if process.is_alive():
+                log.warning("HTTP process %s did not end in its grace period: terminating it", process.name)
+                process.terminate()
+                process.join(10)
+        with self._lock:
+            self._stopping = True
+            self._command("stop", None)
+        self._process.join(timeout)
+        if self._process.is_alive():
+            log.warning("the engine process did not stop in %.0f s: terminating it", timeout)
+            self._process.terminate()
+            self._process.join(10)
+        if self._reader.is_alive():
+            self._reader.join(5)
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive() and super().alive
+
+    def _exited(self) -> str:
+        self._process.join(5)
+        return f"the engine process exited (code {self._process.exitcode})"
+
 
 # ------------------------------------------------------------------------------------ the child
 def wire(deltas: list[tuple[int, Delta]]) -> list[tuple]:
@@ -229,12 +305,16 @@ def wire(deltas: list[tuple[int, Delta]]) -> list[tuple]:
     return [(k, d.index, d.text, d.token_ids, d.logprobs, d.offsets, d.finish_reason, d.error) for k, d in deltas]
 
 
-def _engine_main(commands: Connection, events: Connection, llm: dict[str, Any], stream_interval: int) -> None:
-    """The engine process: build the engine, then run its loop until told to stop or the server's process is gone."""
+def _engine_main(fronts: list[tuple[Connection, Connection]], llm: dict[str, Any], stream_interval: int) -> None:
+    """The engine process: build the engine, then run its loop until told to stop or the server's process is gone.
+
+    `fronts`: each HTTP process's (commands, events) pipes, the server's own process's first. A job's outbox here
+    is (its HTTP process, its request's key)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server stops us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    events = {front: pipe for front, (_, pipe) in enumerate(fronts)}
     try:
         from llamita.inference.llm import LLM
         from llamita.inference.text import TextStream
@@ -244,39 +324,64 @@ def _engine_main(commands: Connection, events: Connection, llm: dict[str, Any], 
             raise ConfigError("the server needs the model's tokenizer")
     except Exception as e:  # the server's process reports it and exits
         try:
-            events.send(("failed", e))
+            events[0].send(("failed", e))
         except Exception:  # an exception that does not pickle: its text
-            events.send(("failed", f"{type(e).__name__}: {e}"))
+            events[0].send(("failed", f"{type(e).__name__}: {e}"))
         return
     lock = threading.Lock()
-    received = 0
-    jobs: dict[int, list[Job]] = {}
+    received = [0] * len(fronts)  # jobs taken in, per HTTP process
+    told: list[tuple | None] = [None] * len(fronts)  # the counts (and failure) each HTTP process was last sent
+    jobs: dict[tuple[int, int], list[Job]] = {}
 
-    def deliver(deltas: list[tuple[int, Delta]]) -> None:
+    def deliver(deltas: list[tuple[tuple[int, int], Delta]]) -> None:
+        """Each HTTP process its deltas, and the counts to those whose are out of date (with or without deltas)."""
+        by_front: dict[int, list[tuple[int, Delta]]] = {}
+        for (front, key), d in deltas:
+            by_front.setdefault(front, []).append((key, d))
         with lock:
-            events.send(("deltas", wire(deltas), (received, thread.waiting(), thread.running()), thread.failure))
+            waiting, running = thread.waiting(), thread.running()
+            for front, pipe in list(events.items()):
+                counts, mine = (received[front], waiting, running), by_front.get(front)
+                if mine is None and (counts, thread.failure) == told[front]:
+                    continue
+                told[front] = counts, thread.failure
+                try:
+                    pipe.send(("deltas", wire(mine or []), counts, thread.failure))
+                except OSError:  # that HTTP process is gone: its command pipe tells the main loop
+                    pass
 
     thread = EngineThread(model.engine, stream_interval=stream_interval, deliver=deliver)
-    events.send(("ready", {"tokenizer": model.tokenizer, "seq_len": model.engine.seq_len,
-                           "n_slots": model.engine.n_slots}))  # fmt: skip
+    ready = {"tokenizer": model.tokenizer, "seq_len": model.engine.seq_len, "n_slots": model.engine.n_slots}
+    events[0].send(("ready", ready))  # the server's process hands it on to the other HTTP processes
     thread.start(None)
+    commands = {pipe: front for front, (pipe, _) in enumerate(fronts)}
     try:
-        while True:
-            kind, payload = commands.recv()
-            if kind == "add":
-                new = [Job(s.index, s.prompt, s.params, TextStream(model.tokenizer, s.prompt, s.params.stop), s.key)
-                       for s in payload]  # fmt: skip
-                received += len(new)
-                if not thread.alive:  # the loop died: its reason for each, at once
-                    deliver([(job.outbox, Delta(job.index, "", [], error=thread.failure or "stopped")) for job in new])
+        while commands:
+            for pipe in wait(list(commands)):
+                front = commands[pipe]
+                try:
+                    kind, payload = pipe.recv()
+                except EOFError:  # that HTTP process is gone: the server's own process ends the engine process
+                    if front == 0:
+                        return
+                    del commands[pipe]
+                    with lock:
+                        events.pop(front).close()
+                    thread.abort([job for key in [k for k in jobs if k[0] == front] for job in jobs.pop(key)])
                     continue
-                jobs.setdefault(payload[0].key, []).extend(new)
-                thread.submit(new)
-            elif kind == "abort":
-                thread.abort([job for key in payload for job in jobs.pop(key, [])])
-            else:  # stop
-                break
-    except EOFError:  # the server's process is gone
-        pass
+                if kind == "add":
+                    new = [Job(s.index, s.prompt, s.params, TextStream(model.tokenizer, s.prompt, s.params.stop),
+                               (front, s.key)) for s in payload]  # fmt: skip
+                    received[front] += len(new)
+                    if not thread.alive:  # the loop died: its reason for each, at once
+                        deliver([(job.outbox, Delta(job.index, "", [], error=thread.failure or "stopped"))
+                                 for job in new])  # fmt: skip
+                        continue
+                    jobs.setdefault((front, payload[0].key), []).extend(new)
+                    thread.submit(new)
+                elif kind == "abort":
+                    thread.abort([job for key in payload for job in jobs.pop((front, key), [])])
+                else:  # stop
+                    return
     finally:
         thread.stop()

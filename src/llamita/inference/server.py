@@ -23,6 +23,14 @@ a client that disconnects has its sequences aborted at once (their slots go to t
 ``length`` finish that would pass for a complete answer. On SIGTERM (or Ctrl-C) uvicorn stops accepting
 connections, requests in flight finish within ``shutdown_grace`` seconds (then they are cancelled), the engine
 thread stops, and the process exits 0.
+
+With ``--api-server-count N`` (N > 1) the engine runs in a process of its own and N HTTP processes share it and
+the listening socket (vLLM's option of that name; uvicorn's workers share a socket the same way): this process and
+N - 1 it starts (`_front_main`), each with its own event loop and its own pipes to the engine process
+(`EngineClient`), the kernel handing each new connection to one of them. Their metrics are added up across the
+processes (prometheus_client's multiprocess mode, `ServerMetrics`). SIGTERM or Ctrl-C reaches every HTTP process
+(this one passes SIGTERM on); each shuts down as above, then the engine process stops. An HTTP process that dies
+takes the server down with it (exit 1, the reason in the log), rather than serve on at a part of its capacity.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -41,13 +51,14 @@ from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from llamita.chat.templates import stop_ids
 from llamita.config import ConfigError
-from llamita.inference.engine_process import EngineProcess
+from llamita.inference.engine_process import EngineClient, EngineProcess
 from llamita.inference.engine_thread import Delta, EngineThread, Job
 from llamita.inference.llm import LLM
 from llamita.inference.protocol import (
@@ -118,16 +129,16 @@ class RequestTimeout(Exception):
 class Server:
     """The routes' state: the model's tokenizer, its engine (a thread here or a process of its own), the metrics."""
 
-    def __init__(self, model: LLM | EngineProcess, config: ServerConfig) -> None:
+    def __init__(self, model: LLM | EngineClient, config: ServerConfig) -> None:
         """
         Args:
             model: An `LLM`, whose engine a thread of this process runs (`EngineThread`), or an engine process
-                already started (`EngineProcess`).
+                already started (`EngineProcess`, or another HTTP process's `EngineClient` of it).
             config: The server's settings.
         """
         self.config = config
-        if isinstance(model, EngineProcess):
-            self.engine: EngineThread | EngineProcess = model
+        if isinstance(model, EngineClient):
+            self.engine: EngineThread | EngineClient = model
             self.tokenizer, self.context, slots = model.tokenizer, model.seq_len, model.n_slots
         else:
             if model.tokenizer is None:
@@ -230,7 +241,7 @@ class Server:
 
 
 # ------------------------------------------------------------------------------------------- app
-def build_app(model: LLM | EngineProcess, config: ServerConfig) -> FastAPI:
+def build_app(model: LLM | EngineClient, config: ServerConfig) -> FastAPI:
     """The ASGI app of one model; its engine runs while the app's lifespan does (`Server`)."""
     server = Server(model, config)
 
@@ -605,34 +616,134 @@ def _finish_reason(reason: str) -> str:
 
 # ------------------------------------------------------------------------------------------- serve
 def serve(model: LLM | EngineProcess, config: ServerConfig) -> None:
-    """Serve `model` until SIGTERM or Ctrl-C, then shut down gracefully (see the module's docstring)."""
-    import uvicorn
+    """Serve `model` until SIGTERM or Ctrl-C, then shut down gracefully (see the module's docstring): in this
+    process, and in the other HTTP processes an `EngineProcess` has pipes for (`EngineProcess.fronts`)."""
+    _log_setup(config)
+    fronts = model.fronts if isinstance(model, EngineProcess) else []
+    app = build_app(model, config)
+    uconfig = _uvicorn_config(app, config)
+    server = _Uvicorn(uconfig)
+    sockets, watch = None, None
+    try:
+        if fronts:
+            sockets = [uconfig.bind_socket()]
+            server.fronts = _start_fronts(model, sockets[0], config)
+            watch = threading.Thread(target=server.watch_fronts, name="llamita-fronts", daemon=True)
+            watch.start()
+        _run(server, sockets)
+    finally:
+        for process in server.fronts:  # the server's own HTTP process ended early (a port taken): theirs too
+            if process.is_alive() and not server.started:
+                process.terminate()
+        if isinstance(model, EngineProcess):  # stopped with the app's lifespan, unless the app never started
+            model.stop()
+    if server.failed_front:
+        log.error("llamita serve: %s; the server shut down", server.failed_front)
+        raise SystemExit(1)
+    if not server.started:
+        raise ConfigError(f"the server could not start on {config.host}:{config.port} (see the log above)")
 
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server that passes SIGTERM on to the other HTTP processes (`--api-server-count`) as it starts to
+    shut down, and shuts down if one of them ends before it does."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.fronts: list[Any] = []
+        self.failed_front: str | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        for process in self.fronts:
+            if process.is_alive() and process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)  # SIGTERM even for a SIGINT: a second SIGINT forces exit
+        super().handle_exit(sig, frame)
+
+    def watch_fronts(self) -> None:
+        from multiprocessing.connection import wait
+
+        sentinels = {process.sentinel: process for process in self.fronts}
+        (ended, *_) = wait(list(sentinels))
+        if not self.should_exit:
+            process = sentinels[ended]
+            process.join(1)
+            self.failed_front = f"HTTP process {process.name} (pid {process.pid}) exited with code {process.exitcode}"
+            log.error("llamita serve: %s: shutting down", self.failed_front)
+            self.handle_exit(signal.SIGTERM, None)
+
+
+def _start_fronts(model: EngineProcess, sock: Any, config: ServerConfig) -> list[Any]:
+    """Start an HTTP process for each of `model`'s other pipes (`fronts`), on `sock`; returns once each has built its
+    app and listens.
+
+    Raises:
+        RuntimeError: One of them could not start: the reason.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    processes, reports = [], []
+    for i, (commands, events) in enumerate(model.fronts, start=1):
+        report, report_in = context.Pipe(duplex=False)
+        process = context.Process(
+            target=_front_main, name=f"llamita-http-{i}", args=(sock, commands, events, model.ready, config, report_in)
+        )
+        process.start()
+        report_in.close()
+        processes.append(process)
+        reports.append(report)
+    model.close_fronts(processes, config.shutdown_grace)
+    for process, report in zip(processes, reports):
+        try:
+            failure = report.recv()
+        except EOFError:
+            failure = f"exited with code {process.join(5) or process.exitcode}"
+        if failure is not None:
+            for other in processes:
+                other.terminate()
+            raise RuntimeError(f"HTTP process {process.name} could not start: {failure}")
+    return processes
+
+
+def _front_main(sock: Any, commands: Any, events: Any, ready: dict, config: ServerConfig, report: Any) -> None:
+    """Another HTTP process of `--api-server-count`: the same app on its own pipes to the engine process, on the
+    socket the server's process listens on."""
+    try:
+        _log_setup(config)
+        server = uvicorn.Server(_uvicorn_config(build_app(EngineClient(commands, events, ready), config), config))
+    except Exception as e:
+        report.send(f"{type(e).__name__}: {e}")
+        raise
+    report.send(None)
+    report.close()
+    _run(server, [sock])
+    if not server.started:
+        raise SystemExit(1)
+
+
+def _log_setup(config: ServerConfig) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    app = build_app(model, config)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level=config.log_level,
-            timeout_graceful_shutdown=config.shutdown_grace,
-            lifespan="on",
-        )  # fmt: skip
-    )
+
+
+def _uvicorn_config(app: FastAPI, config: ServerConfig) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.log_level,
+        timeout_graceful_shutdown=config.shutdown_grace, lifespan="on",
+    )  # fmt: skip
+
+
+def _run(server: uvicorn.Server, sockets: list | None) -> None:
+    """Run a uvicorn server until it has shut down."""
     # uvicorn raises the signal again once it has shut down, with the handlers it found: these make that the
     # end of a graceful shutdown (exit 0) instead of a kill by the signal.
     previous = {sig: signal.signal(sig, _shut_down) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if isinstance(model, EngineProcess):  # stopped with the app's lifespan, unless the app never started
-            model.stop()
-    if not server.started:
-        raise ConfigError(f"the server could not start on {config.host}:{config.port} (see the log above)")
 
 
 def _shut_down(signum: int, frame: Any) -> None:

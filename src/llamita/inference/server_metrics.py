@@ -4,13 +4,21 @@ one process, as in the tests, count apart).
 Counters and histograms are fed as things happen: requests by endpoint and status (an ASGI middleware), prompt and
 generated tokens, time to first token and inter-token latency (the engine thread, when a step returns tokens).
 The gauges (requests waiting, sequences running, cache use) are read from the engine when Prometheus scrapes.
+
+With several HTTP processes (`llamita serve --api-server-count N`) the server sets ``PROMETHEUS_MULTIPROC_DIR``
+before any of them imports prometheus_client: counters and histograms then live in files there, one per process,
+and a scrape, whichever process answers it, adds them up (prometheus_client's multiprocess mode). The gauges are
+the answering process's view of the engine, which the engine process keeps up to date in every HTTP process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
@@ -45,15 +53,34 @@ class ServerMetrics:
             "llamita_e2e_request_latency_seconds", "From a sequence's arrival to its last token", registry=r,
             buckets=REQUEST_BUCKETS,
         )  # fmt: skip
-        Gauge("llamita_requests_waiting", "Sequences waiting for a cache slot", registry=r).set_function(waiting)
-        Gauge("llamita_requests_running", "Sequences in cache slots", registry=r).set_function(running)
-        Gauge("llamita_cache_usage", "Share of the KV cache slots in use", registry=r).set_function(
-            lambda: running() / slots
-        )
+        self._gauges = _Gauges(waiting, running, slots)
+        r.register(self._gauges)
+        self._shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if self._shared and values.ValueClass is values.MutexValue:
+            raise RuntimeError("PROMETHEUS_MULTIPROC_DIR was set after prometheus_client was imported: this "
+                               "process's metrics would be missing from the sum")  # fmt: skip
 
     def count_request(self, path: str, status: int) -> None:
         self.requests.labels(endpoint=path if path in ENDPOINTS else "other", status=str(status)).inc()
 
     def exposition(self) -> bytes:
-        """The Prometheus text format of every metric."""
-        return generate_latest(self.registry)
+        """The Prometheus text format of every metric (of every HTTP process, in multiprocess mode)."""
+        if not self._shared:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, self._shared)
+        registry.register(self._gauges)
+        return generate_latest(registry)
+
+
+class _Gauges:
+    """The gauges, computed when scraped (a collector, so that multiprocess mode keeps no files of them)."""
+
+    def __init__(self, waiting: Callable[[], float], running: Callable[[], float], slots: int) -> None:
+        self.waiting, self.running, self.slots = waiting, running, slots
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        running = self.running()
+        yield GaugeMetricFamily("llamita_requests_waiting", "Sequences waiting for a cache slot", value=self.waiting())
+        yield GaugeMetricFamily("llamita_requests_running", "Sequences in cache slots", value=running)
+        yield GaugeMetricFamily("llamita_cache_usage", "Share of the KV cache slots in use", value=running / self.slots)
