@@ -230,7 +230,7 @@ def test_the_commands_pass_quantize_to_the_llm(monkeypatch, argv):
         seen.update(kwargs)
         raise _Loaded
 
-    def engine_process(llm, stream_interval):
+    def engine_process(llm, stream_interval, fronts):
         settings = dict(llm)
         record(settings.pop("model"), **settings)
 
