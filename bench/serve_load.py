@@ -560,11 +560,44 @@ def run_server(spec: dict) -> dict:
             out["warmup"] = run_level(client | {"level_s": budget}, warm, prompts[:k], k)
             for c in shape["concurrency"]:
                 n = requests_at(c, shape)
+                before, t0 = _engine_loop(base), time.perf_counter()
                 out[str(c)] = _past_deadline(spec) or run_level(client, requests[:n], prompts[:n], c)
+                after, wall = _engine_loop(base), time.perf_counter() - t0
+                if before and after and "planned" in out[str(c)]:  # llamita's engine loop in the level
+                    steps = int(after["steps"] - before["steps"])
+                    prefills = int(after["prefill_steps"] - before["prefill_steps"])
+                    out[str(c)] |= {"steps": steps, "prefill_steps": prefills,
+                                    "step_ms": 1e3 * wall / max(steps, 1),
+                                    "loop_ms": {part: 1e3 * (after[part] - before[part]) / max(steps, 1)
+                                                for part in LOOP_PARTS}}  # fmt: skip
                 print(f"[{spec['system']}] concurrency {c}: {json.dumps(out[str(c)])}", flush=True)
     except ServerFailed as e:
         out["error"] = f"server failed: {e}".strip()
     return out
+
+
+LOOP_PARTS = ("step", "text", "send", "commands")
+"""llamita serve's engine loop, by part (`llamita_engine_loop_seconds` in /metrics)."""
+
+
+def _engine_loop(base: str) -> dict | None:
+    """llamita serve's engine loop counters from /metrics (steps, prefill steps, seconds by part); None from a
+    server without them."""
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == "llamita_engine_steps_total":
+            found["steps"] = float(value)
+        elif name == "llamita_engine_prefill_steps_total":
+            found["prefill_steps"] = float(value)
+        elif name.startswith('llamita_engine_loop_seconds_total{part="'):
+            found[name.split('"')[1]] = float(value)
+    return found if len(found) == 2 + len(LOOP_PARTS) else None
 
 
 def _runner(name: str) -> Callable[[dict], dict]:
@@ -590,11 +623,14 @@ DETAIL = [("sent", "sent", ","), ("planned", "planned", ","), ("cancelled", "can
           ("tokens per chunk", "tokens_per_chunk", ".2f"), ("wall s", "wall_s", ".1f"),
           ("busiest client CPU", "client_cpu", ".0%"), ("engine steps", "steps", ","),
           ("prefill steps", "prefill_steps", ","), ("step ms", "step_ms", ".2f"),
-          ("prefill share of wall", "prefill_share", ".0%")]  # fmt: skip
+          ("prefill share of wall", "prefill_share", ".0%"),
+          ("server loop ms a step: step / text / send / commands", "loop_ms", "loop")]  # fmt: skip
 """Table columns: (header, key in a level's summary, format)."""
 
 
 def _fmt(x: Any, spec: str) -> str:
+    if spec == "loop":  # llamita serve's engine loop, ms a step by part
+        return "-" if x is None else " / ".join(f"{x[part]:.2f}" for part in LOOP_PARTS)
     return "-" if x is None else format(x, spec)
 
 

@@ -114,6 +114,7 @@ def test_the_engine_process_answers_as_the_engine_in_the_servers_process(checkpo
         wait_for(idle, timeout=10)
         body = apart.request("GET", "/metrics")[1].decode()
         assert "llamita_generation_tokens_total" in body and "llamita_time_to_first_token_seconds_count 16.0" in body
+        assert 'llamita_engine_loop_seconds_total{part="send"}' in body  # the engine process's, across the pipe
         assert _logprobs(client) == expected_logprobs  # the fields a delta carries across the pipe, all of them
     finally:
         assert apart.stop() == 0, apart.output()

@@ -94,6 +94,7 @@ class EngineClient:
         self._received = 0  # jobs the engine process has taken in, as of its last message
         self._waiting = 0
         self._running = 0
+        self._loop_stats: dict[str, float] = {}
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader = threading.Thread(target=self._read, name="llamita-engine-reader", daemon=True)
@@ -142,6 +143,10 @@ class EngineClient:
     def running(self) -> int:
         return self._running
 
+    def loop_stats(self) -> dict[str, float]:
+        """`EngineThread.loop_stats` of the engine process, as of its last message."""
+        return self._loop_stats
+
     # -------------------------------------------------------------------------------- the reader
     def _command(self, kind: str, payload: Any) -> None:
         """Send a command (holding `_lock`); a closed pipe (the engine process gone) is the reader's to report."""
@@ -153,7 +158,7 @@ class EngineClient:
     def _read(self) -> None:
         try:
             while True:
-                kind, deltas, counts, failure = self._events.recv()
+                kind, deltas, counts, failure, self._loop_stats = self._events.recv()
                 self._received, self._waiting, self._running = counts
                 if failure is not None:
                     self.failure = failure
@@ -330,7 +335,7 @@ def _engine_main(fronts: list[tuple[Connection, Connection]], llm: dict[str, Any
         return
     lock = threading.Lock()
     received = [0] * len(fronts)  # jobs taken in, per HTTP process
-    told: list[tuple | None] = [None] * len(fronts)  # the counts (and failure) each HTTP process was last sent
+    told: list[tuple | None] = [None] * len(fronts)  # the counts (failure, steps) each HTTP process was last sent
     jobs: dict[tuple[int, int], list[Job]] = {}
 
     def deliver(deltas: list[tuple[tuple[int, int], Delta]]) -> None:
@@ -339,14 +344,14 @@ def _engine_main(fronts: list[tuple[Connection, Connection]], llm: dict[str, Any
         for (front, key), d in deltas:
             by_front.setdefault(front, []).append((key, d))
         with lock:
-            waiting, running = thread.waiting(), thread.running()
+            waiting, running, stats = thread.waiting(), thread.running(), thread.loop_stats()
             for front, pipe in list(events.items()):
                 counts, mine = (received[front], waiting, running), by_front.get(front)
-                if mine is None and (counts, thread.failure) == told[front]:
+                if mine is None and (counts, thread.failure, stats["steps"]) == told[front]:
                     continue
-                told[front] = counts, thread.failure
+                told[front] = counts, thread.failure, stats["steps"]
                 try:
-                    pipe.send(("deltas", wire(mine or []), counts, thread.failure))
+                    pipe.send(("deltas", wire(mine or []), counts, thread.failure, stats))
                 except OSError:  # that HTTP process is gone: its command pipe tells the main loop
                     pass
 

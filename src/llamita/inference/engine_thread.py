@@ -24,7 +24,7 @@ from llamita.config import ConfigError
 from llamita.inference.engine import Engine
 from llamita.inference.sampling import SamplingParams
 from llamita.inference.scheduler import Sequence
-from llamita.inference.server_metrics import ServerMetrics
+from llamita.inference.server_metrics import LOOP_PARTS, ServerMetrics
 from llamita.inference.text import TextStream, follow
 
 log = logging.getLogger("llamita.serve")
@@ -104,6 +104,8 @@ class EngineThread:
         self._unapplied = 0  # jobs submitted whose sequences are not in the engine yet
         self._thread = threading.Thread(target=self._run, name="llamita-engine", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.seconds = dict.fromkeys(LOOP_PARTS, 0.0)
+        """Time the loop spent in each part of its work (`LOOP_PARTS`), for /metrics."""
 
     # ------------------------------------------------------------------------------ event loop side
     def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
@@ -138,6 +140,11 @@ class EngineThread:
         """Sequences in cache slots."""
         return self.engine.n_slots - len(self.engine.scheduler.free)
 
+    def loop_stats(self) -> dict[str, float]:
+        """The engine's steps and prefill steps, and the loop's seconds in each of `LOOP_PARTS`, so far."""
+        stats = self.engine.stats
+        return {"steps": stats.steps, "prefill_steps": stats.prefill_steps, **self.seconds}
+
     # ------------------------------------------------------------------------------------ the loop
     def _run(self) -> None:
         try:
@@ -158,6 +165,7 @@ class EngineThread:
             commands = [self._commands.get(timeout=IDLE_WAIT_S) if block else self._commands.get_nowait()]
         except queue.Empty:
             return True
+        start = time.perf_counter()
         while True:
             try:
                 commands.append(self._commands.get_nowait())
@@ -189,9 +197,11 @@ class EngineThread:
                     if job.seq is not None:
                         self._jobs.pop(job.seq.id, None)
         self._send(refused)
+        self.seconds["commands"] += time.perf_counter() - start
         return True
 
     def _step(self) -> None:
+        start = time.perf_counter()
         out = self.engine.step()
         now = time.perf_counter()
         deltas = []
@@ -212,7 +222,12 @@ class EngineThread:
                 del self._jobs[seq.id]
         if self.metrics is not None:
             self.metrics.generation_tokens.inc(tokens)  # once a step: the per-token metrics are the histograms'
+        texts = time.perf_counter()
         self._send(deltas)
+        seconds = self.seconds
+        seconds["step"] += now - start
+        seconds["text"] += texts - now
+        seconds["send"] += time.perf_counter() - texts
 
     def _delta(self, job: Job, seq: Sequence, new: list[int], now: float) -> Delta:
         offsets = [job.text.offset] if seq.params.logprobs is not None else None  # one token per step then

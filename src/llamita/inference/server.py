@@ -145,7 +145,7 @@ class Server:
                 raise ConfigError("the server needs the model's tokenizer")
             self.engine = EngineThread(model.engine, stream_interval=config.stream_interval)
             self.tokenizer, self.context, slots = model.tokenizer, model.engine.seq_len, model.engine.n_slots
-        self.metrics = ServerMetrics(self.engine.waiting, self.engine.running, slots)
+        self.metrics = ServerMetrics(self.engine.waiting, self.engine.running, slots, self.engine.loop_stats)
         self.engine.metrics = self.metrics
         self.token_texts = TokenTexts(self.tokenizer)
         self.template = self.tokenizer.chat_template
