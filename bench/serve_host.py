@@ -1,6 +1,6 @@
 """The serving engine loop's host work per step, on a CPU: what `llamita serve --engine-process` does for every step
-besides `Engine.step` (each sequence's text through its `TextStream`, the deltas, the pipe message), at 64 and 256
-sequences decoding.
+besides `Engine.step` (the deltas, the pipe message), at 64 and 256 sequences decoding; and the text of a step's
+deltas (each sequence's `TextStream`), which the HTTP side makes (`Server.text`) since 2026-12-06.
 
 A GPU step at 256 sequences takes 2-3 ms (TinyLlama-1.1B shape, H200, `results/2026-12-04-engine-r8.md`). With
 `overlap`, the host works on step k while the device runs k + 1, so the host's work per step (the engine's
@@ -33,7 +33,7 @@ def measure(batch: int, steps: int) -> dict:
     from llamita.inference import Engine, EngineConfig, SamplingParams
     from llamita.inference.engine_process import wire
     from llamita.inference.engine_thread import EngineThread, Job
-    from llamita.inference.text import TextStream
+    from llamita.inference.text import TextStream, step_text
     from llamita.model import Llama, ModelConfig
 
     torch.manual_seed(0)
@@ -41,8 +41,13 @@ def measure(batch: int, steps: int) -> dict:
                          max_seq_len=1024)  # fmt: skip
     engine = Engine(Llama(config).eval(), EngineConfig(max_batch=batch, prefill_tokens=8192))
     tokenizer = word_tokenizer(32000)
-    sent = []
-    thread = EngineThread(engine, deliver=lambda deltas: sent.append(len(pickle.dumps(wire(deltas)))))
+    sent, delivered = [], []
+
+    def deliver(deltas: list) -> None:
+        sent.append(len(pickle.dumps(wire(deltas))))
+        delivered.append(deltas)
+
+    thread = EngineThread(engine, deliver=deliver)
     g = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=steps + 16, ignore_eos=True)
     prompts = [[1] + [g.randrange(3, 512) for _ in range(200)] for _ in range(batch)]
@@ -64,8 +69,16 @@ def measure(batch: int, steps: int) -> dict:
     for _ in range(steps):
         thread._step()
     total = (time.perf_counter() - t) / steps * 1e3
+    # The HTTP side's text of the timed steps' deltas (serve_load's requests: no stop strings, no logprobs).
+    texts = {i: TextStream(tokenizer, p, ()) for i, p in enumerate(prompts)}
+    t = time.perf_counter()
+    for deltas in delivered[-steps:]:
+        for key, d in deltas:
+            step_text(texts[key], d.token_ids, False, d.finish_reason is not None)
+    text_ms = (time.perf_counter() - t) / steps * 1e3
     return {"batch": batch, "step_ms": total, "engine_step_ms": inner / steps * 1e3,
-            "loop_own_ms": total - inner / steps * 1e3, "message_bytes": sum(sent[-steps:]) / steps}  # fmt: skip
+            "loop_own_ms": total - inner / steps * 1e3, "message_bytes": sum(sent[-steps:]) / steps,
+            "http_text_ms": text_ms}  # fmt: skip
 
 
 def main() -> None:
@@ -77,11 +90,11 @@ def main() -> None:
     rows = [measure(b, args.steps) for b in args.batches]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_host.json").write_text(json.dumps(rows, indent=1))
-    print("| sequences | step ms | Engine.step ms | the loop's own ms | message bytes |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| sequences | step ms | Engine.step ms | the loop's own ms | message bytes | the HTTP side's text ms |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['batch']} | {r['step_ms']:.2f} | {r['engine_step_ms']:.2f} | {r['loop_own_ms']:.2f} | "
-              f"{r['message_bytes']:,.0f} |")  # fmt: skip
+              f"{r['message_bytes']:,.0f} | {r['http_text_ms']:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

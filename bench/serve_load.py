@@ -576,7 +576,7 @@ def run_server(spec: dict) -> dict:
     return out
 
 
-LOOP_PARTS = ("step", "text", "send", "commands")
+LOOP_PARTS = ("step", "deltas", "send", "commands")
 """llamita serve's engine loop, by part (`llamita_engine_loop_seconds` in /metrics)."""
 
 
@@ -624,7 +624,7 @@ DETAIL = [("sent", "sent", ","), ("planned", "planned", ","), ("cancelled", "can
           ("busiest client CPU", "client_cpu", ".0%"), ("engine steps", "steps", ","),
           ("prefill steps", "prefill_steps", ","), ("step ms", "step_ms", ".2f"),
           ("prefill share of wall", "prefill_share", ".0%"),
-          ("server loop ms a step: step / text / send / commands", "loop_ms", "loop")]  # fmt: skip
+          ("server loop ms a step: step / deltas / send / commands", "loop_ms", "loop")]  # fmt: skip
 """Table columns: (header, key in a level's summary, format)."""
 
 

@@ -359,7 +359,7 @@ def test_metrics_count_requests_tokens_and_latencies(client, server):
     # The engine loop's own counters: a prefill step (the first token) and a step for each further token.
     assert delta("llamita_engine_steps_total") >= 7 and delta("llamita_engine_prefill_steps_total") >= 1
     assert delta("llamita_engine_loop_seconds_total", part="step") > 0
-    assert delta("llamita_engine_loop_seconds_total", part="text") > 0
+    assert delta("llamita_engine_loop_seconds_total", part="deltas") > 0
 
 
 def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):

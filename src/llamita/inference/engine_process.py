@@ -6,11 +6,12 @@ step, and on an H200 the server's inter-token latency was 21 ms against the engi
 (`bench/results/2026-12-02-engine-r6.md`). vLLM's V1 splits the same way (its engine core in a process of its own).
 
 The engine process loads the model (`LLM`, from the settings `LLM` takes), runs the same `EngineThread` (steps,
-text, stop strings, slots freed at once) and sends each step's deltas over a pipe, one message a step, with its
-counts of sequences waiting and running. The server's process keeps a `Job` for every sequence (its request's
-asyncio queue, its arrival time): a reader thread takes each message, feeds the metrics (time to first token,
-inter-token latency) and hands the deltas to the event loop in one call. A request behind on reading its queue gets
-the deltas of several steps at once, as one chunk, so a slow HTTP side costs bigger chunks, not engine steps.
+slots freed at once) and sends each step's deltas (new token ids; the server's process makes their text) over a
+pipe, one message a step, with its counts of sequences waiting and running. The server's process keeps a `Job` for
+every sequence (its request's asyncio queue, its arrival time): a reader thread takes each message, feeds the
+metrics (time to first token, inter-token latency) and hands the deltas to the event loop in one call. A request
+behind on reading its queue gets the deltas of several steps at once, as one chunk, so a slow HTTP side costs bigger
+chunks, not engine steps.
 
 Commands go the other way: jobs to add (prompt ids and sampling settings), requests to abort (a client gone, a
 time limit, a request done), stop. The engine process ignores SIGINT and SIGTERM: the server shuts down first, then
@@ -116,12 +117,17 @@ class EngineClient:
             self.metrics.prompt_tokens.inc(sum(len(job.prompt) for job in jobs))
 
     def abort(self, jobs: list[Job]) -> None:
-        """Stop the jobs' request (those of its sequences still running); it is sent nothing more."""
+        """Stop the jobs' sequences (those still running). All of a request's: it is sent nothing more; some of
+        them: they stop, and the others go on."""
         with self._lock:
-            key = self._key_of.pop(jobs[0].outbox, None) if jobs else None
-            if key is not None:
-                self._requests.pop(key, None)
-                self._command("abort", [key])
+            key = self._key_of.get(jobs[0].outbox) if jobs else None
+            if key is None:
+                return
+            if len(jobs) < len(self._requests[key].jobs):
+                self._command("abort_choices", (key, [job.index for job in jobs]))
+                return
+            del self._key_of[jobs[0].outbox], self._requests[key]
+            self._command("abort", [key])
 
     def stop(self, timeout: float = 10.0) -> None:
         """Close this end of the pipes: the engine process aborts this process's sequences and serves the others."""
@@ -163,7 +169,7 @@ class EngineClient:
                 if failure is not None:
                     self.failure = failure
                 if deltas:
-                    self._hand_on([(key, Delta(*fields)) for key, *fields in deltas])
+                    self._hand_on(unwire(deltas))
         except (EOFError, OSError):
             pass
         except Exception as e:  # a bug: every request in flight fails with it, rather than wait for good
@@ -303,11 +309,17 @@ class EngineProcess(EngineClient):
 
 # ------------------------------------------------------------------------------------ the child
 def wire(deltas: list[tuple[int, Delta]]) -> list[tuple]:
-    """A step's (request key, delta) pairs as the pipe carries them: plain tuples of the key and the delta's fields,
-    which the server's process makes deltas again (`Delta(*fields)`). Pickling 256 slotted dataclasses took 0.4 ms
-    a step on this repository's CPU machine, tuples of the same fields 0.05 ms; the engine process's host time is
-    the steps' own wherever it exceeds the GPU's (`bench/serve_host.py`)."""
-    return [(k, d.index, d.text, d.token_ids, d.logprobs, d.offsets, d.finish_reason, d.error) for k, d in deltas]
+    """A step's (request key, delta) pairs as the pipe carries them: plain tuples of the key and the fields the
+    engine's loop sets (no text: the server's process makes it), which the server's process makes deltas again
+    (`unwire`). Pickling 256 slotted dataclasses took 0.4 ms a step on this repository's CPU machine, tuples of the
+    same fields 0.05 ms; the engine process's host time is the steps' own wherever it exceeds the GPU's
+    (`bench/serve_host.py`)."""
+    return [(k, d.index, d.token_ids, d.logprobs, d.finish_reason, d.error) for k, d in deltas]
+
+
+def unwire(deltas: list[tuple]) -> list[tuple[int, Delta]]:
+    """`wire`'s tuples as (request key, delta) pairs again."""
+    return [(k, Delta(i, "", ids, logprobs, None, finish, error)) for k, i, ids, logprobs, finish, error in deltas]
 
 
 def _engine_main(fronts: list[tuple[Connection, Connection]], llm: dict[str, Any], stream_interval: int) -> None:
@@ -322,7 +334,6 @@ def _engine_main(fronts: list[tuple[Connection, Connection]], llm: dict[str, Any
     events = {front: pipe for front, (_, pipe) in enumerate(fronts)}
     try:
         from llamita.inference.llm import LLM
-        from llamita.inference.text import TextStream
 
         model = LLM(**llm)
         if model.tokenizer is None:
@@ -375,8 +386,7 @@ def _engine_main(fronts: list[tuple[Connection, Connection]], llm: dict[str, Any
                     thread.abort([job for key in [k for k in jobs if k[0] == front] for job in jobs.pop(key)])
                     continue
                 if kind == "add":
-                    new = [Job(s.index, s.prompt, s.params, TextStream(model.tokenizer, s.prompt, s.params.stop),
-                               (front, s.key)) for s in payload]  # fmt: skip
+                    new = [Job(s.index, s.prompt, s.params, None, (front, s.key)) for s in payload]
                     received[front] += len(new)
                     if not thread.alive:  # the loop died: its reason for each, at once
                         deliver([(job.outbox, Delta(job.index, "", [], error=thread.failure or "stopped"))
@@ -386,6 +396,9 @@ def _engine_main(fronts: list[tuple[Connection, Connection]], llm: dict[str, Any
                     thread.submit(new)
                 elif kind == "abort":
                     thread.abort([job for key in payload for job in jobs.pop((front, key), [])])
+                elif kind == "abort_choices":  # some of a request's sequences (a stop string ended them)
+                    key, indices = payload
+                    thread.abort([job for job in jobs.get((front, key), []) if job.index in indices])
                 else:  # stop
                     return
     finally:

@@ -2,9 +2,11 @@
 
 The engine is synchronous and not thread-safe, so exactly one thread touches it: the engine loop. HTTP handlers
 (on the event loop) hand it commands through a thread-safe queue (`submit` jobs, `abort` them); the loop applies
-every queued command, runs one `Engine.step`, pushes each sequence's new tokens through its `TextStream` (`follow`:
-a stop string finishes the sequence there and frees its slot) and hands the step's `Delta`s to the event loop in
-one `call_soon_threadsafe`, where each goes to its request's asyncio queue. With no work the loop sleeps on the
+every queued command, runs one `Engine.step` and hands the step's `Delta`s (each sequence's new token ids) to the
+event loop in one `call_soon_threadsafe`, where each goes to its request's asyncio queue. Their text is made on the
+HTTP side (`Server.deltas`: the sequence's `TextStream`, stop strings, which abort the sequence), as vLLM's front
+end detokenizes apart from its engine core: the engine's loop does no text, and with several HTTP processes
+(`--api-server-count`) that work is shared among them. With no work the loop sleeps on the
 command queue (a blocking get), so an idle server costs nothing. A request behind on reading its queue gets the
 deltas of several steps at once: the HTTP side sends them as one chunk.
 """
@@ -25,7 +27,7 @@ from llamita.inference.engine import Engine
 from llamita.inference.sampling import SamplingParams
 from llamita.inference.scheduler import Sequence
 from llamita.inference.server_metrics import LOOP_PARTS, ServerMetrics
-from llamita.inference.text import TextStream, follow
+from llamita.inference.text import TextStream
 
 log = logging.getLogger("llamita.serve")
 
@@ -40,7 +42,8 @@ class Delta:
     index: int
     """The choice (the request's sequence) it belongs to."""
     text: str
-    """New text: whole characters, never a part of a stop string."""
+    """New text: whole characters, never a part of a stop string ("" from the engine's loop: the HTTP side makes
+    the text, `Server.deltas`)."""
     token_ids: list[int]
     logprobs: list[dict[str, Any]] | None = None
     """Per new token, when asked: {"logprob": float, "top": [(id, logprob), ...]}."""
@@ -59,7 +62,8 @@ class Job:
     index: int
     prompt: list[int]
     params: SamplingParams
-    text: TextStream
+    text: TextStream | None
+    """Its text, on the HTTP side (None in the engine process)."""
     outbox: Any
     """The request's asyncio queue, on the event loop: every job of a request shares it (in the engine process,
     the request's key, which the server's process maps to its queue)."""
@@ -69,6 +73,8 @@ class Job:
     logprobs_sent: int = 0
     held: Delta | None = None
     """Deltas made since the last one sent, merged (`stream_interval`)."""
+    done: bool = False
+    """The HTTP side has its last delta (a stop string may end it before the engine does)."""
 
 
 class EngineThread:
@@ -222,23 +228,21 @@ class EngineThread:
                 del self._jobs[seq.id]
         if self.metrics is not None:
             self.metrics.generation_tokens.inc(tokens)  # once a step: the per-token metrics are the histograms'
-        texts = time.perf_counter()
+        made = time.perf_counter()
         self._send(deltas)
         seconds = self.seconds
         seconds["step"] += now - start
-        seconds["text"] += texts - now
-        seconds["send"] += time.perf_counter() - texts
+        seconds["deltas"] += made - now
+        seconds["send"] += time.perf_counter() - made
 
     def _delta(self, job: Job, seq: Sequence, new: list[int], now: float) -> Delta:
-        offsets = [job.text.offset] if seq.params.logprobs is not None else None  # one token per step then
-        text = follow(self.engine, seq, new, job.text)
         logprobs = None
         if seq.params.logprobs is not None:
             logprobs = seq.logprobs[job.logprobs_sent :]
             job.logprobs_sent = len(seq.logprobs)
         observe(self.metrics, job, len(new), seq.finished, now)
         finish = seq.finish_reason if seq.finished else None
-        return Delta(job.index, text, list(new), logprobs, offsets, finish)
+        return Delta(job.index, "", list(new), logprobs, None, finish)
 
     def _send(self, deltas: list[tuple[Any, Delta]]) -> None:
         """Hand deltas to their requests' queues, all in one call on the event loop (or to `deliver`)."""
@@ -275,14 +279,12 @@ def observe(metrics: ServerMetrics | None, job: Job, new: int, finished: bool, n
 
 
 def _merged(held: Delta | None, new: Delta) -> Delta:
-    """`new` after the deltas `held` back from earlier steps: their text, tokens and logprobs in order."""
+    """`new` after the deltas `held` back from earlier steps: their tokens and logprobs in order."""
     if held is None:
         return new
-    held.text += new.text
     held.token_ids += new.token_ids
     if new.logprobs is not None:
         held.logprobs = (held.logprobs or []) + new.logprobs
-        held.offsets = (held.offsets or []) + (new.offsets or [])
     held.finish_reason = new.finish_reason
     return held
 

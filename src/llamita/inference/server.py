@@ -80,7 +80,7 @@ from llamita.inference.protocol import (
     usage,
 )
 from llamita.inference.server_metrics import ServerMetrics
-from llamita.inference.text import TextStream
+from llamita.inference.text import TextStream, step_text
 
 log = logging.getLogger("llamita.serve")
 
@@ -210,24 +210,43 @@ class Server:
             APIError: The engine refused a sequence or stopped (503).
         """
         loop = asyncio.get_running_loop()
+        by_index = {job.index: job for job in jobs}
         running = len(jobs)
         while running:
             if deadline is None:
-                batch = [await outbox.get()]
+                raw = [await outbox.get()]
             else:
                 try:
-                    batch = [await asyncio.wait_for(outbox.get(), max(deadline - loop.time(), 0))]
+                    raw = [await asyncio.wait_for(outbox.get(), max(deadline - loop.time(), 0))]
                 except asyncio.TimeoutError:
                     raise RequestTimeout from None
             while not outbox.empty():
-                batch.append(outbox.get_nowait())
-            for d in batch:
+                raw.append(outbox.get_nowait())
+            batch = []
+            for d in raw:
                 if d.error is not None and not self.engine.alive:
                     raise APIError(503, d.error, type="server_error")
                 if d.error is not None:  # the engine refused the sequence
                     raise APIError(400, d.error)
-                running -= d.finish_reason is not None
+                job = by_index[d.index]
+                if not job.done:  # after a stop string, the tokens the engine made before it heard are dropped
+                    batch.append(self.text(job, d))
+                    running -= job.done
             yield batch
+
+    def text(self, job: Job, d: Delta) -> Delta:
+        """A delta of the engine's (new ids) with its text, through the job's stream: a stop id adds none, and a
+        stop string ends the choice there (finish reason "stop") and aborts its sequence in the engine."""
+        offsets: list[int] | None = [] if d.logprobs is not None else None
+        finish = d.finish_reason  # the engine's "stop" is a stop id's: stop strings are this side's
+        ends_on_stop_id = finish == "stop" and bool(d.token_ids)
+        text = step_text(job.text, d.token_ids, ends_on_stop_id, finish is not None, offsets)  # type: ignore[arg-type]
+        if job.text.stopped:  # type: ignore[union-attr]
+            if finish is None:
+                self.engine.abort([job])
+            finish = "stop"
+        job.done = finish is not None
+        return Delta(d.index, text, d.token_ids, d.logprobs, offsets, finish)
 
     def deadline(self) -> float | None:
         timeout = self.config.request_timeout

@@ -22,9 +22,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-LOOP_PARTS = ("step", "text", "send", "commands")
-"""The engine loop's work (`EngineThread.seconds`): `Engine.step`; each sequence's text and delta (stop strings,
-latency metrics); handing the deltas on (to the event loop, or over the engine process's pipe); applying commands
+LOOP_PARTS = ("step", "deltas", "send", "commands")
+"""The engine loop's work (`EngineThread.seconds`): `Engine.step`; each sequence's delta (its new ids, latency
+metrics); handing the deltas on (to the event loop, or over the engine process's pipe); applying commands
 (adding sequences, aborting them)."""
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -114,8 +114,8 @@ class _Gauges:
             "llamita_engine_prefill_steps", "Engine steps that ran a prefill forward", value=stats["prefill_steps"]
         )
         seconds = CounterMetricFamily(
-            "llamita_engine_loop_seconds", "The engine loop's time by part: Engine.step, the sequences' text and "
-            "deltas, handing them on, applying commands", labels=["part"],
+            "llamita_engine_loop_seconds", "The engine loop's time by part: Engine.step, the sequences' deltas, "
+            "handing them on, applying commands", labels=["part"],
         )  # fmt: skip
         for part in LOOP_PARTS:
             seconds.add_metric([part], stats[part])

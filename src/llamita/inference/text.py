@@ -10,9 +10,10 @@ not all out yet (byte-fallback or byte-level tokens split one UTF-8 character), 
 Stop strings: a stop string may span tokens, so text whose tail could be the start of one is held back until the
 next ids decide it. Once one appears, the stream is `stopped` and its text ends before it.
 
-`follow` is where a step of the engine meets the text: it pushes the step's new ids and finishes a sequence whose
-text reached a stop string. `LLM`, `llamita chat` and the server all go through it; `text_pieces` is the same
-stream over an iterable of ids.
+`step_text` is where a step's new ids meet the text: a stop id adds none, a finished sequence gets what was held
+back. `follow` does it beside the engine and finishes a sequence whose text reached a stop string there (`LLM`,
+`llamita chat`); the server does it in its HTTP processes, as vLLM's front end detokenizes apart from its engine
+core, and aborts the sequence (`Server.deltas`). `text_pieces` is the same stream over an iterable of ids.
 """
 
 from __future__ import annotations
@@ -154,14 +155,41 @@ def follow(engine: Engine, seq: EngineSequence, new: list[int], text: TextStream
     text finishes the sequence there: finish reason "stop", aborted in the engine if it was still running (its slot
     free for the next step). A sequence that finished otherwise gets the text held back.
     """
-    ends_on_stop_id = seq.finish_reason == "stop" and new and new[-1] in seq.stops
-    piece = text.push(new[:-1] if ends_on_stop_id else new)
+    ends_on_stop_id = bool(seq.finish_reason == "stop" and new and new[-1] in seq.stops)
+    piece = step_text(text, new, ends_on_stop_id, seq.finished)
     if text.stopped:
         running = not seq.finished
         seq.finish_reason = "stop"
         if running:
             engine.abort(seq)
-    elif seq.finished:
+    return piece
+
+
+def step_text(
+    text: TextStream, new: list[int], ends_on_stop_id: bool, finished: bool, offsets: list[int] | None = None
+) -> str:
+    """A step's new ids through `text`; returns the text they add ("" once it has stopped).
+
+    Args:
+        text: The sequence's stream.
+        new: The step's ids.
+        ends_on_stop_id: The last of them is a stop id, which adds no text.
+        finished: The sequence ended with them: what was held back is given out (unless a stop string ended it).
+        offsets: Where each id's text starts in the sequence's text is appended to it, the ids pushed one by one
+            (for logprobs); None: all at once.
+    """
+    pushed = new[:-1] if ends_on_stop_id else new
+    if offsets is None:
+        piece = text.push(pushed)
+    else:
+        pieces = []
+        for token in pushed:
+            offsets.append(text.offset)
+            pieces.append(text.push([token]))
+        if ends_on_stop_id:
+            offsets.append(text.offset)
+        piece = "".join(pieces)
+    if finished and not text.stopped:
         piece += text.finish()
     return piece
 
