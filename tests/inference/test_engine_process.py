@@ -219,3 +219,41 @@ def test_an_http_process_that_dies_takes_the_server_down(checkpoint, tmp_path):
     assert live.process.wait(60) == 1
     assert f"HTTP process llamita-http-1 (pid {http}) exited with code -9" in live.output(), live.output()
     wait_for(lambda: all(_gone(pid) for pid in children), timeout=20)
+
+
+def test_a_choice_stopped_on_the_http_side_is_aborted_alone_and_its_request_forgotten_at_the_end():
+    """`EngineClient`'s bookkeeping with the engine process's side played here: a stop string ends one of two
+    choices (`abort_choices` for it alone), the other finishes in the engine, and then the request is forgotten on
+    both sides (an "abort" of its key), with nothing left behind."""
+    import asyncio
+    import multiprocessing
+
+    from llamita.inference.engine_process import EngineClient, wire
+    from llamita.inference.engine_thread import Delta, Job
+    from llamita.inference.sampling import SamplingParams
+
+    commands_in, commands = multiprocessing.Pipe(duplex=False)
+    events, events_out = multiprocessing.Pipe(duplex=False)
+    client = EngineClient(commands, events, {"tokenizer": None, "seq_len": 64, "n_slots": 4})
+    loop = asyncio.new_event_loop()
+    try:
+        client.start(loop)
+        outbox: asyncio.Queue = asyncio.Queue()
+        jobs = [Job(i, [1, 2, 3], SamplingParams(), None, outbox) for i in range(2)]
+        client.submit(jobs)
+        kind, specs = commands_in.recv()
+        assert kind == "add" and [s.index for s in specs] == [0, 1]
+        key = specs[0].key
+        client.abort([jobs[0]])  # a stop string in choice 0's text
+        assert commands_in.recv() == ("abort_choices", (key, [0]))
+        assert key in client._requests
+        counts = (2, 0, 1)
+        events_out.send(("deltas", wire([(key, Delta(1, "", [7], finish_reason="length"))]), counts, None, {}))
+        assert commands_in.poll(10) and commands_in.recv() == ("abort", [key])
+        assert client._requests == {} and client._key_of == {}
+        client.abort(jobs)  # the stream's end aborts the whole request: already forgotten, nothing is sent
+        assert not commands_in.poll(0.2)
+    finally:
+        events_out.close()  # the engine process's end: the reader stops
+        client.stop()
+        loop.close()

@@ -14,7 +14,7 @@ behind on reading its queue gets the deltas of several steps at once, as one chu
 chunks, not engine steps.
 
 Commands go the other way: jobs to add (prompt ids and sampling settings), requests to abort (a client gone, a
-time limit, a request done), stop. The engine process ignores SIGINT and SIGTERM: the server shuts down first, then
+time limit, a request done), some of a request's choices to abort (a stop string in their text), stop. The engine process ignores SIGINT and SIGTERM: the server shuts down first, then
 stops it; if the server's process dies, its pipe closes and the engine process ends. If the engine process dies,
 every request in flight fails with the reason and the server answers 503.
 
@@ -64,8 +64,8 @@ class _Request:
     outbox: asyncio.Queue
     jobs: dict[int, Job]
     """By choice index."""
-    left: int
-    """Jobs not finished yet."""
+    open: set[int]
+    """The choices whose sequences have neither finished nor been aborted."""
 
 
 class EngineClient:
@@ -109,7 +109,7 @@ class EngineClient:
         outbox = jobs[0].outbox
         with self._lock:
             key = next(self._keys)
-            self._requests[key] = _Request(outbox, {job.index: job for job in jobs}, len(jobs))
+            self._requests[key] = _Request(outbox, {job.index: job for job in jobs}, {job.index for job in jobs})
             self._key_of[outbox] = key
             self._sent += len(jobs)
             self._command("add", [_Spec(key, job.index, job.prompt, job.params) for job in jobs])
@@ -123,7 +123,9 @@ class EngineClient:
             key = self._key_of.get(jobs[0].outbox) if jobs else None
             if key is None:
                 return
-            if len(jobs) < len(self._requests[key].jobs):
+            request = self._requests[key]
+            request.open.difference_update(job.index for job in jobs)
+            if request.open:  # some of its choices (a stop string ended them): the others go on
                 self._command("abort_choices", (key, [job.index for job in jobs]))
                 return
             del self._key_of[jobs[0].outbox], self._requests[key]
@@ -197,8 +199,9 @@ class EngineClient:
                 observe(self.metrics, job, len(delta.token_ids), finished, now)
                 tokens += len(delta.token_ids)
                 out.append((request.outbox, delta))
-                request.left -= finished
-                if not request.left:  # every sequence finished: forget the request, there too
+                if finished:
+                    request.open.discard(delta.index)
+                if not request.open:  # every sequence finished: forget the request, there too
                     done.append(key)
                     del self._requests[key], self._key_of[request.outbox]
             if done:
