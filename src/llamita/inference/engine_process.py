@@ -13,10 +13,11 @@ metrics (time to first token, inter-token latency) and hands the deltas to the e
 behind on reading its queue gets the deltas of several steps at once, as one chunk, so a slow HTTP side costs bigger
 chunks, not engine steps.
 
-Commands go the other way: jobs to add (prompt ids and sampling settings), requests to abort (a client gone, a
-time limit, a request done), some of a request's choices to abort (a stop string in their text), stop. The engine process ignores SIGINT and SIGTERM: the server shuts down first, then
-stops it; if the server's process dies, its pipe closes and the engine process ends. If the engine process dies,
-every request in flight fails with the reason and the server answers 503.
+Commands go the other way: jobs to add (prompt ids and sampling settings), requests to abort (a client gone, a time
+limit, a request done), some of a request's choices to abort (a stop string in their text), stop. The engine process
+ignores SIGINT and SIGTERM: the server shuts down first, then stops it; if the server's process dies, its pipe
+closes and the engine process ends. If the engine process dies, every request in flight fails with the reason and
+the server answers 503.
 
 Several HTTP processes can share the engine process (`llamita serve --api-server-count N`, vLLM's option of that
 name): the engine process then has a pair of pipes per HTTP process (`EngineProcess(fronts=N)`; the first pair is

@@ -671,8 +671,10 @@ class _Uvicorn(uvicorn.Server):
         super().__init__(config)
         self.fronts: list[Any] = []
         self.failed_front: str | None = None
+        self.stopping = False
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        self.stopping = True  # before the others hear: one that ends at once has not failed
         for process in self.fronts:
             if process.is_alive() and process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
@@ -684,7 +686,7 @@ class _Uvicorn(uvicorn.Server):
 
         sentinels = {process.sentinel: process for process in self.fronts}
         (ended, *_) = wait(list(sentinels))
-        if not self.should_exit:
+        if not self.stopping:
             process = sentinels[ended]
             process.join(1)
             self.failed_front = f"HTTP process {process.name} (pid {process.pid}) exited with code {process.exitcode}"
