@@ -141,7 +141,8 @@ class EngineConfig:
     gamma: int = 6
     """Tokens drafted per speculative step. With a trained 2-layer draft of a TinyLlama-1.1B-shaped target at batch
     1 on an H100, 6 made 1.97x plain decoding's tokens/s against 1.78x with 4 (acceptance 77% and 82%,
-    `bench/results/2026-12-06-engine-r9.md`)."""
+    `bench/results/2026-12-06-engine-r9.md`). Prompt lookup is measured at 4 only (2.58x at 98% acceptance on an
+    H200, `bench/results/2026-12-03-engine-r7.md`); at 6 its verifying forward reads two more positions a row."""
     ngram: int = 3
     """Longest n-gram prompt lookup matches (it tries n, n - 1, ..., 1)."""
     speculate_max_batch: int = 4
