@@ -40,9 +40,12 @@ Per request: TTFT = first chunk with text - request sent; ITL = (last text chunk
 tokens - 1), whatever number of tokens a chunk holds (vLLM's TPOT); chunk gaps = the times between consecutive text
 chunks (all gaps of the level together). Per level: output tokens/s = output tokens / (last answer done - first
 request sent); requests = those completed (the detail table has sent, planned and cancelled); TTFT and ITL p50/p99
-over the level's requests; errors = requests that raised or whose stream ended without usage. A warm-up of `warmup`
-short requests runs, untimed, before a system's first level. A level that would end past `--deadline` (seconds for
-the whole call) is skipped and says so, so that the record is written.
+over the level's requests; errors = requests that raised or whose stream ended without usage. For llamita serve,
+also where its time went in the level: its engine loop's steps, prefill steps, ms a step and ms a step by part
+(`Engine.step`, the deltas, sending them, commands; read from its /metrics before and after), its processes' CPU and
+its busiest thread's CPU (Linux's /proc; a thread near 100% of a core is what limits a Python loop). A warm-up of
+`warmup` short requests runs, untimed, before a system's first level. A level that would end past `--deadline`
+(seconds for the whole call) is skipped and says so, so that the record is written.
 
 Targets (issue 15): at concurrency 64 the server delivers >= 90% of the engine's offline throughput; at 256
 >= 30,000 output tokens/s with p99 TTFT under 1 s and no errors; >= 10x `transformers serve`.
@@ -475,8 +478,11 @@ def _tail(log: Path, lines: int = 25) -> str:
 
 
 @contextmanager
-def server(cmd: list[str], port: int, log: Path, start_timeout: float, env: dict | None = None) -> Iterator[str]:
-    """A server subprocess, up once its /health answers; yields its base URL; stopped with SIGTERM (then killed)."""
+def server(
+    cmd: list[str], port: int, log: Path, start_timeout: float, env: dict | None = None
+) -> Iterator[tuple[str, int]]:
+    """A server subprocess, up once its /health answers; yields its base URL and pid; stopped with SIGTERM (then
+    killed)."""
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
@@ -492,7 +498,7 @@ def server(cmd: list[str], port: int, log: Path, start_timeout: float, env: dict
                 break
             except OSError:
                 time.sleep(0.5)
-        yield base
+        yield base, proc.pid
     finally:
         proc.terminate()
         try:
@@ -548,7 +554,7 @@ def run_server(spec: dict) -> dict:
         wait = min(spec["start_timeout"], spec["deadline_at"] - time.time() - 30)
         if wait <= 0:
             raise ServerFailed("not started: no time left before --deadline")
-        with server(cmd, port, Path(spec["log"]), wait, env) as base:
+        with server(cmd, port, Path(spec["log"]), wait, env) as (base, pid):
             out["start_s"] = time.perf_counter() - t
             model = model or _get(base + "/v1/models")["data"][0]["id"]
             client = {"base_url": base + "/v1", "model": model, "extra": extra, "level_s": spec["level_s"],
@@ -560,9 +566,12 @@ def run_server(spec: dict) -> dict:
             out["warmup"] = run_level(client | {"level_s": budget}, warm, prompts[:k], k)
             for c in shape["concurrency"]:
                 n = requests_at(c, shape)
-                before, t0 = _engine_loop(base), time.perf_counter()
+                before, cpu, t0 = _engine_loop(base), _process_cpu(pid), time.perf_counter()
                 out[str(c)] = _past_deadline(spec) or run_level(client, requests[:n], prompts[:n], c)
                 after, wall = _engine_loop(base), time.perf_counter() - t0
+                used = [s - cpu.get(p, 0.0) for p, s in _process_cpu(pid).items()]
+                if used and "planned" in out[str(c)]:  # the server's threads: is one of them a whole core?
+                    out[str(c)] |= {"server_cpu": sum(used) / wall, "busiest_server_thread": max(used) / wall}
                 if before and after and "planned" in out[str(c)]:  # llamita's engine loop in the level
                     steps = int(after["steps"] - before["steps"])
                     prefills = int(after["prefill_steps"] - before["prefill_steps"])
@@ -578,6 +587,22 @@ def run_server(spec: dict) -> dict:
 
 LOOP_PARTS = ("step", "deltas", "send", "commands")
 """llamita serve's engine loop, by part (`llamita_engine_loop_seconds` in /metrics)."""
+
+
+def _process_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of the process `pid` and of its descendants, by thread id, through
+    Linux's /proc ({} elsewhere, or once it is gone): a thread near 100% of a core is what limits a Python loop."""
+    tick, seconds, todo = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100, {}, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                fields = (task / "stat").read_text().rpartition(")")[2].split()
+                seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (14 and 15)
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return seconds
 
 
 def _engine_loop(base: str) -> dict | None:
@@ -624,7 +649,9 @@ DETAIL = [("sent", "sent", ","), ("planned", "planned", ","), ("cancelled", "can
           ("busiest client CPU", "client_cpu", ".0%"), ("engine steps", "steps", ","),
           ("prefill steps", "prefill_steps", ","), ("step ms", "step_ms", ".2f"),
           ("prefill share of wall", "prefill_share", ".0%"),
-          ("server loop ms a step: step / deltas / send / commands", "loop_ms", "loop")]  # fmt: skip
+          ("server loop ms a step: step / deltas / send / commands", "loop_ms", "loop"),
+          ("server processes' CPU", "server_cpu", ".0%"),
+          ("busiest server thread's CPU", "busiest_server_thread", ".0%")]  # fmt: skip
 """Table columns: (header, key in a level's summary, format)."""
 
 
