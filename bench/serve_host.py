@@ -51,7 +51,7 @@ def measure(batch: int, steps: int) -> dict:
     g = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=steps + 16, ignore_eos=True)
     prompts = [[1] + [g.randrange(3, 512) for _ in range(200)] for _ in range(batch)]
-    thread._commands.put(("add", [Job(0, p, params, TextStream(tokenizer, p, ()), i) for i, p in enumerate(prompts)]))
+    thread._commands.put(("add", [Job(0, p, params, None, i) for i, p in enumerate(prompts)]))  # text: HTTP side
     thread._apply(block=False)
     for _ in range(4):  # the prefill, and steps with every sequence decoding
         thread._step()

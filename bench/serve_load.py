@@ -579,16 +579,12 @@ def run_server(spec: dict) -> dict:
                     prefills = int(after["prefill_steps"] - before["prefill_steps"])
                     out[str(c)] |= {"steps": steps, "prefill_steps": prefills,
                                     "step_ms": 1e3 * wall / max(steps, 1),
-                                    "loop_ms": {part: 1e3 * (after[part] - before[part]) / max(steps, 1)
-                                                for part in LOOP_PARTS}}  # fmt: skip
+                                    "loop_ms": {part: 1e3 * (t - before["seconds"][part]) / max(steps, 1)
+                                                for part, t in after["seconds"].items()}}  # fmt: skip
                 print(f"[{spec['system']}] concurrency {c}: {json.dumps(out[str(c)])}", flush=True)
     except ServerFailed as e:
         out["error"] = f"server failed: {e}".strip()
     return out
-
-
-LOOP_PARTS = ("step", "deltas", "send", "commands")
-"""llamita serve's engine loop, by part (`llamita_engine_loop_seconds` in /metrics)."""
 
 
 def _process_cpu(pid: int) -> dict[int, float]:
@@ -608,23 +604,24 @@ def _process_cpu(pid: int) -> dict[int, float]:
 
 
 def _engine_loop(base: str) -> dict | None:
-    """llamita serve's engine loop counters from /metrics (steps, prefill steps, seconds by part); None from a
-    server without them."""
+    """llamita serve's engine loop counters from /metrics (steps, prefill steps, and "seconds" by part); None
+    from a server without them."""
     try:
         with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
             text = r.read().decode()
     except OSError:
         return None
-    found = {}
-    for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name == "llamita_engine_steps_total":
-            found["steps"] = float(value)
-        elif name == "llamita_engine_prefill_steps_total":
-            found["prefill_steps"] = float(value)
-        elif name.startswith('llamita_engine_loop_seconds_total{part="'):
-            found[name.split('"')[1]] = float(value)
-    return found if len(found) == 2 + len(LOOP_PARTS) else None
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {"llamita_engine_steps_total": "steps", "llamita_engine_prefill_steps_total": "prefill_steps"}
+    found: dict = {"seconds": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in names:
+                found[names[sample.name]] = sample.value
+            elif sample.name == "llamita_engine_loop_seconds_total":
+                found["seconds"][sample.labels["part"]] = sample.value
+    return found if len(found) == 3 else None
 
 
 def _runner(name: str) -> Callable[[dict], dict]:
@@ -659,6 +656,8 @@ DETAIL = [("sent", "sent", ","), ("planned", "planned", ","), ("cancelled", "can
 
 def _fmt(x: Any, spec: str) -> str:
     if spec == "loop":  # llamita serve's engine loop, ms a step by part
+        from llamita.inference.server_metrics import LOOP_PARTS
+
         return "-" if x is None else " / ".join(f"{x[part]:.2f}" for part in LOOP_PARTS)
     return "-" if x is None else format(x, spec)
 

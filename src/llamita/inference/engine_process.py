@@ -233,7 +233,7 @@ class EngineProcess(EngineClient):
                 settings that do not fit the model): its reason.
         """
         if fronts < 1:
-            raise ConfigError(f"--api-server-count must be >= 1, got {fronts}")
+            raise ConfigError(f"an engine process needs at least one HTTP process (fronts >= 1), got {fronts}")
         context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         pipes = [(context.Pipe(duplex=False), context.Pipe(duplex=False)) for _ in range(fronts)]
         # Each pair: (commands: the engine's end, the HTTP side's), (events: the HTTP side's end, the engine's).
@@ -387,7 +387,8 @@ def _engine_main(fronts: list[tuple[Connection, Connection]], llm: dict[str, Any
                     del commands[pipe]
                     with lock:
                         events.pop(front).close()
-                    thread.abort([job for key in [k for k in jobs if k[0] == front] for job in jobs.pop(key)])
+                    gone = [key for key in jobs if key[0] == front]
+                    thread.abort([job for key in gone for job in jobs.pop(key)])
                     continue
                 if kind == "add":
                     new = [Job(s.index, s.prompt, s.params, None, (front, s.key)) for s in payload]

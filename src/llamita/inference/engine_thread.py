@@ -4,7 +4,7 @@ The engine is synchronous and not thread-safe, so exactly one thread touches it:
 (on the event loop) hand it commands through a thread-safe queue (`submit` jobs, `abort` them); the loop applies
 every queued command, runs one `Engine.step` and hands the step's `Delta`s (each sequence's new token ids) to the
 event loop in one `call_soon_threadsafe`, where each goes to its request's asyncio queue. Their text is made on the
-HTTP side (`Server.deltas`: the sequence's `TextStream`, stop strings, which abort the sequence), as vLLM's front
+HTTP side (`Server.text`: the sequence's `TextStream`, stop strings, which abort the sequence), as vLLM's front
 end detokenizes apart from its engine core: the engine's loop does no text, and with several HTTP processes
 (`--api-server-count`) that work is shared among them. With no work the loop sleeps on the
 command queue (a blocking get), so an idle server costs nothing. A request behind on reading its queue gets the
@@ -43,7 +43,7 @@ class Delta:
     """The choice (the request's sequence) it belongs to."""
     text: str
     """New text: whole characters, never a part of a stop string ("" from the engine's loop: the HTTP side makes
-    the text, `Server.deltas`)."""
+    the text, `Server.text`)."""
     token_ids: list[int]
     logprobs: list[dict[str, Any]] | None = None
     """Per new token, when asked: {"logprob": float, "top": [(id, logprob), ...]}."""

@@ -642,13 +642,12 @@ def serve(model: LLM | EngineProcess, config: ServerConfig) -> None:
     app = build_app(model, config)
     uconfig = _uvicorn_config(app, config)
     server = _Uvicorn(uconfig)
-    sockets, watch = None, None
+    sockets = None
     try:
         if fronts:
             sockets = [uconfig.bind_socket()]
             server.fronts = _start_fronts(model, sockets[0], config)
-            watch = threading.Thread(target=server.watch_fronts, name="llamita-fronts", daemon=True)
-            watch.start()
+            threading.Thread(target=server.watch_fronts, name="llamita-fronts", daemon=True).start()
         _run(server, sockets)
     finally:
         for process in server.fronts:  # the server's own HTTP process ended early (a port taken): theirs too
@@ -719,7 +718,8 @@ def _start_fronts(model: EngineProcess, sock: Any, config: ServerConfig) -> list
         try:
             failure = report.recv()
         except EOFError:
-            failure = f"exited with code {process.join(5) or process.exitcode}"
+            process.join(5)
+            failure = f"exited with code {process.exitcode}"
         if failure is not None:
             for other in processes:
                 other.terminate()

@@ -68,8 +68,8 @@ class ServerMetrics:
             "llamita_e2e_request_latency_seconds", "From a sequence's arrival to its last token", registry=r,
             buckets=REQUEST_BUCKETS,
         )  # fmt: skip
-        self._gauges = _Gauges(waiting, running, slots, loop_stats)
-        r.register(self._gauges)
+        self._readings = _EngineReadings(waiting, running, slots, loop_stats)
+        r.register(self._readings)
         self._shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if self._shared and values.ValueClass is values.MutexValue:
             raise RuntimeError("PROMETHEUS_MULTIPROC_DIR was set after prometheus_client was imported: this "
@@ -84,11 +84,11 @@ class ServerMetrics:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, self._shared)
-        registry.register(self._gauges)
+        registry.register(self._readings)
         return generate_latest(registry)
 
 
-class _Gauges:
+class _EngineReadings:
     """The metrics read from the engine when scraped: the gauges, and the engine loop's own counters (a collector,
     so that multiprocess mode keeps no files of them: they are the one engine's, not to be added up)."""
 

@@ -13,7 +13,7 @@ next ids decide it. Once one appears, the stream is `stopped` and its text ends 
 `step_text` is where a step's new ids meet the text: a stop id adds none, a finished sequence gets what was held
 back. `follow` does it beside the engine and finishes a sequence whose text reached a stop string there (`LLM`,
 `llamita chat`); the server does it in its HTTP processes, as vLLM's front end detokenizes apart from its engine
-core, and aborts the sequence (`Server.deltas`). `text_pieces` is the same stream over an iterable of ids.
+core, and aborts the sequence (`Server.text`). `text_pieces` is the same stream over an iterable of ids.
 """
 
 from __future__ import annotations
